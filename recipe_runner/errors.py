@@ -1,0 +1,67 @@
+"""Errors that reach the user.
+
+Every error a user can fix (bad recipe, missing model file, unknown option) is a
+`UserError`: the CLI prints its message, without a traceback, and exits with
+`exit_code` (2). Failures of a tool we run (e.g. trtllm-build) are `StageFailed`
+(exit 1). Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Location:
+    """A place in a file; line and column are 1-based, None when unknown."""
+
+    file: str
+    line: int | None = None
+    col: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.file
+        if self.col is None:
+            return f"{self.file}:{self.line}"
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+class RecipeRunnerError(Exception):
+    """Base class of the errors the CLI reports without a traceback."""
+
+    exit_code = 2
+
+
+class UserError(RecipeRunnerError):
+    """A problem the user can fix; the message says where, why and what to do."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about a recipe: where it is, which field, what is wrong."""
+
+    location: Location
+    path: str  # dotted recipe path, e.g. "quantization.algo"; "" for the whole document
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.location}: {where}{self.message}"
+
+
+class RecipeError(UserError):
+    """A recipe is invalid; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class SourceModelError(UserError):
+    """The source model directory is missing files, truncated or unsupported."""
+
+
+class StageFailed(RecipeRunnerError):
+    """A stage's tool failed at run time (not a user-input problem)."""
+
+    exit_code = 1

@@ -1,0 +1,151 @@
+"""Recipe → Plan: the ordered stages `recipe build` runs, with the exact recipe
+fields each one depends on. `recipe plan` prints this very object."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from recipe_runner.errors import Problem, RecipeError, UserError
+from recipe_runner.recipe import Recipe
+from recipe_runner.recipe.model import thaw
+from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
+from recipe_runner.sources import SourceLocation, locate_source
+
+STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "build-engine", "verify")
+# Stages this release can execute; the rest are planned but refused by `build`.
+IMPLEMENTED_STAGES = frozenset({"convert", "shard"})
+# `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
+UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data"
+    params: Mapping[str, Any]  # exactly the recipe fields this stage's result depends on
+    implemented: bool
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "inputs": list(self.inputs), "params": thaw(self.params),
+                "implemented": self.implemented}
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    source: SourceLocation
+    stages: tuple[Stage, ...]
+    model_checked: bool  # the source config.json was read and the model-dependent rules ran
+    notes: tuple[str, ...] = field(default=())
+
+    def stage(self, name: str) -> Stage | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": str(self.recipe.path),
+            "name": self.recipe.name,
+            "recipe_sha256": self.recipe.canonical_hash(),
+            "source": {"requested": self.source.description,
+                       "directory": str(self.source.directory) if self.source.directory else None,
+                       "missing_reason": self.source.missing_reason or None},
+            "model_checked": self.model_checked,
+            "stages": [s.to_dict() for s in self.stages],
+            "notes": list(self.notes),
+        }
+
+
+def _pick(section: Mapping[str, Any] | None, *keys: str) -> dict:
+    section = section or {}
+    return {k: thaw(section[k]) for k in keys if k in section}
+
+
+def _stages(recipe: Recipe) -> list[Stage]:
+    d = recipe.data
+    quant = d["quantization"]
+    calibrated = quant["algo"] in CALIBRATED_ALGOS or quant["kv_cache"] != "none"
+    quantized = quant["algo"] != "none" or quant["kv_cache"] != "none"
+    specs: list[tuple[str, tuple[str, ...], dict]] = [
+        ("convert", ("source",), _pick(d["source"], "dtype", "trust_remote_code")),
+    ]
+    if calibrated:
+        calib = dict(thaw(quant["calibration"]))
+        # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
+        calib["statistics"] = _statistics_family(quant)
+        specs.append(("calibrate", ("source", "calibration-data"), calib))
+    if quantized:
+        specs.append(("quantize", ("convert", "calibrate") if calibrated else ("convert",),
+                      _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
+    specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
+    if "engine" in d:
+        specs.append(("build-engine", ("shard",), thaw(d["engine"])))
+    if "verify" in d and d["verify"]["enabled"]:
+        specs.append(("verify", ("shard", "source"), _pick(d["verify"], "prompts", "token_ids", "tolerances")))
+    return [Stage(name, inputs, params, name in IMPLEMENTED_STAGES) for name, inputs, params in specs]
+
+
+def _statistics_family(quant: Mapping[str, Any]) -> list[str]:
+    families = []
+    if quant["algo"] == "w4a16_awq":
+        families.append("awq")
+    elif quant["algo"] in SMOOTHQUANT_ALGOS:
+        families.append("smoothquant")
+    elif quant["algo"] == "fp8":
+        families.append("amax")
+    if quant["kv_cache"] != "none":
+        families.append("kv")
+    return families
+
+
+def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False) -> Plan:
+    """The stages to run for `recipe`; raises RecipeError when the source model contradicts it."""
+    stages = _stages(recipe)
+    if skip_verify:
+        stages = [s for s in stages if s.name != "verify"]
+    if until is not None:
+        stages = _cut(stages, until)
+    source = locate_source(recipe)
+    notes: list[str] = []
+    model_checked = False
+    if source.directory is not None and (source.directory / "config.json").is_file():
+        check_against_model(recipe, source)
+        model_checked = True
+    else:
+        notes.append(f"source model not available here ({source.missing_reason or 'no config.json'}); "
+                     "the checks that need its config.json run at build time")
+    return Plan(recipe, source, tuple(stages), model_checked, tuple(notes))
+
+
+def _cut(stages: list[Stage], until: str) -> list[Stage]:
+    target = UNTIL_ALIASES.get(until, until)
+    names = [s.name for s in stages]
+    if target not in names:
+        choices = ", ".join([*names, *(a for a, t in UNTIL_ALIASES.items() if t in names)])
+        raise UserError(f"--until {until}: this recipe has no such stage (its stages: {choices})")
+    return stages[: names.index(target) + 1]
+
+
+def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
+    """The rules that need the source's config.json, reported at the recipe field they concern."""
+    from recipe_runner.hf.config import read_model_config
+    from recipe_runner.trtllm.mapping import check_mapping
+
+    model = read_model_config(source.directory)
+    mapping = recipe.data["mapping"]
+    findings = list(check_mapping(model, mapping["tp_size"], mapping["pp_size"],
+                                  mapping["use_parallel_embedding"], mapping["embedding_sharding_dim"]))
+    quant = recipe.data["quantization"]
+    if quant["algo"] == "w4a16_awq":
+        for dim_name in ("hidden_size", "intermediate_size"):
+            dim = getattr(model, dim_name)
+            if dim % (quant["group_size"] * mapping["tp_size"]):
+                findings.append(("quantization.group_size",
+                                 f"group_size={quant['group_size']} x tp_size={mapping['tp_size']} does not divide "
+                                 f"the model's {dim_name}={dim}; use a group size that does"))
+    if quant["algo"] in SMOOTHQUANT_ALGOS and model.num_key_value_heads < mapping["tp_size"]:
+        findings.append(("mapping.tp_size",
+                         f"SmoothQuant checkpoints cannot duplicate KV heads: tp_size={mapping['tp_size']} exceeds "
+                         f"num_key_value_heads={model.num_key_value_heads}; use tp_size <= "
+                         f"{model.num_key_value_heads} or another algo"))
+    if findings:
+        raise RecipeError([Problem(recipe.location(f), f, m) for f, m in findings])

@@ -1,0 +1,97 @@
+"""Load = parse + extend + substitute + validate + normalize, with every problem located."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from recipe_runner.errors import Location, Problem, RecipeError
+from recipe_runner.recipe.model import Recipe
+from recipe_runner.recipe.rules import check_rules
+from recipe_runner.recipe.schema import validate_against_schema
+from recipe_runner.recipe.template import render_templates
+from recipe_runner.recipe.yaml_positions import Positions, read_yaml
+
+
+def load_recipe(path: str | os.PathLike, variables: Mapping[str, Any] | None = None) -> Recipe:
+    """Read, validate and normalize one recipe; raise RecipeError with every problem found.
+
+    `variables` (from `--set`) override the recipe's `vars:`.
+    """
+    path = Path(path)
+    data, positions, file_dirs, files = _read_with_bases(path, chain=())
+    recipe_vars = data.pop("vars", {})
+    if not isinstance(recipe_vars, dict):
+        raise RecipeError([Problem(positions.value(("vars",)), "vars", "must be a mapping of name: value")])
+    merged_vars = {**recipe_vars, **dict(variables or {})}
+    data.pop("extends", None)
+    data, problems = render_templates(data, merged_vars, positions)
+    if problems:
+        raise RecipeError(problems)
+    problems = validate_against_schema(data, positions)
+    if problems:
+        raise RecipeError(problems)
+    recipe = Recipe.create(path, data, positions, file_dirs, files)
+    findings = check_rules(recipe.data)
+    if findings:
+        raise RecipeError([Problem(recipe.location(field), field, message) for field, message in findings])
+    return recipe
+
+
+def _display(path: Path) -> str:
+    """How a file is named in messages: relative to the current directory when below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]):
+    """The document at `path` deep-merged over the chain of bases it `extends`."""
+    display = _display(path)
+    data, positions = read_yaml(path, display)
+    resolved = path.resolve()
+    file_dirs = {display: resolved.parent}
+    files: tuple[Path, ...] = (path,)
+    base_ref = data.get("extends")
+    if base_ref is None:
+        return data, positions, file_dirs, files
+    where = positions.value(("extends",)) or Location(display)
+    if not isinstance(base_ref, str) or not base_ref:
+        raise RecipeError([Problem(where, "extends", "must be the path of a base recipe, relative to this file")])
+    base_path = resolved.parent / base_ref
+    if base_path.resolve() in (*chain, resolved):
+        cycle = " -> ".join(_display(p) for p in (*chain, resolved, base_path.resolve()))
+        raise RecipeError([Problem(where, "extends", f"extends cycle: {cycle}; a base must not extend its descendants")])
+    if not base_path.is_file():
+        raise RecipeError([Problem(where, "extends", f"base recipe {_display(base_path)} not found (paths are relative to {display})")])
+    base, base_positions, base_dirs, base_files = _read_with_bases(base_path, (*chain, resolved))
+    merged_positions = Positions()
+    merged_positions.update(base_positions)
+    merged = deep_merge(base, data, merged_positions, positions)
+    merged_positions.values[()] = positions.values[()]  # the document itself is this file
+    merged.pop("extends", None)
+    return merged, merged_positions, {**base_dirs, **file_dirs}, files + base_files
+
+
+def deep_merge(base: dict, override: dict, positions: Positions, override_positions: Positions,
+               prefix: tuple = ()) -> dict:
+    """Mappings merge key by key; lists and scalars in `override` replace the base's.
+
+    `positions` starts as the base's and ends describing the merged document.
+    """
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            positions.values[path] = override_positions.values[path]
+            positions.keys[path] = override_positions.keys[path]
+            out[key] = deep_merge(out[key], value, positions, override_positions, path)
+            continue
+        positions.drop_under(path)
+        n = len(path)
+        for table, source in ((positions.values, override_positions.values), (positions.keys, override_positions.keys)):
+            table.update({p: loc for p, loc in source.items() if p[:n] == path})
+        out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,114 @@
+"""Cross-field rules that a JSON Schema cannot say clearly.
+
+Each rule is a named function over the normalized recipe data that yields
+(dotted path, message) pairs; the loader attaches file:line:col. Rules that
+need the source model's config.json run at plan time (see plan.py).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterator, Mapping
+
+from recipe_runner.engine_options import check_extra_arg
+
+Finding = tuple[str, str]
+Rule = Callable[[Mapping[str, Any]], Iterator[Finding]]
+
+# Algorithms whose scales come from activation statistics.
+CALIBRATED_ALGOS = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8"}
+SMOOTHQUANT_ALGOS = {"w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor"}
+
+
+def needs_calibration(quantization: Mapping[str, Any]) -> bool:
+    return quantization["algo"] in CALIBRATED_ALGOS or quantization["kv_cache"] != "none"
+
+
+def source_is_local_or_pinned(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """source: exactly one of path / hub_id, and a hub id pinned to a commit."""
+    source = recipe["source"]
+    if "path" in source and "hub_id" in source:
+        yield "source", "set either source.path or source.hub_id, not both"
+    elif "path" not in source and "hub_id" not in source:
+        yield "source", "missing the model: set source.path (a local HF model directory) or source.hub_id + source.revision"
+    if "hub_id" in source and "revision" not in source:
+        yield "source.hub_id", "a hub model needs source.revision: the 40-hex commit sha to use (branch names are not reproducible)"
+    if "revision" in source:
+        if "hub_id" not in source:
+            yield "source.revision", "source.revision applies only with source.hub_id"
+        elif not re.fullmatch(r"[0-9a-f]{40}", source["revision"]):
+            yield "source.revision", (f"{source['revision']!r} is not a commit sha; pin the 40-hex commit "
+                                      "(see the model page's 'Files and versions' history)")
+
+
+def calibration_when_needed(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """Algorithms that need activation statistics need a calibration set."""
+    quant = recipe["quantization"]
+    if needs_calibration(quant) and "calibration" not in quant:
+        why = quant["algo"] if quant["algo"] in CALIBRATED_ALGOS else f"kv_cache {quant['kv_cache']}"
+        yield "quantization", (f"{why} needs calibration data: add quantization.calibration.dataset "
+                               "(a local .txt/.jsonl file or a dataset id in the local HF cache)")
+
+
+def embedding_dim_needs_parallel_embedding(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    mapping = recipe["mapping"]
+    if mapping["embedding_sharding_dim"] == 1 and not mapping["use_parallel_embedding"]:
+        yield "mapping.embedding_sharding_dim", "applies only with mapping.use_parallel_embedding: true"
+
+
+def engine_lengths_consistent(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    engine = recipe.get("engine")
+    if not engine:
+        return
+    if engine["max_input_len"] > engine["max_seq_len"]:
+        yield "engine.max_input_len", (f"max_input_len={engine['max_input_len']} exceeds "
+                                       f"max_seq_len={engine['max_seq_len']}")
+    if "opt_num_tokens" in engine and engine["opt_num_tokens"] > engine["max_num_tokens"]:
+        yield "engine.opt_num_tokens", f"exceeds max_num_tokens={engine['max_num_tokens']}"
+    if engine["kv_cache_type"] != "paged" and engine["use_paged_context_fmha"]:
+        yield "engine.use_paged_context_fmha", f"needs kv_cache_type: paged (is {engine['kv_cache_type']!r})"
+
+
+def engine_matches_quantization(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """Engine options that trtllm-build refuses for the recipe's quantization (builder.py checks)."""
+    engine = recipe.get("engine")
+    if not engine:
+        return
+    algo, kv = recipe["quantization"]["algo"], recipe["quantization"]["kv_cache"]
+    if kv == "int8" and engine["use_paged_context_fmha"]:
+        yield "engine.use_paged_context_fmha", "trtllm-build refuses paged context FMHA with an INT8 KV cache; set it to false"
+    if kv == "fp8" and algo != "fp8" and engine["use_paged_context_fmha"]:
+        yield "engine.use_paged_context_fmha", ("trtllm-build refuses paged context FMHA with an FP8 KV cache "
+                                                "unless the weights are FP8 too; set it to false or use algo fp8")
+    if engine["gemm_plugin"] == "fp8" and algo != "fp8":
+        yield "engine.gemm_plugin", f"gemm_plugin fp8 needs quantization.algo: fp8 (is {algo!r})"
+    if engine["use_fp8_context_fmha"] and algo != "fp8":
+        yield "engine.use_fp8_context_fmha", f"needs quantization.algo: fp8 (is {algo!r})"
+
+
+def extra_args_known(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    engine = recipe.get("engine")
+    for name, value in (engine or {}).get("extra_args", {}).items():
+        problem = check_extra_arg(name, value)
+        if problem:
+            yield f"engine.extra_args.{name}", problem
+
+
+def verify_has_inputs(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    verify = recipe.get("verify")
+    if verify and verify["enabled"] and not verify["prompts"] and not verify["token_ids"]:
+        yield "verify", "verification needs inputs: add verify.prompts (text) or verify.token_ids"
+
+
+RULES: tuple[Rule, ...] = (
+    source_is_local_or_pinned,
+    calibration_when_needed,
+    embedding_dim_needs_parallel_embedding,
+    engine_lengths_consistent,
+    engine_matches_quantization,
+    extra_args_known,
+    verify_has_inputs,
+)
+
+
+def check_rules(recipe: Mapping[str, Any]) -> list[Finding]:
+    return [finding for rule in RULES for finding in rule(recipe)]

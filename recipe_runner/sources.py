@@ -1,0 +1,43 @@
+"""Where a recipe's source model is on this machine (never downloaded)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipe_runner.errors import Problem, RecipeError
+from recipe_runner.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class SourceLocation:
+    description: str  # what the recipe asks for, for messages
+    directory: Path | None  # the model directory here, or None when it is not available
+    missing_reason: str = ""
+
+
+def locate_source(recipe: Recipe) -> SourceLocation:
+    if recipe.has("source.path"):
+        directory = recipe.resolve_path("source.path")
+        if directory.is_dir():
+            return SourceLocation(str(directory), directory)
+        return SourceLocation(str(directory), None, f"directory {directory} does not exist")
+    hub_id, revision = recipe.get("source.hub_id"), recipe.get("source.revision")
+    description = f"{hub_id}@{revision[:12]}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(hub_id, revision=revision, local_files_only=True))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError) or a broken cache
+        return SourceLocation(description, None,
+                              f"not in the local Hugging Face cache ({type(exc).__name__}); fetch it once with "
+                              f"`huggingface-cli download {hub_id} --revision {revision}`")
+    return SourceLocation(description, directory)
+
+
+def require_source(recipe: Recipe) -> Path:
+    """The model directory, or a located recipe error saying why it is not usable."""
+    source = locate_source(recipe)
+    if source.directory is None:
+        field = "source.path" if recipe.has("source.path") else "source.hub_id"
+        raise RecipeError([Problem(recipe.location(field), field, f"source model {source.description}: {source.missing_reason}")])
+    return source.directory
