@@ -125,11 +125,25 @@ def _cut(stages: list[Stage], until: str) -> list[Stage]:
     return stages[: names.index(target) + 1]
 
 
+def refuse_remote_code(recipe: Recipe, source: SourceLocation) -> None:
+    """A config that asks for custom Python code (auto_map) runs only when the recipe allows it."""
+    import json
+
+    config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
+    if config.get("auto_map") and not recipe.data["source"]["trust_remote_code"]:
+        field = "source.trust_remote_code"
+        raise RecipeError([Problem(recipe.location("source"), field,
+                                   f"{source.directory / 'config.json'} asks for custom code (auto_map: "
+                                   f"{sorted(config['auto_map'])}); review that code, then set "
+                                   "source.trust_remote_code: true to allow it")])
+
+
 def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     """The rules that need the source's config.json, reported at the recipe field they concern."""
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.trtllm.mapping import check_mapping
 
+    refuse_remote_code(recipe, source)
     model = read_model_config(source.directory)
     mapping = recipe.data["mapping"]
     findings = list(check_mapping(model, mapping["tp_size"], mapping["pp_size"],

@@ -1,6 +1,7 @@
 """Where a recipe's source model is on this machine (never downloaded)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,13 @@ class SourceLocation:
     missing_reason: str = ""
 
 
+def hf_hub_cache() -> Path:
+    """The HF hub cache as the environment says now (huggingface_hub reads it only at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
 def locate_source(recipe: Recipe) -> SourceLocation:
     if recipe.has("source.path"):
         directory = recipe.resolve_path("source.path")
@@ -26,7 +34,8 @@ def locate_source(recipe: Recipe) -> SourceLocation:
     try:
         from huggingface_hub import snapshot_download
 
-        directory = Path(snapshot_download(hub_id, revision=revision, local_files_only=True))
+        directory = Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
+                                           cache_dir=hf_hub_cache()))
     except Exception as exc:  # not cached (LocalEntryNotFoundError) or a broken cache
         return SourceLocation(description, None,
                               f"not in the local Hugging Face cache ({type(exc).__name__}); fetch it once with "
