@@ -1,12 +1,21 @@
-"""Execute a plan: run its stages in order and publish the artifacts."""
+"""Execute a plan: run each stage whose key is not cached, publish, write the lock file."""
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from recipe_runner.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
+from recipe_runner.fsutil import rmtree
+from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions, write_lock
 from recipe_runner.plan import Plan
-from recipe_runner.sources import require_source
+from recipe_runner.publish import publish_tree
+from recipe_runner.resolve import ResolvedPlan, resolve, write_record
+
+Echo = Callable[[str], None]
 
 # What a user can do about each stage this release cannot run yet.
 _WORKAROUND = {
@@ -16,6 +25,16 @@ _WORKAROUND = {
     "verify": "skip it with `--no-verify`",
 }
 _REASON_FIELD = {"calibrate": "quantization", "quantize": "quantization.algo", "build-engine": "engine", "verify": "verify"}
+# Which stage's entry is published where in the output directory.
+PUBLISHED = {"shard": "checkpoint"}
+MODEL_FILE = "model.json"
+
+
+@dataclass
+class BuildResult:
+    output_dir: Path
+    lock_path: Path
+    trace: list[dict] = field(default_factory=list)  # one {"stage", "key", "action", "seconds"} per stage
 
 
 def refuse_unimplemented(plan: Plan) -> None:
@@ -26,20 +45,139 @@ def refuse_unimplemented(plan: Plan) -> None:
     recipe = plan.recipe
     lines = [f"{recipe.path}: this recipe needs stages that recipe-runner cannot run yet:"]
     for stage in missing:
-        field = _REASON_FIELD[stage.name]
-        lines.append(f"  - {stage.name} (required by {field} at {recipe.location(field)}): {_WORKAROUND[stage.name]}")
+        field_name = _REASON_FIELD[stage.name]
+        lines.append(f"  - {stage.name} (required by {field_name} at {recipe.location(field_name)}): "
+                     f"{_WORKAROUND[stage.name]}")
     raise UserError("\n".join(lines))
 
 
-def run_build(plan: Plan, *, workers: int | None, echo: Callable[[str], None] = print) -> Path:
-    """Run every stage of `plan`; returns the published output directory."""
-    refuse_unimplemented(plan)
-    from recipe_runner.api import convert_with_recipe_settings
+# ---- stage executors: each fills `data_dir` from its inputs; pure in its key -------------------
 
-    recipe = plan.recipe
-    source_dir = require_source(recipe)
-    out_dir = recipe.resolve_path("output.dir")
-    checkpoint = out_dir / "checkpoint"
-    echo(f"[convert+shard] {source_dir} -> {checkpoint}")
-    convert_with_recipe_settings(recipe, source_dir, checkpoint, workers=workers or recipe.data["workers"])
-    return out_dir
+def run_convert(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path, workers: int) -> None:
+    """Validate the source against its config.json and fix the checkpoint dtype (no tensors read)."""
+    from recipe_runner.hf.config import read_model_config
+    from recipe_runner.hf.reader import SourceCheckpoint
+    from recipe_runner.trtllm.config import resolve_dtype
+
+    model = read_model_config(resolved.source_dir)
+    source = SourceCheckpoint(resolved.source_dir)
+    source.validate(model)
+    dtype = resolve_dtype(resolved.plan.recipe.get("source.dtype"), model.torch_dtype)
+    tensors = {n: {"dtype": str(source.dtype(n)).removeprefix("torch."), "shape": list(source.shape(n))}
+               for n in source.names()}
+    text = json.dumps({"model_config": asdict(model), "dtype": dtype, "tensors": tensors}, sort_keys=True, indent=1)
+    (data_dir / MODEL_FILE).write_text(text + "\n", encoding="utf-8")
+
+
+def run_shard(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path, workers: int) -> None:
+    """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
+    from recipe_runner.hf.config import read_model_config
+    from recipe_runner.hf.reader import SourceCheckpoint
+    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.shard import write_checkpoint
+
+    model_info = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))
+    mapping = resolved.plan.recipe.data["mapping"]
+    manifest = plan_tensors(read_model_config(resolved.source_dir), SourceCheckpoint(resolved.source_dir),
+                            tp_size=mapping["tp_size"], pp_size=mapping["pp_size"], dtype=model_info["dtype"],
+                            use_parallel_embedding=mapping["use_parallel_embedding"],
+                            embedding_sharding_dim=mapping["embedding_sharding_dim"])
+    write_checkpoint(manifest, resolved.source_dir, data_dir, workers=workers)
+
+
+EXECUTORS = {"convert": run_convert, "shard": run_shard}
+
+
+def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,
+              locked: LockFile | None = None, echo: Echo = print) -> BuildResult:
+    """Run every stage of `plan` that is not cached, publish the outputs and the lock file.
+
+    With `locked`, every stage runs again in a scratch store (the cache is not trusted) and the
+    build fails unless the outputs are bit-identical to the lock's.
+    """
+    refuse_unimplemented(plan)
+    resolved = resolve(plan, store, rehash=rehash)
+    if locked is not None:
+        check_lock_inputs(resolved, locked)
+    workers = workers or plan.recipe.data["workers"]
+    run_store = store.scratch() if locked is not None else store
+    try:
+        return _execute(resolved, store, run_store, workers, locked, echo)
+    finally:
+        if run_store is not store:
+            rmtree(run_store.root)
+
+
+def _execute(resolved: ResolvedPlan, store: CacheStore, run_store: CacheStore, workers: int,
+             locked: LockFile | None, echo: Echo) -> BuildResult:
+    plan = resolved.plan
+    entries: dict[str, Entry] = {}
+    trace = []
+    for status in resolved.statuses:
+        name, key = status.stage.name, status.key
+        started = time.monotonic()
+        entry = run_store.get(key.digest)
+        action = "cached"
+        if entry is None:
+            echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons)}")
+            action = "ran"
+            entry = run_store.build(key.digest, name,
+                                    lambda d, n=name: EXECUTORS[n](resolved, entries, d, workers),
+                                    recipe=plan.recipe.name)
+        else:
+            entry.touch(plan.recipe.name)
+            echo(f"[{name}] cached ({key.short})")
+        entries[name] = entry
+        trace.append({"stage": name, "key": key.digest, "action": action,
+                      "seconds": round(time.monotonic() - started, 3)})
+    outputs = published_outputs(entries)
+    if locked is not None:
+        differences = compare_outputs(locked.outputs, outputs)
+        if differences:
+            raise UserError("the rebuild is not bit-identical to the lock file:\n  " + "\n  ".join(differences))
+    out_dir = plan.recipe.resolve_path("output.dir")
+    lock_path = publish(resolved, entries, outputs, out_dir)
+    write_record(store, resolved)
+    return BuildResult(out_dir, lock_path, trace)
+
+
+def published_outputs(entries: dict[str, Entry]) -> dict[str, dict]:
+    """The output files as the lock lists them, from the cache manifests (no re-read)."""
+    outputs = {}
+    for stage, folder in PUBLISHED.items():
+        if stage in entries:
+            outputs.update({f"{folder}/{rel}": dict(meta) for rel, meta in entries[stage].files.items()})
+    return dict(sorted(outputs.items()))
+
+
+def publish(resolved: ResolvedPlan, entries: dict[str, Entry], outputs: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stage, folder in PUBLISHED.items():
+        if stage in entries:
+            publish_tree(entries[stage].path, out_dir / folder)
+    recipe = resolved.plan.recipe
+    lock = LockFile(
+        recipe_name=recipe.name,
+        recipe_path=str(recipe.path),
+        recipe_sha256=recipe.canonical_hash(),
+        tools=tool_versions(),
+        sources={n: d.to_dict() for n, d in resolved.sources.items()},
+        stages=[{"name": s.stage.name, "key": s.key.digest} for s in resolved.statuses],
+        outputs=outputs,
+    )
+    lock_path = out_dir / LOCK_NAME
+    write_lock(lock_path, lock)
+    return lock_path
+
+
+def check_lock_inputs(resolved: ResolvedPlan, locked: LockFile) -> None:
+    """A locked rebuild needs the same recipe and the same source bytes as the lock records."""
+    problems = []
+    recipe = resolved.plan.recipe
+    if recipe.canonical_hash() != locked.recipe_sha256:
+        problems.append(f"recipe {recipe.path} (sha256 {recipe.canonical_hash()[:12]}) is not the locked "
+                        f"recipe (sha256 {locked.recipe_sha256[:12]}); `recipe diff` shows what changed")
+    actual = {n: d.to_dict() for n, d in resolved.sources.items()}
+    problems += [f"source {line}" for line in compare_outputs(locked.sources, actual)]
+    if problems:
+        raise UserError("cannot rebuild from the lock file:\n  " + "\n  ".join(problems))

@@ -95,6 +95,15 @@ def show(
         raise UserError(f"--format {format}: choose yaml or json")
 
 
+CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-runner)."
+
+
+def _store(cache_dir: Optional[Path]):
+    from recipe_runner.cache import CacheStore
+
+    return CacheStore(cache_dir)
+
+
 @app.command()
 def plan(
     file: Path = typer.Argument(..., help="Recipe file."),
@@ -102,18 +111,22 @@ def plan(
     until: Optional[str] = typer.Option(None, "--until", help="Plan only up to this stage (or `checkpoint`)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Leave out the verify stage."),
     format: str = typer.Option("text", "--format", help="text or json."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
 ) -> None:
-    """Print the ordered stages `build` would run, with each stage's inputs and parameters."""
+    """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not."""
     from recipe_runner.plan import make_plan
-    from recipe_runner.report import format_plan
+    from recipe_runner.report import format_plan, plan_json
+    from recipe_runner.resolve import resolve
 
-    the_plan = make_plan(_load(file, set_), until=until, skip_verify=no_verify)
-    if format == "json":
-        typer.echo(json.dumps(the_plan.to_dict(), indent=2, sort_keys=True))
-    elif format == "text":
-        typer.echo(format_plan(the_plan))
-    else:
+    if format not in ("text", "json"):
         raise UserError(f"--format {format}: choose text or json")
+    the_plan = make_plan(_load(file, set_), until=until, skip_verify=no_verify)
+    resolved = resolve(the_plan, _store(cache_dir), rehash=rehash) if the_plan.source.directory else None
+    if format == "json":
+        typer.echo(json.dumps(plan_json(the_plan, resolved), indent=2, sort_keys=True))
+    else:
+        typer.echo(format_plan(the_plan, resolved))
 
 
 @app.command()
@@ -123,14 +136,116 @@ def build(
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage; `checkpoint` stops before the engine."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the verify stage."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes writing rank files (default: the recipe's `workers`)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+    rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
+    locked: Optional[Path] = typer.Option(None, "--locked", help="Rebuild every stage and fail unless the outputs are bit-identical to this lock file."),
 ) -> None:
-    """Run the plan and publish the artifacts to the recipe's output directory."""
+    """Run the plan (skipping cached stages), publish to the recipe's output directory, write recipe.lock."""
     from recipe_runner.build import run_build
+    from recipe_runner.lock import read_lock
     from recipe_runner.plan import make_plan
 
+    lock = read_lock(locked) if locked is not None else None
     the_plan = make_plan(_load(file, set_), until=until, skip_verify=no_verify)
-    result = run_build(the_plan, workers=workers, echo=typer.echo)
-    typer.echo(f"built {the_plan.recipe.name}: {result}")
+    result = run_build(the_plan, store=_store(cache_dir), workers=workers, rehash=rehash, locked=lock, echo=typer.echo)
+    ran = sum(1 for t in result.trace if t["action"] == "ran")
+    typer.echo(f"built {the_plan.recipe.name}: {ran} stage(s) run, {len(result.trace) - ran} cached; "
+               f"output {result.output_dir}, lock {result.lock_path}")
+    if lock is not None:
+        typer.echo(f"bit-identical to {locked}")
+
+
+@app.command("verify-lock")
+def verify_lock_command(
+    lock_file: Path = typer.Argument(..., help="A recipe.lock inside a published output directory."),
+) -> None:
+    """Recheck a published output directory against its lock file (sizes and sha256 of every file)."""
+    from recipe_runner.lock import verify_lock
+
+    problems = verify_lock(lock_file)
+    if problems:
+        typer.echo(f"{lock_file}: {len(problems)} difference(s):", err=True)
+        for line in problems:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"OK {lock_file}: every output file matches")
+
+
+cache_app = typer.Typer(help="Inspect and maintain the content-addressed cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
+    """List cache entries, least recently used first."""
+    import datetime
+
+    store = _store(cache_dir)
+    entries = store.ls()
+    for info in entries:
+        used = datetime.datetime.fromtimestamp(info.last_used).strftime("%Y-%m-%d %H:%M")
+        typer.echo(f"{info.key[:12]}  {info.stage:<12} {_size(info.size):>9}  used {used}  {', '.join(info.recipes)}")
+    typer.echo(f"{len(entries)} entries, {_size(sum(i.size for i in entries))} in {store.root}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
+    """Rehash every entry; corrupt entries are quarantined (never reused) and listed. Exit 1 if any."""
+    problems = _store(cache_dir).verify()
+    for key, problem in problems:
+        typer.echo(f"CORRUPT {key[:12]}: {problem} (quarantined)", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo("every cache entry matches its manifest")
+
+
+@cache_app.command("gc")
+def cache_gc(
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove least recently used entries until the cache is at most this size (e.g. 500G)."),
+    older_than: Optional[float] = typer.Option(None, "--older-than", help="Remove entries not used for this many days."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
+) -> None:
+    """Remove cache entries by size (LRU) and/or age, and stale temporary directories."""
+    from recipe_runner.cache import parse_size
+
+    if max_size is None and older_than is None:
+        raise UserError("give --max-size SIZE and/or --older-than DAYS")
+    removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than)
+    typer.echo(f"removed {len(removed)} entries")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def diff(
+    files: List[Path] = typer.Argument(..., help="OLD.yaml NEW.yaml, or one FILE with --rev."),
+    rev: Optional[str] = typer.Option(None, "--rev", help="Compare FILE as committed at this git revision with the working copy."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    format: str = typer.Option("text", "--format", help="text or markdown (for pasting into a review)."),
+) -> None:
+    """Semantic difference of two normalized recipes, and which stages it makes rebuild."""
+    from recipe_runner.diff import format_diff, load_recipe_at_revision
+
+    if format not in ("text", "markdown"):
+        raise UserError(f"--format {format}: choose text or markdown")
+    variables = _variables(set_)
+    if rev is not None:
+        if len(files) != 1:
+            raise UserError("with --rev, give exactly one recipe file")
+        old, new = load_recipe_at_revision(rev, files[0], variables), _load(files[0], set_)
+        labels = (f"{files[0]}@{rev}", str(files[0]))
+    else:
+        if len(files) != 2:
+            raise UserError("give two recipe files (OLD NEW), or one file with --rev REV")
+        old, new = _load(files[0], set_), _load(files[1], set_)
+        labels = (str(files[0]), str(files[1]))
+    typer.echo(format_diff(*labels, old, new, markdown=format == "markdown"))
 
 
 @app.command()
@@ -147,6 +262,7 @@ def schema(
 def demo(
     directory: Path = typer.Option(Path("build/demo"), "--dir", help="Where the tiny model is generated."),
     recipe_file: Path = typer.Option(Path("recipes/demo/tiny-llama.yaml"), "--recipe", help="The demo recipe."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Generate a tiny seeded random LLaMA locally and build it with the shipped demo recipe."""
     from recipe_runner.build import run_build
@@ -160,8 +276,9 @@ def demo(
     model_dir = make_tiny_llama(directory / "tiny-llama-hf")
     typer.echo(f"generated a tiny random LLaMA in {model_dir}")
     the_plan = make_plan(load_recipe(recipe_file, {"model_dir": str(model_dir.resolve())}))
-    result = run_build(the_plan, workers=None, echo=typer.echo)
-    typer.echo(f"built {the_plan.recipe.name}: {result}")
+    result = run_build(the_plan, store=_store(cache_dir), echo=typer.echo)
+    typer.echo(f"built {the_plan.recipe.name}: checkpoint in {result.output_dir / 'checkpoint'}, "
+               f"lock file {result.lock_path}")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -60,7 +60,8 @@ def _pick(section: Mapping[str, Any] | None, *keys: str) -> dict:
     return {k: thaw(section[k]) for k in keys if k in section}
 
 
-def _stages(recipe: Recipe) -> list[Stage]:
+def recipe_stages(recipe: Recipe) -> list[Stage]:
+    """Every stage the recipe needs, in order, before --until/--no-verify cuts."""
     d = recipe.data
     quant = d["quantization"]
     calibrated = quant["algo"] in CALIBRATED_ALGOS or quant["kv_cache"] != "none"
@@ -99,7 +100,7 @@ def _statistics_family(quant: Mapping[str, Any]) -> list[str]:
 
 def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False) -> Plan:
     """The stages to run for `recipe`; raises RecipeError when the source model contradicts it."""
-    stages = _stages(recipe)
+    stages = recipe_stages(recipe)
     if skip_verify:
         stages = [s for s in stages if s.name != "verify"]
     if until is not None:

@@ -1,4 +1,4 @@
-"""Human-readable text for plans (what `recipe plan` prints)."""
+"""Human-readable and JSON views of plans (what `recipe plan` prints)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,7 @@ import textwrap
 from typing import Any
 
 from recipe_runner.plan import Plan
+from recipe_runner.resolve import ResolvedPlan
 
 
 def _value(value: Any) -> str:
@@ -18,7 +19,19 @@ def format_params(params: dict) -> str:
     return " ".join(f"{k}={_value(v)}" for k, v in params.items()) or "-"
 
 
-def format_plan(plan: Plan) -> str:
+def _status(plan: Plan, resolved: ResolvedPlan | None, name: str) -> str:
+    stage = plan.stage(name)
+    if not stage.implemented:
+        return "not available in this release"
+    if resolved is None:
+        return "key unknown until the source is available"
+    status = resolved.status(name)
+    if status.cached:
+        return f"key {status.key.short}  cached"
+    return f"key {status.key.short}  missing: {'; '.join(status.reasons)}"
+
+
+def format_plan(plan: Plan, resolved: ResolvedPlan | None = None) -> str:
     recipe = plan.recipe
     lines = [
         f"plan for {recipe.path}",
@@ -29,12 +42,22 @@ def format_plan(plan: Plan) -> str:
         "",
     ]
     width = max(len(s.name) for s in plan.stages)
+    indent = " " * (width + 7)
     for index, stage in enumerate(plan.stages, 1):
-        status = "" if stage.implemented else "  [not available in this release]"
-        lines.append(f"  {index}. {stage.name:<{width}}  <- {', '.join(stage.inputs)}{status}")
+        lines.append(f"  {index}. {stage.name:<{width}}  <- {', '.join(stage.inputs)}")
+        lines.append(f"{indent}[{_status(plan, resolved, stage.name)}]")
         wrapped = textwrap.wrap(format_params(dict(stage.params)), width=96, break_long_words=False,
                                 break_on_hyphens=False)
-        lines.extend(f"       {' ' * width}  {line}" for line in wrapped)
+        lines.extend(f"{indent}{line}" for line in wrapped)
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def plan_json(plan: Plan, resolved: ResolvedPlan | None = None) -> dict:
+    data = plan.to_dict()
+    if resolved is not None:
+        for stage in data["stages"]:
+            status = resolved.status(stage["name"])
+            stage.update(key=status.key.digest, cached=status.cached, reasons=list(status.reasons))
+    return data

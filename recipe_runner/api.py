@@ -1,0 +1,56 @@
+"""Python API for scripting users: convert a HF model directory to a TensorRT-LLM checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from recipe_runner.errors import UserError
+from recipe_runner.hf.config import read_model_config
+from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.stages.convert import plan_tensors
+from recipe_runner.stages.shard import write_checkpoint
+from recipe_runner.trtllm.mapping import check_mapping
+
+
+def convert(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tp_size: int = 1,
+    pp_size: int = 1,
+    dtype: str = "auto",
+    use_parallel_embedding: bool = False,
+    embedding_sharding_dim: int = 0,
+    workers: int = 1,
+) -> Path:
+    """Write config.json + rank{N}.safetensors for `model_dir` into `out_dir`; returns out_dir.
+
+    dtype "auto" keeps the model's torch_dtype (float32 when config.json has none). Raises
+    UserError (SourceModelError for problems with the source) with an actionable message.
+    """
+    cfg = read_model_config(model_dir)
+    problems = check_mapping(cfg, tp_size, pp_size, use_parallel_embedding,
+                             embedding_sharding_dim)
+    if problems:
+        raise UserError("\n".join(f"{field}: {message}" for field, message in problems))
+    source = SourceCheckpoint(model_dir)
+    source.validate(cfg)
+    manifest = plan_tensors(cfg, source, tp_size=tp_size, pp_size=pp_size, dtype=dtype,
+                            use_parallel_embedding=use_parallel_embedding,
+                            embedding_sharding_dim=embedding_sharding_dim)
+    return write_checkpoint(manifest, model_dir, out_dir, workers=workers)
+
+
+def convert_with_recipe_settings(recipe, source_dir: str | Path, out_dir: str | Path, *,
+                                 workers: int = 1) -> Path:
+    """`convert` with a loaded recipe's `source.dtype` and `mapping.*` (duck-typed on
+    `recipe.data`, the normalized recipe dict). Quantized recipes are refused by the planner
+    before this is reached."""
+    source, mapping = recipe.data["source"], recipe.data["mapping"]
+    return convert(
+        source_dir, out_dir,
+        tp_size=mapping["tp_size"], pp_size=mapping["pp_size"],
+        dtype=source.get("dtype", "auto"),
+        use_parallel_embedding=mapping["use_parallel_embedding"],
+        embedding_sharding_dim=mapping["embedding_sharding_dim"],
+        workers=workers,
+    )

@@ -1,0 +1,106 @@
+"""Tiny seeded LLaMA / Mistral models: the README demo's source and the tests' fixture factory.
+
+Every weight is drawn from its own generator seeded by (seed, tensor name), so the values do not
+depend on the transformers version's init order, and the same seed gives byte-identical files.
+Norm weights are 1 + noise (not all ones) so that tests notice when two norms are swapped.
+"""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+WEIGHTS_FORMATS = ("safetensors", "bin")
+
+
+def _seeded_values(seed: int, name: str, shape: torch.Size, is_norm: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    return 1.0 + 0.1 * noise if is_norm else 0.05 * noise
+
+
+def _hf_config(architecture: str, **kwargs: Any):
+    import transformers
+
+    if architecture == "LlamaForCausalLM":
+        return transformers.LlamaConfig(**kwargs)
+    if kwargs.pop("attention_bias"):
+        raise ValueError("MistralForCausalLM has no attention bias")
+    return transformers.MistralConfig(**kwargs)
+
+
+def make_tiny_llama(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    vocab_size: int = 1001,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 8,
+    num_key_value_heads: int = 2,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool = False,
+    torch_dtype: str = "float16",
+    architecture: str = "LlamaForCausalLM",
+    rope_theta: float = 10000.0,
+    rope_scaling: dict[str, Any] | None = None,
+    max_position_embeddings: int = 2048,
+    attention_bias: bool = False,
+    max_shard_size: int | str | None = None,
+    weights_format: str = "safetensors",
+) -> Path:
+    """Write a random, seeded HF model (config.json + weights) to `out_dir`; returns it.
+
+    `max_shard_size` gives sharded safetensors with `model.safetensors.index.json`;
+    `weights_format="bin"` gives a single `pytorch_model.bin` instead.
+    """
+    import transformers
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ValueError(f"weights_format must be one of {WEIGHTS_FORMATS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, tie_word_embeddings=tie_word_embeddings,
+        rope_theta=rope_theta,
+        # copy: transformers 5 writes rope_theta into the dict it is given
+        rope_scaling=dict(rope_scaling) if rope_scaling is not None else None,
+        max_position_embeddings=max_position_embeddings, attention_bias=attention_bias,
+    )
+    if head_dim is not None:
+        kwargs["head_dim"] = head_dim
+    config = _hf_config(architecture, **kwargs)
+    config.architectures = [architecture]
+    model_cls = getattr(transformers, architecture)
+    dtype = getattr(torch, torch_dtype)
+    with torch.no_grad():
+        model = model_cls(config)
+        for name, param in sorted(model.named_parameters()):
+            values = _seeded_values(seed, name, param.shape, is_norm=name.endswith("norm.weight"))
+            param.copy_(values)
+        model = model.to(dtype)
+    model.eval()
+    if weights_format == "safetensors":
+        save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        model.save_pretrained(out, **save_kwargs)
+    else:
+        # transformers 5 no longer writes .bin; save the state dict the way 4.x did (tied
+        # lm_head dropped, as save_pretrained does).
+        # .to() does not record the dtype in the config (save_pretrained would): set it here,
+        # under the name this transformers version serializes.
+        major = int(transformers.__version__.split(".")[0])
+        setattr(model.config, "dtype" if major >= 5 else "torch_dtype", dtype)
+        model.config.save_pretrained(out)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        torch.save(state, out / "pytorch_model.bin")
+    return out

@@ -1,0 +1,292 @@
+"""Lazy, validating reader over a Hugging Face model directory's weights.
+
+Layouts, in the order they are looked for:
+  1. `model.safetensors.index.json` + shards          3. `pytorch_model.bin.index.json` + shards
+  2. `model.safetensors`                                4. `pytorch_model.bin`
+
+Safetensors headers are parsed here (cheap, no tensor data) so names, dtypes and shapes are known
+up front and a truncated file is reported before anything is converted. Data is read per request
+through `safe_open(...).get_slice(name)[index]` with the file opened only for that read: the
+memory map is dropped right after, so reading a whole model never keeps it resident.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from recipe_runner.errors import SourceModelError
+from recipe_runner.hf.config import ModelConfig
+from recipe_runner.hf.names import expected_tensors
+from recipe_runner.trtllm.safetensors_writer import CODE_TO_DTYPE, FileRange
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a source tensor lives and what it is."""
+
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data_offset: int | None = None  # file offset of the first byte (safetensors only)
+
+
+def _truncated(path: Path, needed: int, actual: int) -> SourceModelError:
+    return SourceModelError(
+        f"{path} is truncated: its header describes {needed} bytes but the file has {actual}; "
+        "the download or copy is incomplete — fetch this file again"
+    )
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors file's header (no tensor data is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _truncated(path, 8, size)
+            (n,) = struct.unpack("<Q", prefix)
+            if n > _MAX_HEADER:
+                raise SourceModelError(f"{path} is not a valid safetensors file (header length "
+                                       f"{n} is implausible); fetch this file again")
+            if 8 + n > size:
+                raise _truncated(path, 8 + n, size)
+            blob = f.read(n)
+    except OSError as e:
+        raise SourceModelError(f"{path} cannot be read: {e.strerror or e}") from None
+    try:
+        header = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SourceModelError(f"{path} has a corrupt safetensors header; fetch this file again")
+    if not isinstance(header, dict):
+        raise SourceModelError(f"{path} has a corrupt safetensors header; fetch this file again")
+    infos: dict[str, TensorInfo] = {}
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        infos[name] = _tensor_info(path, name, entry, data_start=8 + n)
+        data_end = max(data_end, entry["data_offsets"][1])
+    if 8 + n + data_end > size:
+        raise _truncated(path, 8 + n + data_end, size)
+    return infos
+
+
+def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
+    bad = SourceModelError(f"{path}: header entry for tensor '{name}' is malformed; "
+                           "fetch this file again")
+    if not isinstance(entry, dict):
+        raise bad
+    dtype = CODE_TO_DTYPE.get(entry.get("dtype"))
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if dtype is None:
+        raise SourceModelError(f"{path}: tensor '{name}' has unsupported dtype "
+                               f"{entry.get('dtype')!r}")
+    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)):
+        raise bad
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * dtype.itemsize or offsets[0] < 0:
+        raise bad
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0])
+
+
+def _read_index(index_path: Path) -> dict[str, Path]:
+    """tensor name -> shard path from a `*.index.json`, checking every shard exists."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SourceModelError(f"{index_path} is not a valid index file (needs a 'weight_map' "
+                               "object); fetch it again") from None
+    out: dict[str, Path] = {}
+    for name, shard in sorted(weight_map.items()):
+        shard_path = index_path.parent / str(shard)
+        if not shard_path.is_file():
+            raise SourceModelError(
+                f"{index_path} maps tensor '{name}' to shard '{shard}', which is missing from "
+                f"{index_path.parent}; download all shards listed in the index"
+            )
+        out[name] = shard_path
+    return out
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """Load a .bin state dict memory-mapped (tensor data is only read when touched)."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # pre-1.6 (non-zip) torch.save format cannot be mapped: load it eagerly
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt / truncated archives
+        raise SourceModelError(f"{path} cannot be loaded ({type(e).__name__}: {e}); "
+                               "the file is corrupt or truncated — fetch it again") from None
+    if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise SourceModelError(f"{path} does not hold a flat state dict of tensors")
+    return sd
+
+
+class SourceCheckpoint:
+    """Names, dtypes and shapes of a HF checkpoint's tensors; reads slices on demand."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise SourceModelError(f"{self.model_dir} is not a directory; point the source at "
+                                   "a Hugging Face model directory")
+        self.format, self._infos = self._discover()
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self.files: list[Path] = sorted({i.file for i in self._infos.values()})
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def _discover(self) -> tuple[str, dict[str, TensorInfo]]:
+        d = self.model_dir
+        if (d / SAFETENSORS_INDEX).is_file():
+            return "safetensors", self._from_index(d / SAFETENSORS_INDEX, self._safetensors)
+        if (d / SAFETENSORS_SINGLE).is_file():
+            return "safetensors", read_safetensors_header(d / SAFETENSORS_SINGLE)
+        if (d / BIN_INDEX).is_file():
+            return "bin", self._from_index(d / BIN_INDEX, self._bin)
+        if (d / BIN_SINGLE).is_file():
+            return "bin", self._bin(d / BIN_SINGLE)
+        stray = sorted(p.name for p in d.glob("*.safetensors"))
+        hint = (f" (found {', '.join(stray)} without {SAFETENSORS_INDEX})" if stray else "")
+        raise SourceModelError(
+            f"{d}: no weights found{hint}; expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} "
+            f"with its shards, or {BIN_SINGLE}"
+        )
+
+    @staticmethod
+    def _safetensors(path: Path) -> dict[str, TensorInfo]:
+        return read_safetensors_header(path)
+
+    @staticmethod
+    def _bin(path: Path) -> dict[str, TensorInfo]:
+        sd = _torch_load(path)
+        return {n: TensorInfo(n, path, t.dtype, tuple(t.shape)) for n, t in sd.items()}
+
+    @staticmethod
+    def _from_index(index_path: Path, read_file) -> dict[str, TensorInfo]:
+        weight_map = _read_index(index_path)
+        per_file: dict[Path, dict[str, TensorInfo]] = {}
+        infos: dict[str, TensorInfo] = {}
+        for name, shard in weight_map.items():
+            if shard not in per_file:
+                per_file[shard] = read_file(shard)
+            info = per_file[shard].get(name)
+            if info is None:
+                raise SourceModelError(
+                    f"{index_path} maps tensor '{name}' to {shard.name}, but that shard does "
+                    "not contain it; the shards do not match the index — fetch them again"
+                )
+            infos[name] = info
+        return infos
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise SourceModelError(f"{self.model_dir}: tensor '{name}' not found in "
+                                   f"{', '.join(p.name for p in self.files)}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.info(name).dtype
+
+    def validate(self, model_config: ModelConfig) -> None:
+        """Every tensor `model_config` implies is present with the right shape and a float dtype."""
+        for name, shape in expected_tensors(model_config).items():
+            if name not in self._infos:
+                where = ", ".join(p.name for p in self.files)
+                raise SourceModelError(
+                    f"{self.model_dir}: tensor '{name}' is missing from {where}, but config.json "
+                    f"describes a {model_config.architecture} that needs it; the weights do not "
+                    "match config.json"
+                )
+            info = self._infos[name]
+            if info.shape != shape:
+                raise SourceModelError(
+                    f"{info.file}: tensor '{name}' has shape {list(info.shape)} but config.json "
+                    f"implies {list(shape)}; the weights do not match config.json"
+                )
+            if not info.dtype.is_floating_point:
+                raise SourceModelError(
+                    f"{info.file}: tensor '{name}' has dtype {info.dtype}; only unquantized "
+                    "float16/bfloat16/float32 checkpoints can be converted"
+                )
+
+    # -- data --------------------------------------------------------------------------------
+
+    def read(self, name: str, dim: int | None = None, start: int | None = None,
+             stop: int | None = None) -> torch.Tensor:
+        """The tensor, or its [start, stop) slice along `dim`, as a fresh contiguous tensor."""
+        info = self.info(name)
+        index = [slice(None)] * len(info.shape)
+        if dim is not None:
+            index[dim] = slice(start, stop)
+        return self.read_block(name, tuple(index))
+
+    def read_block(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """Read `tensor[index]` (basic slices only), touching only the bytes it covers."""
+        info = self.info(name)
+        if self.format == "safetensors":
+            try:
+                with safe_open(str(info.file), framework="pt") as f:
+                    view = f.get_slice(name)[index] if index else f.get_tensor(name)
+                    # copy out of the memory map so the mapping is released on return
+                    return view.clone(memory_format=torch.contiguous_format)
+            except OSError as e:
+                raise SourceModelError(f"{info.file}: cannot read '{name}': {e}") from None
+        if self._bin_cache is None or self._bin_cache[0] != info.file:
+            self._bin_cache = (info.file, _torch_load(info.file))
+        return self._bin_cache[1][name][index].clone(memory_format=torch.contiguous_format)
+
+    def row_range(self, name: str, start: int, stop: int) -> FileRange | None:
+        """The bytes of rows [start, stop) (dim 0) as one file range, or None when the format
+        does not allow addressing them directly (.bin sources)."""
+        info = self.info(name)
+        if info.data_offset is None:
+            return None
+        row_bytes = info.dtype.itemsize
+        for d in info.shape[1:]:
+            row_bytes *= d
+        if not 0 <= start <= stop <= (info.shape[0] if info.shape else 1):
+            raise ValueError(f"rows [{start}, {stop}) out of range for {name} {info.shape}")
+        return FileRange(info.file, info.data_offset + start * row_bytes,
+                         (stop - start) * row_bytes)
+
+    def release(self) -> None:
+        """Drop cached memory maps (.bin sources), so pages read so far stop counting as ours."""
+        self._bin_cache = None

@@ -1,0 +1,124 @@
+"""The checkpoint's config.json (spec §2): fields, dtype resolution, quantization section.
+
+trtllm-build loads it with `LLaMAConfig(**config)`: unknown top-level keys are accepted (stored
+with a warning), but `mapping` and `quantization` are strict (`Mapping(**d)`, `QuantConfig(**d)`:
+unknown keys raise TypeError), so those two carry only fields every 0.12–1.2 release accepts.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from typing import TYPE_CHECKING, Any
+
+from recipe_runner.errors import UserError
+
+if TYPE_CHECKING:
+    from recipe_runner.hf.config import ModelConfig
+
+CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32")
+
+# QuantConfig dataclass fields and defaults (0.14; unchanged through 1.x). `sq_use_plugin` is
+# deliberately absent: it is not a field and would make trtllm-build raise TypeError.
+QUANT_CONFIG_DEFAULTS: dict[str, Any] = {
+    "quant_algo": None,
+    "kv_cache_quant_algo": None,
+    "group_size": 128,
+    "smoothquant_val": 0.5,
+    "clamp_val": None,
+    "use_meta_recipe": False,
+    "has_zero_point": False,
+    "pre_quant_scale": False,
+    "exclude_modules": None,
+}
+
+
+def resolve_dtype(dtype: str, hf_torch_dtype: str | None) -> str:
+    """The checkpoint dtype: an explicit one, or "auto" = the HF torch_dtype (float32 if absent)."""
+    if dtype != "auto":
+        if dtype not in CHECKPOINT_DTYPES:
+            raise UserError(f"dtype '{dtype}' is not supported (allowed: auto, "
+                            + ", ".join(CHECKPOINT_DTYPES) + ")")
+        return dtype
+    if hf_torch_dtype is None:
+        return "float32"  # what TRT-LLM's infer_dtype does when the HF config has no dtype
+    if hf_torch_dtype not in CHECKPOINT_DTYPES:
+        raise UserError(f"dtype 'auto' cannot use the model's torch_dtype '{hf_torch_dtype}'; "
+                        "set dtype to one of " + ", ".join(CHECKPOINT_DTYPES))
+    return hf_torch_dtype
+
+
+def quant_config(**overrides: Any) -> dict[str, Any]:
+    """The `quantization` dict: QuantConfig defaults with `overrides` (only known fields)."""
+    unknown = sorted(set(overrides) - set(QUANT_CONFIG_DEFAULTS))
+    if unknown:
+        raise ValueError(f"not QuantConfig fields (trtllm-build would reject them): {unknown}")
+    out = dict(QUANT_CONFIG_DEFAULTS)
+    out.update(overrides)
+    return out
+
+
+def mapping_config(tp_size: int, pp_size: int) -> dict[str, int]:
+    """Only the keys every Mapping(**d) accepts; the rest keep their defaults at build time."""
+    return {"world_size": tp_size * pp_size, "tp_size": tp_size, "pp_size": pp_size}
+
+
+def build_checkpoint_config(
+    model_config: "ModelConfig",
+    *,
+    dtype: str,
+    tp_size: int,
+    pp_size: int,
+    use_parallel_embedding: bool = False,
+    embedding_sharding_dim: int = 0,
+    quantization: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """config.json for a LLaMA-family checkpoint; `dtype` must already be resolved."""
+    if dtype not in CHECKPOINT_DTYPES:
+        raise ValueError(f"dtype must be resolved to one of {CHECKPOINT_DTYPES}, got {dtype!r}")
+    m = model_config
+    return {
+        "architecture": m.architecture,
+        "dtype": dtype,
+        "logits_dtype": "float32",
+        "vocab_size": m.vocab_size,  # unpadded; lm_head rows are padded per rank instead
+        "max_position_embeddings": m.max_position_embeddings,
+        "hidden_size": m.hidden_size,
+        "num_hidden_layers": m.num_hidden_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_key_value_heads,  # original count, even when duplicated
+        "head_size": m.head_dim,
+        "hidden_act": m.hidden_act,
+        "intermediate_size": m.intermediate_size,
+        "norm_epsilon": m.rms_norm_eps,
+        "position_embedding_type": "rope_gpt_neox",
+        "rotary_base": m.rope_theta,
+        "rotary_scaling": copy.deepcopy(m.rope_scaling),
+        "use_parallel_embedding": use_parallel_embedding,
+        "embedding_sharding_dim": embedding_sharding_dim,
+        # lm_head is always written; 0.15+ drops it at load when it equals the embedding.
+        "share_embedding_table": False,
+        "qk_layernorm": False,
+        "tie_word_embeddings": m.tie_word_embeddings,
+        "mlp_bias": m.mlp_bias,
+        "attn_bias": m.attention_bias,
+        "residual_mlp": False,
+        "disable_weight_only_quant_plugin": False,
+        "remove_duplicated_kv_heads": False,
+        "fc_after_embed": False,
+        "use_input_layernorm_in_first_layer": True,
+        "use_last_layernorm": True,
+        "layer_idx_offset": 0,
+        "embedding_multiplier": 1.0,
+        "attention_multiplier": 1.0,
+        "residual_multiplier": 1.0,
+        "output_multiplier_scale": 1.0,
+        # `moe` is omitted on purpose: LLaMAConfig builds a dense default when it is absent,
+        # which is safer than guessing MoeConfig's version-dependent field list.
+        "mapping": mapping_config(tp_size, pp_size),
+        "quantization": quantization if quantization is not None else quant_config(),
+    }
+
+
+def config_json_bytes(config: dict[str, Any]) -> bytes:
+    """Deterministic serialization (key order as built, 2-space indent, trailing newline)."""
+    return (json.dumps(config, indent=2, allow_nan=False) + "\n").encode("utf-8")
