@@ -28,29 +28,12 @@ def convert(
     UserError (SourceModelError for problems with the source) with an actionable message.
     """
     cfg = read_model_config(model_dir)
+    # mapping problems are reported before the weights are even opened
     problems = check_mapping(cfg, tp_size, pp_size, use_parallel_embedding,
                              embedding_sharding_dim)
     if problems:
         raise UserError("\n".join(f"{field}: {message}" for field, message in problems))
-    source = SourceCheckpoint(model_dir)
-    source.validate(cfg)
-    manifest = plan_tensors(cfg, source, tp_size=tp_size, pp_size=pp_size, dtype=dtype,
-                            use_parallel_embedding=use_parallel_embedding,
+    manifest = plan_tensors(cfg, SourceCheckpoint(model_dir), tp_size=tp_size, pp_size=pp_size,
+                            dtype=dtype, use_parallel_embedding=use_parallel_embedding,
                             embedding_sharding_dim=embedding_sharding_dim)
     return write_checkpoint(manifest, model_dir, out_dir, workers=workers)
-
-
-def convert_with_recipe_settings(recipe, source_dir: str | Path, out_dir: str | Path, *,
-                                 workers: int = 1) -> Path:
-    """`convert` with a loaded recipe's `source.dtype` and `mapping.*` (duck-typed on
-    `recipe.data`, the normalized recipe dict). Quantized recipes are refused by the planner
-    before this is reached."""
-    source, mapping = recipe.data["source"], recipe.data["mapping"]
-    return convert(
-        source_dir, out_dir,
-        tp_size=mapping["tp_size"], pp_size=mapping["pp_size"],
-        dtype=source.get("dtype", "auto"),
-        use_parallel_embedding=mapping["use_parallel_embedding"],
-        embedding_sharding_dim=mapping["embedding_sharding_dim"],
-        workers=workers,
-    )

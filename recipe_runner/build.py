@@ -116,16 +116,17 @@ def _execute(resolved: ResolvedPlan, store: CacheStore, run_store: CacheStore, w
     for status in resolved.statuses:
         name, key = status.stage.name, status.key
         started = time.monotonic()
-        entry = run_store.get(key.digest)
-        action = "cached"
-        if entry is None:
+        ran: list[bool] = []
+
+        def produce(data_dir: Path, name=name, key=key, status=status, ran=ran) -> None:
+            # Announced here, not before store.build: a concurrent build may finish this key first.
             echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons)}")
-            action = "ran"
-            entry = run_store.build(key.digest, name,
-                                    lambda d, n=name: EXECUTORS[n](resolved, entries, d, workers),
-                                    recipe=plan.recipe.name)
-        else:
-            entry.touch(plan.recipe.name)
+            ran.append(True)
+            EXECUTORS[name](resolved, entries, data_dir, workers)
+
+        entry = run_store.build(key.digest, name, produce, recipe=plan.recipe.name)
+        action = "ran" if ran else "cached"
+        if not ran:
             echo(f"[{name}] cached ({key.short})")
         entries[name] = entry
         trace.append({"stage": name, "key": key.digest, "action": action,

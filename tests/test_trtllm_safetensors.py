@@ -32,7 +32,8 @@ def test_bytes_identical_to_reference_save_file(tmp_path):
     tensors = sample()
     save_file(tensors, tmp_path / "ref.safetensors")
     write_safetensors(tmp_path / "mine.safetensors", tensors)
-    assert (tmp_path / "mine.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    mine, ref = tmp_path / "mine.safetensors", tmp_path / "ref.safetensors"
+    assert mine.read_bytes() == ref.read_bytes()
     loaded = load_file(tmp_path / "mine.safetensors")
     assert all(torch.equal(loaded[k].view(torch.uint8), v.view(torch.uint8))
                for k, v in tensors.items() if v.dtype == torch.float8_e4m3fn)

@@ -26,7 +26,7 @@ import torch
 
 from recipe_runner.errors import SourceModelError, UserError
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.stages.convert import (
+from recipe_runner.stages.manifest import (
     Concat,
     ConvertManifest,
     RankPlan,
@@ -100,12 +100,15 @@ def iter_source_blocks(src: Source, reader: SourceCheckpoint, dtype: torch.dtype
 def _zero_copy(src: Source, reader: SourceCheckpoint, dtype: torch.dtype) -> FileRange | None:
     """`src` as a byte range of a source file when it needs no transform at all: a whole tensor
     or a row slice, already in the output dtype. Copied by the kernel, like cp."""
-    if not isinstance(src, Read) or src.dim not in (None, 0) or reader.dtype(src.tensor) != dtype:
+    if not isinstance(src, Read) or reader.dtype(src.tensor) != dtype:
         return None
     shape = reader.shape(src.tensor)
     start, stop = 0, (shape[0] if shape else 1)
     if src.dim == 0:
         start, stop, _ = slice(src.start, src.stop).indices(shape[0])
+    elif src.dim is not None:  # a slice of an inner dim is contiguous only when it is all of it
+        if slice(src.start, src.stop).indices(shape[src.dim])[:2] != (0, shape[src.dim]):
+            return None
     return reader.row_range(src.tensor, start, stop)
 
 

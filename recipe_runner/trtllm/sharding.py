@@ -17,7 +17,7 @@ import torch
 
 
 def split_range(size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
-    """[start, stop) of piece `tp_rank` when `size` is cut into `tp_size` equal contiguous pieces."""
+    """[start, stop) of piece `tp_rank` of `size` cut into `tp_size` equal contiguous pieces."""
     if size % tp_size:
         raise ValueError(f"size {size} is not divisible by tp_size {tp_size}")
     step = size // tp_size
