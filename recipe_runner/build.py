@@ -14,6 +14,8 @@ from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versio
 from recipe_runner.plan import Plan
 from recipe_runner.publish import publish_tree
 from recipe_runner.resolve import ResolvedPlan, resolve, write_record
+from recipe_runner.stages.engine import run_engine
+from recipe_runner.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
 
@@ -26,7 +28,7 @@ _WORKAROUND = {
 }
 _REASON_FIELD = {"calibrate": "quantization", "quantize": "quantization.algo", "build-engine": "engine", "verify": "verify"}
 # Which stage's entry is published where in the output directory.
-PUBLISHED = {"shard": "checkpoint"}
+PUBLISHED = {"shard": "checkpoint", "build-engine": "engine"}
 MODEL_FILE = "model.json"
 
 
@@ -85,7 +87,7 @@ def run_shard(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path,
     write_checkpoint(manifest, resolved.source_dir, data_dir, workers=workers)
 
 
-EXECUTORS = {"convert": run_convert, "shard": run_shard}
+EXECUTORS = {"convert": run_convert, "shard": run_shard, "build-engine": run_engine}
 
 
 def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,
@@ -96,7 +98,11 @@ def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, reha
     build fails unless the outputs are bit-identical to the lock's.
     """
     refuse_unimplemented(plan)
-    resolved = resolve(plan, store, rehash=rehash)
+    toolchain = None
+    if plan.stage("build-engine") is not None:  # fail at plan time, before any stage runs
+        toolchain = require_toolchain()
+        echo(f"[build-engine] using {toolchain.describe()}")
+    resolved = resolve(plan, store, rehash=rehash, toolchain=toolchain)
     if locked is not None:
         check_lock_inputs(resolved, locked)
     workers = workers or plan.recipe.data["workers"]
@@ -161,7 +167,7 @@ def publish(resolved: ResolvedPlan, entries: dict[str, Entry], outputs: dict, ou
         recipe_name=recipe.name,
         recipe_path=str(recipe.path),
         recipe_sha256=recipe.canonical_hash(),
-        tools=tool_versions(),
+        tools={**tool_versions(), **_toolchain_versions(resolved)},
         sources={n: d.to_dict() for n, d in resolved.sources.items()},
         stages=[{"name": s.stage.name, "key": s.key.digest} for s in resolved.statuses],
         outputs=outputs,
@@ -169,6 +175,13 @@ def publish(resolved: ResolvedPlan, entries: dict[str, Entry], outputs: dict, ou
     lock_path = out_dir / LOCK_NAME
     write_lock(lock_path, lock)
     return lock_path
+
+
+def _toolchain_versions(resolved: ResolvedPlan) -> dict[str, str]:
+    if resolved.toolchain is None:
+        return {}
+    material = resolved.toolchain.key_material()
+    return {"tensorrt_llm": material["tensorrt_llm"], "gpus": "; ".join(material["gpus"])}
 
 
 def check_lock_inputs(resolved: ResolvedPlan, locked: LockFile) -> None:

@@ -104,6 +104,18 @@ def _store(cache_dir: Optional[Path]):
     return CacheStore(cache_dir)
 
 
+def _optional_toolchain(the_plan):
+    """trtllm-build for `plan` to key the engine stage with, or None (plan still shows the rest)."""
+    from recipe_runner.toolchain import require_toolchain
+
+    if the_plan.stage("build-engine") is None:
+        return None
+    try:
+        return require_toolchain()
+    except UserError:
+        return None
+
+
 @app.command()
 def plan(
     file: Path = typer.Argument(..., help="Recipe file."),
@@ -122,7 +134,9 @@ def plan(
     if format not in ("text", "json"):
         raise UserError(f"--format {format}: choose text or json")
     the_plan = make_plan(_load(file, set_), until=until, skip_verify=no_verify)
-    resolved = resolve(the_plan, _store(cache_dir), rehash=rehash) if the_plan.source.directory else None
+    toolchain = _optional_toolchain(the_plan)
+    resolved = (resolve(the_plan, _store(cache_dir), rehash=rehash, toolchain=toolchain)
+                if the_plan.source.directory else None)
     if format == "json":
         typer.echo(json.dumps(plan_json(the_plan, resolved), indent=2, sort_keys=True))
     else:
@@ -273,7 +287,7 @@ def demo(
     if not recipe_file.is_file():
         raise UserError(f"{recipe_file}: demo recipe not found; run `recipe demo` from the root of a recipe-runner "
                         "checkout or pass --recipe PATH")
-    model_dir = make_tiny_llama(directory / "tiny-llama-hf")
+    model_dir = make_tiny_llama(directory / "tiny-llama-hf", with_tokenizer=True)
     typer.echo(f"generated a tiny random LLaMA in {model_dir}")
     the_plan = make_plan(load_recipe(recipe_file, {"model_dir": str(model_dir.resolve())}))
     result = run_build(the_plan, store=_store(cache_dir), echo=typer.echo)

@@ -52,6 +52,7 @@ def make_tiny_llama(
     attention_bias: bool = False,
     max_shard_size: int | str | None = None,
     weights_format: str = "safetensors",
+    with_tokenizer: bool = False,
 ) -> Path:
     """Write a random, seeded HF model (config.json + weights) to `out_dir`; returns it.
 
@@ -88,6 +89,9 @@ def make_tiny_llama(
             param.copy_(values)
         model = model.to(dtype)
     model.eval()
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars in demo output
+    if with_tokenizer:
+        make_tiny_tokenizer(out, vocab_size)
     if weights_format == "safetensors":
         save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         model.save_pretrained(out, **save_kwargs)
@@ -104,3 +108,32 @@ def make_tiny_llama(
             state.pop("lm_head.weight", None)
         torch.save(state, out / "pytorch_model.bin")
     return out
+
+
+# A small fixed corpus: the tokenizer is trained on it, so it is the same on every machine.
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "Tensor parallelism splits each weight matrix across GPUs; pipeline parallelism splits the layers.",
+    "A recipe is reviewed in git, built by the runner, and locked for reproducible releases.",
+    "Quantization stores weights in fewer bits: int8, int4, or fp8, with scales per channel or group.",
+    "The quick brown fox jumps over the lazy dog. 0 1 2 3 4 5 6 7 8 9",
+]
+
+
+def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1001) -> Path:
+    """A byte-level BPE tokenizer (at most `vocab_size` tokens) trained on a fixed corpus and saved
+    as tokenizer.json + tokenizer_config.json; deterministic, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    special = ["<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 400), special_tokens=special, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)

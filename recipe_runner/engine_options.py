@@ -114,3 +114,49 @@ def _check_value(option: BuildOption, value: Any) -> str | None:
         if matches not in option.choices:
             return f"{flag} must be one of {list(option.choices)}, not {value!r}"
     return None
+
+
+# TensorRT-LLM 0.14 introduced --kv_cache_type (BuildConfig.update_kv_cache_type); older
+# releases take the plugin switch --paged_kv_cache, which later ones still accept as an alias.
+_KV_CACHE_TYPE_SINCE = (0, 14)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """(0, 14, 0) from "0.14.0", "0.14.0.dev2024092400" or "1.2.0rc1"; () if unreadable."""
+    import re
+
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(p) for p in match.groups() if p is not None) if match else ()
+
+
+def _option_value(option: BuildOption, value: Any) -> list[str]:
+    """argv words for one option: switches appear only when true, enable/disable options
+    take those words, everything else its value."""
+    flag = f"--{option.name}"
+    if option.kind == "switch":
+        return [flag] if value else []
+    if isinstance(value, bool):
+        return [flag, "enable" if value else "disable"]
+    return [flag, str(value)]
+
+
+def engine_argv(engine: Mapping[str, Any], checkpoint_dir: str, output_dir: str,
+                trtllm_version: str | None = None) -> list[str]:
+    """trtllm-build's arguments for a recipe's normalized `engine:` section (without the program)."""
+    options = build_options()
+    argv = ["--checkpoint_dir", checkpoint_dir, "--output_dir", output_dir,
+            # the timing cache would otherwise be written to the current directory
+            "--output_timing_cache", f"{output_dir}/timing.cache"]
+    for field_name, option_name in ENGINE_FIELD_OPTIONS.items():
+        if field_name not in engine:
+            continue
+        value = engine[field_name]
+        if field_name == "kv_cache_type" and trtllm_version and parse_version(trtllm_version)[:2] < _KV_CACHE_TYPE_SINCE:
+            if value == "disabled":
+                raise ValueError(f"kv_cache_type disabled needs TensorRT-LLM >= 0.14 (found {trtllm_version})")
+            argv += ["--paged_kv_cache", "enable" if value == "paged" else "disable"]
+            continue
+        argv += _option_value(options[option_name], value)
+    for name in sorted(engine.get("extra_args", {})):
+        argv += _option_value(options[name.lstrip("-")], engine["extra_args"][name])
+    return argv

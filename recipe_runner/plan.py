@@ -13,7 +13,7 @@ from recipe_runner.sources import SourceLocation, locate_source
 
 STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "build-engine", "verify")
 # Stages this release can execute; the rest are planned but refused by `build`.
-IMPLEMENTED_STAGES = frozenset({"convert", "shard"})
+IMPLEMENTED_STAGES = frozenset({"convert", "shard", "build-engine"})
 # `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
 UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
 

@@ -19,6 +19,7 @@ from recipe_runner.keys import CacheKey, digest_of_files, explain_change, make_k
 from recipe_runner.lock import tool_versions
 from recipe_runner.plan import Plan, Stage
 from recipe_runner.sources import require_source
+from recipe_runner.toolchain import Toolchain
 
 # Tools whose versions enter every key; the engine stage adds TensorRT-LLM and the GPU.
 KEY_TOOLS = ("recipe_runner", "safetensors", "torch", "transformers")
@@ -38,6 +39,7 @@ class ResolvedPlan:
     source_dir: Path
     sources: Mapping[str, FileDigest]  # relpath in the source dir → size, sha256
     statuses: tuple[StageStatus, ...]
+    toolchain: Toolchain | None = None  # trtllm-build, when the plan builds an engine here
 
     def status(self, name: str) -> StageStatus:
         return next(s for s in self.statuses if s.stage.name == name)
@@ -65,7 +67,7 @@ def key_tools() -> dict[str, str]:
     return {name: versions[name] for name in KEY_TOOLS}
 
 
-def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False) -> ResolvedPlan:
+def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: Toolchain | None = None) -> ResolvedPlan:
     source_dir = require_source(plan.recipe)
     sources = store.hash_memo().hash_files(source_files(source_dir), rehash=rehash, root=source_dir)
     inputs_by_name = {"source": digest_of_files({n: d.to_dict() for n, d in sources.items()})}
@@ -76,12 +78,17 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False) -> ResolvedP
     statuses = []
     for stage in plan.stages:
         inputs = {name: inputs_by_name[name] for name in stage.inputs}
-        key = make_key(stage.name, stage.params, inputs, tools)
+        stage_tools = tools
+        if stage.name == "build-engine":  # engines depend on the TensorRT-LLM release and the GPU model
+            stage_tools = {**tools, **(toolchain.key_material() if toolchain else {"tensorrt_llm": "unavailable"})}
+        key = make_key(stage.name, stage.params, inputs, stage_tools)
         inputs_by_name[stage.name] = key.digest
         cached = store.get(key.digest) is not None
         reasons = () if cached else tuple(explain_change(previous.get(stage.name), key.material))
+        if stage.name == "build-engine" and toolchain is None:
+            cached, reasons = False, ("trtllm-build is not available here",)
         statuses.append(StageStatus(stage, key, cached, reasons))
-    return ResolvedPlan(plan, source_dir, sources, tuple(statuses))
+    return ResolvedPlan(plan, source_dir, sources, tuple(statuses), toolchain)
 
 
 # The last build of each recipe (by name), to explain later key changes.

@@ -1,0 +1,65 @@
+"""A FAKE trtllm-build for tests. It is not TensorRT-LLM and builds no engine.
+
+It parses its arguments with an argparse parser generated from the option list recorded
+from the real trtllm-build (recipe_runner/data/trtllm_build_options.json), so any option,
+value type or choice the real command would reject is rejected here too; then it checks the
+checkpoint directory and writes marker files named like the real engines.
+Environment: FAKE_TRTLLM_FAIL=1 makes it fail the way a real build can (after some output).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+OPTIONS = Path(__file__).resolve().parents[2] / "recipe_runner" / "data" / "trtllm_build_options.json"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trtllm-build (FAKE)", allow_abbrev=False)
+    for raw in json.loads(OPTIONS.read_text())["options"]:
+        flags = [raw["flag"], *raw.get("aliases", [])]
+        if raw.get("action") == "store_true":
+            p.add_argument(*flags, dest=raw["dest"], action="store_true")
+            continue
+        kwargs = {"dest": raw["dest"]}
+        if raw.get("nargs"):
+            kwargs["nargs"] = raw["nargs"]
+        if raw.get("type") == "int":
+            kwargs["type"] = int
+        if raw.get("choices"):
+            if str(raw.get("type", "")).startswith("enum"):
+                kwargs["type"] = str.lower
+            kwargs["choices"] = raw["choices"]
+        p.add_argument(*flags, **kwargs)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    if not args.checkpoint_dir or not args.output_dir:
+        print("error: --checkpoint_dir and --output_dir are required", file=sys.stderr)
+        return 2
+    ckpt, out = Path(args.checkpoint_dir), Path(args.output_dir)
+    config = json.loads((ckpt / "config.json").read_text())
+    world = config["mapping"]["world_size"]
+    print(f"[TensorRT-LLM][FAKE] building {config['architecture']} for {world} rank(s)", flush=True)
+    if os.environ.get("FAKE_TRTLLM_FAIL"):
+        print("[TensorRT-LLM][ERROR] FAKE failure: out of GPU memory while building rank 0", flush=True)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    for rank in range(world):
+        weights = (ckpt / f"rank{rank}.safetensors").read_bytes()
+        marker = {"fake": True, "rank": rank, "weights_sha256": hashlib.sha256(weights).hexdigest(),
+                  "argv": argv}
+        (out / f"rank{rank}.engine").write_text("FAKE-TRTLLM-ENGINE " + json.dumps(marker, sort_keys=True))
+        print(f"[TensorRT-LLM][FAKE] rank {rank}: engine written", flush=True)
+    (out / "config.json").write_text(json.dumps({"fake": True, "pretrained_config": config}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
