@@ -47,11 +47,17 @@ class ResolvedPlan:
 
 def source_files(model_dir: Path) -> list[Path]:
     """The files conversion reads: config.json, the weight index if any, the weight files."""
-    from recipe_runner.hf.reader import SourceCheckpoint
+    from recipe_runner.errors import SourceModelError
+    from recipe_runner.hf.files import weight_files
 
-    weights = SourceCheckpoint(model_dir).files
-    extras = [model_dir / n for n in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")]
-    return sorted({*weights, *(p for p in extras if p.is_file())})
+    weights = weight_files(model_dir)
+    if not weights:
+        from recipe_runner.hf.reader import SourceCheckpoint
+
+        SourceCheckpoint(model_dir)  # raises the reader's explanation of what is missing
+        raise SourceModelError(f"{model_dir}: no weight files found")
+    config = model_dir / "config.json"
+    return sorted({*weights, *([config] if config.is_file() else [])})
 
 
 def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:

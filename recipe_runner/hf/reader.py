@@ -22,13 +22,16 @@ from safetensors import safe_open
 
 from recipe_runner.errors import SourceModelError
 from recipe_runner.hf.config import ModelConfig
+from recipe_runner.hf.files import (  # noqa: F401  (re-exported names)
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    _read_index,
+)
 from recipe_runner.hf.names import expected_tensors
 from recipe_runner.trtllm.safetensors_writer import CODE_TO_DTYPE, FileRange
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -105,28 +108,6 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     if offsets[1] - offsets[0] != numel * dtype.itemsize or offsets[0] < 0:
         raise bad
     return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0])
-
-
-def _read_index(index_path: Path) -> dict[str, Path]:
-    """tensor name -> shard path from a `*.index.json`, checking every shard exists."""
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, ValueError, KeyError, TypeError):
-        raise SourceModelError(f"{index_path} is not a valid index file (needs a 'weight_map' "
-                               "object); fetch it again") from None
-    out: dict[str, Path] = {}
-    for name, shard in sorted(weight_map.items()):
-        shard_path = index_path.parent / str(shard)
-        if not shard_path.is_file():
-            raise SourceModelError(
-                f"{index_path} maps tensor '{name}' to shard '{shard}', which is missing from "
-                f"{index_path.parent}; download all shards listed in the index"
-            )
-        out[name] = shard_path
-    return out
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
