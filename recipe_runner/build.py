@@ -9,7 +9,6 @@ from typing import Callable
 
 from recipe_runner.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
-from recipe_runner.fsutil import rmtree
 from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions, write_lock
 from recipe_runner.plan import Plan
 from recipe_runner.publish import publish_tree
@@ -97,52 +96,56 @@ def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, reha
     With `locked`, every stage runs again in a scratch store (the cache is not trusted) and the
     build fails unless the outputs are bit-identical to the lock's.
     """
-    refuse_unimplemented(plan)
+    from recipe_runner.scheduler import InlineExecutor, run_builds
+
+    report = run_builds([plan], store=store, executor=InlineExecutor(echo), workers=workers, rehash=rehash,
+                        locked={0: locked} if locked is not None else None, echo=echo)
+    report.raise_first_failure()
+    return report.results[0]
+
+
+def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, echo: Echo) -> list[ResolvedPlan]:
+    """Refuse what cannot run and key every stage, before any stage runs."""
+    for plan in plans:
+        refuse_unimplemented(plan)
     toolchain = None
-    if plan.stage("build-engine") is not None:  # fail at plan time, before any stage runs
+    if any(plan.stage("build-engine") is not None for plan in plans):  # fail at plan time
         toolchain = require_toolchain()
         echo(f"[build-engine] using {toolchain.describe()}")
-    resolved = resolve(plan, store, rehash=rehash, toolchain=toolchain)
-    if locked is not None:
-        check_lock_inputs(resolved, locked)
-    workers = workers or plan.recipe.data["workers"]
-    run_store = store.scratch() if locked is not None else store
-    try:
-        return _execute(resolved, store, run_store, workers, locked, echo)
-    finally:
-        if run_store is not store:
-            rmtree(run_store.root)
+    return [resolve(plan, store, rehash=rehash, toolchain=toolchain) for plan in plans]
 
 
-def _execute(resolved: ResolvedPlan, store: CacheStore, run_store: CacheStore, workers: int,
-             locked: LockFile | None, echo: Echo) -> BuildResult:
-    plan = resolved.plan
-    entries: dict[str, Entry] = {}
-    trace = []
-    for status in resolved.statuses:
-        name, key = status.stage.name, status.key
-        started = time.monotonic()
-        ran: list[bool] = []
+def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], store: CacheStore,
+                  workers: int, echo: Echo) -> dict:
+    """Build one stage's cache entry (or find it built); `entries` must hold its inputs' entries.
+    Returns its trace record and adds the entry to `entries`."""
+    status = resolved.status(name)
+    key = status.key
+    started = time.monotonic()
+    ran: list[bool] = []
 
-        def produce(data_dir: Path, name=name, key=key, status=status, ran=ran) -> None:
-            # Announced here, not before store.build: a concurrent build may finish this key first.
-            echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons)}")
-            ran.append(True)
-            EXECUTORS[name](resolved, entries, data_dir, workers)
+    def produce(data_dir: Path) -> None:
+        # Announced here, not before store.build: a concurrent build may finish this key first.
+        echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons) or 'forced'}")
+        ran.append(True)
+        EXECUTORS[name](resolved, entries, data_dir, workers)
 
-        entry = run_store.build(key.digest, name, produce, recipe=plan.recipe.name)
-        action = "ran" if ran else "cached"
-        if not ran:
-            echo(f"[{name}] cached ({key.short})")
-        entries[name] = entry
-        trace.append({"stage": name, "key": key.digest, "action": action,
-                      "seconds": round(time.monotonic() - started, 3)})
+    entries[name] = store.build(key.digest, name, produce, recipe=resolved.plan.recipe.name)
+    if not ran:
+        echo(f"[{name}] cached ({key.short})")
+    return {"stage": name, "key": key.digest, "action": "ran" if ran else "cached",
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore, locked: LockFile | None,
+           trace: list[dict]) -> BuildResult:
+    """Check a locked rebuild, publish the outputs and the lock file, remember this build."""
     outputs = published_outputs(entries)
     if locked is not None:
         differences = compare_outputs(locked.outputs, outputs)
         if differences:
             raise UserError("the rebuild is not bit-identical to the lock file:\n  " + "\n  ".join(differences))
-    out_dir = plan.recipe.resolve_path("output.dir")
+    out_dir = resolved.plan.recipe.resolve_path("output.dir")
     lock_path = publish(resolved, entries, outputs, out_dir)
     write_record(store, resolved)
     return BuildResult(out_dir, lock_path, trace)

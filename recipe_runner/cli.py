@@ -56,6 +56,14 @@ def _load(file: Path, sets: Optional[List[str]]):
     return load_recipe(file, _variables(sets))
 
 
+def _load_all(files: List[Path], sets: Optional[List[str]]) -> list:
+    """Every recipe the files mean (a file with `matrix:` means several), in order."""
+    from recipe_runner.recipe import load_recipes
+
+    variables = _variables(sets)
+    return [recipe for file in files for recipe in load_recipes(file, variables)]
+
+
 @app.command()
 def validate(
     files: List[Path] = typer.Argument(..., help="Recipe files to check."),
@@ -65,14 +73,17 @@ def validate(
     failed = 0
     for file in files:
         try:
-            recipe = _load(file, set_)
+            recipes = _load_all([file], set_)
         except RecipeError as exc:
             failed += 1
             typer.echo(f"FAIL {file}", err=True)
             for problem in exc.problems:
                 typer.echo(f"  {problem}", err=True)
         else:
-            typer.echo(f"OK   {file} ({recipe.name}, sha256 {recipe.canonical_hash()[:12]})")
+            if len(recipes) == 1:
+                typer.echo(f"OK   {file} ({recipes[0].name}, sha256 {recipes[0].canonical_hash()[:12]})")
+            else:
+                typer.echo(f"OK   {file} (matrix of {len(recipes)}: {', '.join(r.name for r in recipes)})")
     if failed:
         typer.echo(f"{failed} of {len(files)} recipe(s) invalid", err=True)
         raise typer.Exit(2)
@@ -84,15 +95,18 @@ def show(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     format: str = typer.Option("yaml", "--format", help="yaml (readable) or json (canonical, what is hashed)."),
 ) -> None:
-    """Print the fully resolved, normalized recipe (extends merged, variables substituted, defaults filled)."""
-    recipe = _load(file, set_)
-    if format == "json":
-        typer.echo(recipe.canonical_json())
-    elif format == "yaml":
+    """Print the fully resolved, normalized recipe (extends merged, variables substituted, defaults
+    filled); a matrix file prints each variant (YAML documents separated by ---)."""
+    if format not in ("yaml", "json"):
+        raise UserError(f"--format {format}: choose yaml or json")
+    for index, recipe in enumerate(_load_all([file], set_)):
+        if format == "json":
+            typer.echo(recipe.canonical_json())
+            continue
+        if index:
+            typer.echo("---")
         typer.echo(f"# {recipe.path}: normalized recipe, sha256 {recipe.canonical_hash()}")
         typer.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=4096).rstrip())
-    else:
-        raise UserError(f"--format {format}: choose yaml or json")
 
 
 CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-runner)."
@@ -118,7 +132,7 @@ def _optional_toolchain(the_plan):
 
 @app.command()
 def plan(
-    file: Path = typer.Argument(..., help="Recipe file."),
+    files: List[Path] = typer.Argument(..., help="Recipe files (a matrix file counts for each variant)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     until: Optional[str] = typer.Option(None, "--until", help="Plan only up to this stage (or `checkpoint`)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Leave out the verify stage."),
@@ -126,26 +140,31 @@ def plan(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
 ) -> None:
-    """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not."""
+    """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not;
+    over several recipes, also the stages they share (built once)."""
     from recipe_runner.plan import make_plan
-    from recipe_runner.report import format_plan, plan_json
+    from recipe_runner.report import format_plan, format_shared, plan_json, shared_stages
     from recipe_runner.resolve import resolve
 
     if format not in ("text", "json"):
         raise UserError(f"--format {format}: choose text or json")
-    the_plan = make_plan(_load(file, set_), until=until, skip_verify=no_verify)
-    toolchain = _optional_toolchain(the_plan)
-    resolved = (resolve(the_plan, _store(cache_dir), rehash=rehash, toolchain=toolchain)
-                if the_plan.source.directory else None)
+    store = _store(cache_dir)
+    plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
+    toolchain = next((t for t in map(_optional_toolchain, plans) if t is not None), None)
+    resolved = [resolve(p, store, rehash=rehash, toolchain=toolchain) if p.source.directory else None for p in plans]
     if format == "json":
-        typer.echo(json.dumps(plan_json(the_plan, resolved), indent=2, sort_keys=True))
-    else:
-        typer.echo(format_plan(the_plan, resolved))
+        data = [plan_json(p, r) for p, r in zip(plans, resolved)]
+        out = data[0] if len(data) == 1 else {"plans": data, "shared": shared_stages(resolved)}
+        typer.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    typer.echo("\n\n".join(format_plan(p, r) for p, r in zip(plans, resolved)))
+    if len(plans) > 1:
+        typer.echo("\n" + format_shared(resolved))
 
 
 @app.command()
 def build(
-    file: Path = typer.Argument(..., help="Recipe file."),
+    files: List[Path] = typer.Argument(..., help="Recipe files (a matrix file builds each variant)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this stage; `checkpoint` stops before the engine."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the verify stage."),
@@ -153,20 +172,41 @@ def build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
     locked: Optional[Path] = typer.Option(None, "--locked", help="Rebuild every stage and fail unless the outputs are bit-identical to this lock file."),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="Stages run at once (local executor: worker processes)."),
+    executor: str = typer.Option("local", "--executor", help="local (process pool) or ray."),
+    address: str = typer.Option("auto", "--address", help="Ray cluster: auto, local (start one here) or ray://host:port."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for stages running at once, e.g. 20G."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop starting stages after the first failure."),
 ) -> None:
-    """Run the plan (skipping cached stages), publish to the recipe's output directory, write recipe.lock."""
-    from recipe_runner.build import run_build
+    """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
+    from recipe_runner.cache import parse_size
     from recipe_runner.lock import read_lock
     from recipe_runner.plan import make_plan
+    from recipe_runner.scheduler import format_summary, make_executor, run_builds
 
-    lock = read_lock(locked) if locked is not None else None
-    the_plan = make_plan(_load(file, set_), until=until, skip_verify=no_verify)
-    result = run_build(the_plan, store=_store(cache_dir), workers=workers, rehash=rehash, locked=lock, echo=typer.echo)
-    ran = sum(1 for t in result.trace if t["action"] == "ran")
-    typer.echo(f"built {the_plan.recipe.name}: {ran} stage(s) run, {len(result.trace) - ran} cached; "
-               f"output {result.output_dir}, lock {result.lock_path}")
-    if lock is not None:
-        typer.echo(f"bit-identical to {locked}")
+    plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
+    if locked is not None and len(plans) != 1:
+        raise UserError("--locked rebuilds one recipe: give a single recipe file (not a matrix)")
+    lock = {0: read_lock(locked)} if locked is not None else None
+    report = run_builds(plans, store=_store(cache_dir), executor=make_executor(executor, jobs, address, typer.echo),
+                        workers=workers, rehash=rehash, locked=lock, fail_fast=fail_fast,
+                        max_memory=parse_size(max_memory) if max_memory else None, echo=typer.echo)
+    if len(plans) == 1:
+        report.raise_first_failure()
+        result = report.results[0]
+        ran = sum(1 for t in result.trace if t["action"] == "ran")
+        typer.echo(f"built {plans[0].recipe.name}: {ran} stage(s) run, {len(result.trace) - ran} cached; "
+                   f"output {result.output_dir}, lock {result.lock_path}")
+        if locked is not None:
+            typer.echo(f"bit-identical to {locked}")
+        return
+    ran = sum(1 for t in report.trace() if t["action"] == "ran")
+    typer.echo(f"{len(report.results)} of {len(plans)} recipe(s) built, {ran} stage(s) run for {len(plans)} recipes:")
+    typer.echo(format_summary(report))
+    for index, (code, error) in sorted(report.failures.items()):
+        typer.echo(f"{plans[index].recipe.name}: {error}", err=True)
+    if report.failures:
+        raise typer.Exit(report.exit_code)
 
 
 @app.command("verify-lock")

@@ -61,3 +61,25 @@ def plan_json(plan: Plan, resolved: ResolvedPlan | None = None) -> dict:
             status = resolved.status(stage["name"])
             stage.update(key=status.key.digest, cached=status.cached, reasons=list(status.reasons))
     return data
+
+
+def shared_stages(resolved: list[ResolvedPlan | None]) -> list[dict]:
+    """Stages that several of the plans need (equal keys): each is built once."""
+    users: dict[str, dict] = {}
+    for plan in (r for r in resolved if r is not None):
+        for status in plan.statuses:
+            entry = users.setdefault(status.key.digest, {"stage": status.stage.name, "key": status.key.digest,
+                                                         "cached": status.cached, "recipes": []})
+            entry["recipes"].append(plan.plan.recipe.name)
+    return [u for u in users.values() if len(u["recipes"]) > 1]
+
+
+def format_shared(resolved: list[ResolvedPlan | None]) -> str:
+    shared = shared_stages(resolved)
+    unknown = sum(r is None for r in resolved)
+    lines = ["stages shared between these recipes (each built once):"]
+    lines += [f"  {s['stage']:<12} {s['key'][:12]}  {'cached' if s['cached'] else 'to build'}  used by "
+              f"{', '.join(s['recipes'])}" for s in shared] or ["  none"]
+    if unknown:
+        lines.append(f"  ({unknown} recipe(s) without their source here are not compared)")
+    return "\n".join(lines)

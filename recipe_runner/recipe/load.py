@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from recipe_runner.errors import Location, Problem, RecipeError
+from recipe_runner.recipe.matrix import expand_matrix
 from recipe_runner.recipe.model import Recipe
 from recipe_runner.recipe.rules import check_rules
 from recipe_runner.recipe.schema import validate_against_schema
@@ -17,22 +18,48 @@ from recipe_runner.recipe.yaml_positions import Positions, read_yaml
 def load_recipe(path: str | os.PathLike, variables: Mapping[str, Any] | None = None) -> Recipe:
     """Read, validate and normalize one recipe; raise RecipeError with every problem found.
 
-    `variables` (from `--set`) override the recipe's `vars:`.
+    `variables` (from `--set`) override the recipe's `vars:`. A file with a `matrix:` means
+    several recipes: read it with `load_recipes`.
     """
+    recipes = load_recipes(path, variables)
+    if len(recipes) != 1:
+        raise RecipeError([Problem(recipes[0].location("name"), "matrix",
+                                   f"this file is a matrix of {len(recipes)} recipes; use load_recipes()")])
+    return recipes[0]
+
+
+def load_recipes(path: str | os.PathLike, variables: Mapping[str, Any] | None = None) -> list[Recipe]:
+    """The recipes a file means: itself, or one per combination of its `matrix:`."""
     path = Path(path)
     data, positions, file_dirs, files = _read_with_bases(path, chain=())
     recipe_vars = data.pop("vars", {})
     if not isinstance(recipe_vars, dict):
         raise RecipeError([Problem(positions.value(("vars",)), "vars", "must be a mapping of name: value")])
-    merged_vars = {**recipe_vars, **dict(variables or {})}
+    variables = dict(variables or {})
     data.pop("extends", None)
-    data, problems = render_templates(data, merged_vars, positions)
+    data, problems = render_templates(data, {**recipe_vars, **variables}, positions)
     if problems:
         raise RecipeError(problems)
+    origin = dict(path=path, file_dirs=file_dirs, files=files, variables=variables)
+    if "matrix" not in data:
+        return [_finish(data, positions, origin, variant=None)]
+    recipes, problems = [], []
+    for index, (variant_data, variant_positions) in enumerate(expand_matrix(data, positions)):
+        try:
+            recipes.append(_finish(variant_data, variant_positions, origin, variant=index))
+        except RecipeError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise RecipeError(problems)
+    return recipes
+
+
+def _finish(data: dict, positions: Positions, origin: dict, variant: int | None) -> Recipe:
     problems = validate_against_schema(data, positions)
     if problems:
         raise RecipeError(problems)
-    recipe = Recipe.create(path, data, positions, file_dirs, files)
+    recipe = Recipe.create(origin["path"], data, positions, origin["file_dirs"], origin["files"],
+                           variables=origin["variables"], variant=variant)
     findings = check_rules(recipe.data)
     if findings:
         raise RecipeError([Problem(recipe.location(field), field, message) for field, message in findings])

@@ -87,13 +87,17 @@ class Recipe:
     positions: Positions
     file_dirs: Mapping[str, Path]  # display name of each file read → its directory
     files: tuple[Path, ...]  # the recipe file, then the bases it extends
+    variables: Mapping[str, Any]  # the --set variables it was loaded with
+    variant: int | None  # index of this recipe in its file's matrix, None without a matrix
 
     @classmethod
     def create(cls, path: Path, data: dict, positions: Positions, file_dirs: dict[str, Path],
-               files: tuple[Path, ...]) -> "Recipe":
+               files: tuple[Path, ...], variables: Mapping[str, Any] | None = None,
+               variant: int | None = None) -> "Recipe":
         normalized = fill_defaults(data, recipe_schema())
         normalized.setdefault("output", {}).setdefault("dir", f"build/{normalized['name']}")
-        return cls(path, _freeze(normalized), positions, MappingProxyType(dict(file_dirs)), files)
+        return cls(path, _freeze(normalized), positions, MappingProxyType(dict(file_dirs)), files,
+                   MappingProxyType(dict(variables or {})), variant)
 
     @property
     def name(self) -> str:

@@ -4,7 +4,8 @@ It parses its arguments with an argparse parser generated from the option list r
 from the real trtllm-build (recipe_runner/data/trtllm_build_options.json), so any option,
 value type or choice the real command would reject is rejected here too; then it checks the
 checkpoint directory and writes marker files named like the real engines.
-Environment: FAKE_TRTLLM_FAIL=1 makes it fail the way a real build can (after some output).
+Environment: FAKE_TRTLLM_FAIL=1 makes it fail the way a real build can (after some output);
+FAKE_TRTLLM_FAIL_ON="--max_batch_size 9" fails only when the arguments contain that text.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def main(argv: list[str]) -> int:
     config = json.loads((ckpt / "config.json").read_text())
     world = config["mapping"]["world_size"]
     print(f"[TensorRT-LLM][FAKE] building {config['architecture']} for {world} rank(s)", flush=True)
-    if os.environ.get("FAKE_TRTLLM_FAIL"):
+    fail_on = os.environ.get("FAKE_TRTLLM_FAIL_ON")
+    if os.environ.get("FAKE_TRTLLM_FAIL") or (fail_on and fail_on in " ".join(argv)):
         print("[TensorRT-LLM][ERROR] FAKE failure: out of GPU memory while building rank 0", flush=True)
         return 1
     out.mkdir(parents=True, exist_ok=True)

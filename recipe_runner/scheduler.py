@@ -1,0 +1,318 @@
+"""Many plans as one DAG: identical stages (equal keys) run once, on an executor.
+
+The driver (this module) keys every stage of every plan before anything runs, merges stages
+with equal keys into one job, starts jobs whose inputs are built as the executor's capacity
+and the memory budget allow, and publishes each plan whose stages all succeeded. Executors:
+inline (in this process, one job at a time), a local process pool, or Ray.
+"""
+from __future__ import annotations
+
+import os
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from recipe_runner.build import BuildResult, Echo, execute_stage, finish, prepare
+from recipe_runner.cache import CacheStore, Entry
+from recipe_runner.errors import RecipeRunnerError, UserError
+from recipe_runner.fsutil import rmtree
+from recipe_runner.lock import LockFile
+from recipe_runner.plan import Plan
+from recipe_runner.resolve import ResolvedPlan
+
+GiB = 1024**3
+
+
+@dataclass
+class Job:
+    key: str
+    stage: str
+    users: list[int]  # indices of the plans that need this stage; the first one runs it
+    deps: tuple[str, ...]  # keys of the jobs whose entries it reads
+    state: str = "pending"  # pending, running, done, failed, skipped, not started
+    record: dict | None = None
+    error: BaseException | str | None = None
+    exit_code: int = 0
+
+
+@dataclass
+class BuildReport:
+    plans: list[ResolvedPlan]
+    jobs: dict[str, Job]
+    results: dict[int, BuildResult] = field(default_factory=dict)
+    failures: dict[int, tuple[int, BaseException | str]] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return max((code for code, _ in self.failures.values()), default=0)
+
+    def trace(self) -> list[dict]:
+        """Every job once: stage, key, action (ran/cached/failed/...), and which recipes used it."""
+        return [{**(job.record or {"stage": job.stage, "key": job.key, "action": job.state}),
+                 "recipes": [self.plans[i].plan.recipe.name for i in job.users]} for job in self.jobs.values()]
+
+    def raise_first_failure(self) -> None:
+        if not self.failures:
+            return
+        code, error = self.failures[min(self.failures)]
+        if isinstance(error, BaseException):
+            raise error
+        raise BuildFailed(error, code)
+
+
+class BuildFailed(RecipeRunnerError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---- executors ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageTask:
+    """Everything a worker process (or Ray task) needs to rebuild the driver's view of one stage."""
+
+    recipe_path: str
+    variables: dict
+    variant: int | None
+    cwd: str
+    cache_root: str
+    stage: str
+    key: str
+    workers: int
+
+
+def run_stage_task(task: StageTask) -> dict:
+    """Worker side: reload the recipe, check the key is the driver's, build the stage's entry.
+    Errors come back as data (exception objects with custom constructors do not pickle)."""
+    from recipe_runner.plan import make_plan
+    from recipe_runner.recipe import load_recipes
+    from recipe_runner.resolve import resolve
+    from recipe_runner.toolchain import require_toolchain
+
+    try:
+        os.chdir(task.cwd)
+        recipe = load_recipes(task.recipe_path, task.variables)[task.variant or 0]
+        store = CacheStore(task.cache_root)
+        toolchain = require_toolchain() if task.stage == "build-engine" else None
+        resolved = resolve(make_plan(recipe), store, toolchain=toolchain)
+        if resolved.status(task.stage).key.digest != task.key:
+            raise UserError(f"{task.stage}: its inputs changed while the build ran (a source file or recipe was "
+                            "edited); run the build again")
+        inputs = resolved.status(task.stage).stage.inputs
+        entries = {s.stage.name: store.get(s.key.digest) for s in resolved.statuses if s.stage.name in inputs}
+        record = execute_stage(resolved, task.stage, entries, store, task.workers, echo=lambda line: print(line, flush=True))
+        return {"ok": True, "record": record}
+    except RecipeRunnerError as exc:
+        return {"ok": False, "exit_code": exc.exit_code, "error": str(exc)}
+    except Exception:  # a bug: keep the traceback for the report
+        return {"ok": False, "exit_code": 1, "error": traceback.format_exc()}
+
+
+class InlineExecutor:
+    """Runs each job in this process as it starts (one at a time); keeps original exceptions."""
+
+    capacity = 1
+
+    def __init__(self, echo: Echo):
+        self.echo = echo
+
+    def start(self, resolved: ResolvedPlan, stage: str, entries: dict[str, Entry], store: CacheStore,
+              workers: int, task: StageTask) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result({"ok": True, "record": execute_stage(resolved, stage, entries, store, workers, self.echo)})
+        except RecipeRunnerError as exc:
+            future.set_result({"ok": False, "exit_code": exc.exit_code, "error": exc})
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """A local pool of `jobs` worker processes (spawned: torch does not survive fork reliably)."""
+
+    def __init__(self, jobs: int):
+        import multiprocessing
+
+        self.capacity = jobs
+        self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def start(self, resolved, stage, entries, store, workers, task: StageTask) -> Future:
+        return self.pool.submit(run_stage_task, task)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class RayExecutor:
+    """Stages as Ray tasks. The cache directory must be on a filesystem every node mounts at the
+    same path; the driver publishes outputs and lock files."""
+
+    def __init__(self, address: str, capacity: int):
+        try:
+            import ray
+        except ImportError:
+            raise UserError("--executor ray needs Ray: pip install 'recipe-runner[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
+                     log_to_driver=True)
+        self.ray = ray
+        self.capacity = capacity
+        self.remote = ray.remote(run_stage_task)
+
+    def start(self, resolved, stage, entries, store, workers, task: StageTask) -> Future:
+        return self.remote.remote(task).future()
+
+    def close(self) -> None:
+        pass
+
+
+# ---- the driver --------------------------------------------------------------------------------
+
+def estimate_memory(resolved: ResolvedPlan, stage: str, workers: int) -> int:
+    """A stage's peak memory, roughly, from the model's shapes (for the --max-memory budget)."""
+    from recipe_runner.hf.config import read_model_config
+
+    model = read_model_config(resolved.source_dir)
+    item = 4  # float32 while converting, the worst case
+    largest = max(model.vocab_size * model.hidden_size, model.intermediate_size * model.hidden_size) * item
+    layer = (4 * model.hidden_size * model.hidden_size + 3 * model.intermediate_size * model.hidden_size) * item
+    per_stage = {"convert": GiB // 2, "shard": workers * (2 * largest + GiB),
+                 "calibrate": layer + 2 * GiB, "quantize": layer + 2 * GiB, "verify": layer + largest + GiB}
+    return per_stage.get(stage, 1 << 62)  # build-engine: unknown, so it runs alone
+
+
+def build_graph(resolved: list[ResolvedPlan]) -> dict[str, Job]:
+    """One job per distinct stage key, in an order where inputs come first."""
+    jobs: dict[str, Job] = {}
+    for index, plan in enumerate(resolved):
+        keys = {s.stage.name: s.key.digest for s in plan.statuses}
+        for status in plan.statuses:
+            key = status.key.digest
+            if key in jobs:
+                jobs[key].users.append(index)
+            else:
+                deps = tuple(keys[i] for i in status.stage.inputs if i in keys)
+                jobs[key] = Job(key, status.stage.name, [index], deps)
+    return jobs
+
+
+def run_builds(plans: list[Plan], *, store: CacheStore, executor, workers: int | None = None,
+               rehash: bool = False, locked: dict[int, LockFile] | None = None, fail_fast: bool = False,
+               max_memory: int | None = None, echo: Echo = print) -> BuildReport:
+    """Build every plan, sharing equal stages; a failing stage stops only the plans that need it
+    (all of them with fail_fast). Each successful plan is published with its lock file."""
+    from recipe_runner.build import check_lock_inputs
+
+    resolved = prepare(plans, store, rehash=rehash, echo=echo)
+    for index, lock in (locked or {}).items():
+        check_lock_inputs(resolved[index], lock)
+    run_store = store.scratch() if locked else store  # a locked rebuild trusts no cache entry
+    try:
+        report = BuildReport(resolved, build_graph(resolved))
+        entries: list[dict[str, Entry]] = [{} for _ in resolved]
+        _drive(report, entries, run_store, executor, workers, fail_fast, max_memory, echo)
+        _publish_all(report, entries, store, locked or {})
+        return report
+    finally:
+        executor.close()
+        if run_store is not store:
+            rmtree(run_store.root)
+
+
+def _workers(plan: ResolvedPlan, workers: int | None) -> int:
+    return workers or plan.plan.recipe.data["workers"]
+
+
+def _task(plan: ResolvedPlan, job: Job, store: CacheStore, workers: int) -> StageTask:
+    recipe = plan.plan.recipe
+    return StageTask(str(recipe.path), dict(recipe.variables), recipe.variant, os.getcwd(), str(store.root),
+                     job.stage, job.key, workers)
+
+
+def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheStore, executor, workers: int | None,
+           fail_fast: bool, max_memory: int | None, echo: Echo) -> None:
+    jobs = report.jobs
+    running: dict[Future, tuple[Job, int]] = {}
+    stopped = False
+    while True:
+        for job in jobs.values():
+            if job.state == "pending" and any(jobs[d].state in ("failed", "skipped") for d in job.deps):
+                job.state, job.error = "skipped", f"not run: an input stage failed"
+        ready = [j for j in jobs.values() if j.state == "pending" and all(jobs[d].state == "done" for d in j.deps)]
+        for job in ready if not stopped else []:
+            if len(running) >= executor.capacity:
+                break
+            owner = report.plans[job.users[0]]
+            n = _workers(owner, workers)
+            need = estimate_memory(owner, job.stage, n) if max_memory else 0
+            in_use = sum(m for _, m in running.values())
+            if running and max_memory and in_use + need > max_memory:
+                continue  # wait for memory; a job always runs when nothing else does
+            job.state = "running"
+            future = executor.start(owner, job.stage, entries[job.users[0]], store, n, _task(owner, job, store, n))
+            running[future] = (job, need)
+        if not running:
+            break
+        done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+        for future in done:
+            job, _ = running.pop(future)
+            result = future.result()
+            if result["ok"]:
+                job.state, job.record = "done", result["record"]
+                entry = store.get(job.key)
+                for user in job.users:
+                    entries[user][job.stage] = entry
+            else:
+                job.state, job.error, job.exit_code = "failed", result["error"], result["exit_code"]
+                echo(f"[{job.stage}] FAILED ({job.key[:12]}) for {', '.join(report.plans[u].plan.recipe.name for u in job.users)}")
+                stopped = stopped or fail_fast
+    for job in jobs.values():
+        if job.state == "pending":
+            job.state = "not started"
+
+
+def _publish_all(report: BuildReport, entries: list[dict[str, Entry]], store: CacheStore,
+                 locked: dict[int, LockFile]) -> None:
+    for index, plan in enumerate(report.plans):
+        mine = [report.jobs[s.key.digest] for s in plan.statuses]
+        failed = next((j for j in mine if j.state == "failed"), None)
+        blocked = next((j for j in mine if j.state != "done"), None)
+        if failed is not None:
+            report.failures[index] = (failed.exit_code, failed.error)
+            continue
+        if blocked is not None:
+            report.failures[index] = (1, f"{blocked.stage}: {blocked.error or blocked.state} (another recipe's stage failed)")
+            continue
+        trace = [report.jobs[s.key.digest].record for s in plan.statuses]
+        try:
+            report.results[index] = finish(plan, entries[index], store, locked.get(index), trace)
+        except RecipeRunnerError as exc:
+            report.failures[index] = (exc.exit_code, exc)
+
+
+def format_summary(report: BuildReport) -> str:
+    """One line per recipe: status, time spent in its stages, output directory (or why it failed)."""
+    rows = []
+    for index, plan in enumerate(report.plans):
+        name = plan.plan.recipe.name
+        seconds = sum((report.jobs[s.key.digest].record or {}).get("seconds", 0) for s in plan.statuses)
+        if index in report.results:
+            rows.append((name, "built", f"{seconds:.1f}s", str(report.results[index].output_dir)))
+        else:
+            message = str(report.failures[index][1]).strip().splitlines()[0]
+            rows.append((name, "FAILED", f"{seconds:.1f}s", message))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {n:<{width}}  {s:<6}  {t:>8}  {o}" for n, s, t, o in rows)
+
+
+def make_executor(kind: str, jobs: int, address: str, echo: Echo):
+    if kind == "ray":
+        return RayExecutor(address, capacity=max(jobs, 1))
+    if kind != "local":
+        raise UserError(f"--executor {kind}: choose local or ray")
+    return InlineExecutor(echo) if jobs == 1 else ProcessExecutor(jobs)
