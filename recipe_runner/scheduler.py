@@ -20,6 +20,7 @@ from recipe_runner.errors import RecipeRunnerError, UserError
 from recipe_runner.fsutil import rmtree
 from recipe_runner.lock import LockFile
 from recipe_runner.plan import Plan
+from recipe_runner.progress import Progress
 from recipe_runner.resolve import ResolvedPlan
 
 GiB = 1024**3
@@ -186,6 +187,21 @@ def estimate_memory(resolved: ResolvedPlan, stage: str, workers: int) -> int:
     return per_stage.get(stage, 1 << 62)  # build-engine: unknown, so it runs alone
 
 
+def expected_bytes(resolved: ResolvedPlan, stage: str) -> int | None:
+    """Roughly what the shard stage writes (for an ETA): the source weights in the checkpoint
+    dtype, plus the embedding copies of TP ranks when it is not split."""
+    if stage != "shard":
+        return None
+    from recipe_runner.hf.config import read_model_config
+
+    model = read_model_config(resolved.source_dir)
+    item = {"float32": 4}.get(resolved.plan.recipe.get("source.dtype"), 2)
+    mapping = resolved.plan.recipe.data["mapping"]
+    embedding_copies = 0 if mapping["use_parallel_embedding"] else mapping["tp_size"] - 1
+    params = sum(d.size for n, d in resolved.sources.items() if not n.endswith(".json")) // 2
+    return (params + embedding_copies * model.vocab_size * model.hidden_size) * item
+
+
 def build_graph(resolved: list[ResolvedPlan]) -> dict[str, Job]:
     """One job per distinct stage key, in an order where inputs come first."""
     jobs: dict[str, Job] = {}
@@ -215,7 +231,8 @@ def run_builds(plans: list[Plan], *, store: CacheStore, executor, workers: int |
     try:
         report = BuildReport(resolved, build_graph(resolved))
         entries: list[dict[str, Entry]] = [{} for _ in resolved]
-        _drive(report, entries, run_store, executor, workers, fail_fast, max_memory, echo)
+        with Progress(run_store.root) as progress:
+            _drive(report, entries, run_store, executor, workers, fail_fast, max_memory, echo, progress)
         _publish_all(report, entries, store, locked or {})
         return report
     finally:
@@ -235,7 +252,7 @@ def _task(plan: ResolvedPlan, job: Job, store: CacheStore, workers: int) -> Stag
 
 
 def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheStore, executor, workers: int | None,
-           fail_fast: bool, max_memory: int | None, echo: Echo) -> None:
+           fail_fast: bool, max_memory: int | None, echo: Echo, progress: Progress) -> None:
     jobs = report.jobs
     running: dict[Future, tuple[Job, int]] = {}
     stopped = False
@@ -254,6 +271,7 @@ def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheSto
             if running and max_memory and in_use + need > max_memory:
                 continue  # wait for memory; a job always runs when nothing else does
             job.state = "running"
+            progress.track(job.key, job.stage, expected_bytes(owner, job.stage) if progress.enabled else None)
             future = executor.start(owner, job.stage, entries[job.users[0]], store, n, _task(owner, job, store, n))
             running[future] = (job, need)
         if not running:
@@ -261,6 +279,7 @@ def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheSto
         done, _ = wait(list(running), return_when=FIRST_COMPLETED)
         for future in done:
             job, _ = running.pop(future)
+            progress.untrack(job.key)
             result = future.result()
             if result["ok"]:
                 job.state, job.record = "done", result["record"]
