@@ -42,7 +42,7 @@ def publish_tree(src_dir: Path | str, dest_dir: Path | str) -> None:
     try:
         _populate(src_dir, staging)
         fsync_dir(staging)
-        _swap_into_place(staging, dest_dir)
+        swap_into_place(staging, dest_dir)
     except BaseException:
         rmtree(staging)
         raise
@@ -89,7 +89,9 @@ def _copy_file(src: Path, dest: Path) -> None:
     shutil.copystat(src, dest)
 
 
-def _swap_into_place(staging: Path, dest_dir: Path) -> None:
+def swap_into_place(staging: Path, dest_dir: Path) -> None:
+    """Rename a finished directory to dest_dir, replacing (and then removing) what was there;
+    the previous directory is put back if the rename fails."""
     if not dest_dir.exists():
         os.rename(staging, dest_dir)
         fsync_dir(dest_dir.parent)

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-import uuid
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +25,7 @@ import torch
 
 from recipe_runner.errors import SourceModelError, UserError
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.publish import swap_into_place
 from recipe_runner.stages.manifest import (
     Concat,
     ConvertManifest,
@@ -219,21 +219,6 @@ def _check_replaceable(out_dir: Path) -> None:
             )
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move the finished temp dir to out_dir, replacing an older checkpoint there."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)  # put the previous checkpoint back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_ranks_parallel(manifest: ConvertManifest, source_dir: Path, tmp: Path,
                           out_dir: Path, workers: int, max_block_bytes: int,
                           zero_copy: bool) -> None:
@@ -292,7 +277,7 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: str | Path, out_dir:
         else:
             _write_ranks_parallel(manifest, source_dir, tmp, out_dir, n_workers,
                                   max_block_bytes, zero_copy)
-        _publish(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
