@@ -13,7 +13,10 @@ from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versio
 from recipe_runner.plan import Plan
 from recipe_runner.publish import publish_tree
 from recipe_runner.resolve import ResolvedPlan, resolve, write_record
+from recipe_runner.stages.calibrate import run_calibrate
 from recipe_runner.stages.engine import run_engine
+from recipe_runner.stages.quantize import run_quantize
+from recipe_runner.stages.verify import run_verify
 from recipe_runner.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
@@ -27,7 +30,7 @@ _WORKAROUND = {
 }
 _REASON_FIELD = {"calibrate": "quantization", "quantize": "quantization.algo", "build-engine": "engine", "verify": "verify"}
 # Which stage's entry is published where in the output directory.
-PUBLISHED = {"shard": "checkpoint", "build-engine": "engine"}
+PUBLISHED = {"shard": "checkpoint", "build-engine": "engine", "verify": "verify"}
 MODEL_FILE = "model.json"
 
 
@@ -77,16 +80,26 @@ def run_shard(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path,
     from recipe_runner.stages.convert import plan_tensors
     from recipe_runner.stages.shard import write_checkpoint
 
-    model_info = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))
     mapping = resolved.plan.recipe.data["mapping"]
-    manifest = plan_tensors(read_model_config(resolved.source_dir), SourceCheckpoint(resolved.source_dir),
-                            tp_size=mapping["tp_size"], pp_size=mapping["pp_size"], dtype=model_info["dtype"],
+    if "quantize" in entries:  # quantized tensors and scales (read beside the source) and their config
+        from recipe_runner.hf.layered import open_checkpoint
+        from recipe_runner.stages.quantized import read_artifact
+
+        quantized = read_artifact(entries["quantize"].path)
+        dirs: tuple[Path, ...] | Path = (entries["quantize"].path, resolved.source_dir)
+        dtype, reader = quantized.dtype, open_checkpoint(dirs)
+    else:
+        quantized, dirs, reader = None, resolved.source_dir, SourceCheckpoint(resolved.source_dir)
+        dtype = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
+    manifest = plan_tensors(read_model_config(resolved.source_dir), reader,
+                            tp_size=mapping["tp_size"], pp_size=mapping["pp_size"], dtype=dtype,
                             use_parallel_embedding=mapping["use_parallel_embedding"],
-                            embedding_sharding_dim=mapping["embedding_sharding_dim"])
-    write_checkpoint(manifest, resolved.source_dir, data_dir, workers=workers)
+                            embedding_sharding_dim=mapping["embedding_sharding_dim"], quantized=quantized)
+    write_checkpoint(manifest, dirs, data_dir, workers=workers)
 
 
-EXECUTORS = {"convert": run_convert, "shard": run_shard, "build-engine": run_engine}
+EXECUTORS = {"convert": run_convert, "calibrate": run_calibrate, "quantize": run_quantize, "shard": run_shard,
+             "build-engine": run_engine, "verify": run_verify}
 
 
 def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,

@@ -209,6 +209,28 @@ def build(
         raise typer.Exit(report.exit_code)
 
 
+@app.command("verify")
+def verify_command(
+    checkpoint: Path = typer.Argument(..., help="A TensorRT-LLM LLaMA checkpoint directory (config.json + rank{N}.safetensors), from any tool."),
+    source: Path = typer.Option(..., "--source", help="The Hugging Face model directory the checkpoint was made from."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Text to run, tokenized with the source's tokenizer. Repeatable."),
+    token_ids: Optional[List[str]] = typer.Option(None, "--token-ids", help='Comma-separated token ids, e.g. "1,2,3". Repeatable.'),
+    max_abs_logit_error: Optional[float] = typer.Option(None, "--max-abs-logit-error", help="Limit (default: per quantization format)."),
+    mean_abs_logit_error: Optional[float] = typer.Option(None, "--mean-abs-logit-error", help="Limit (default: per quantization format)."),
+    mean_kl: Optional[float] = typer.Option(None, "--mean-kl", help="Limit on the mean KL(source || checkpoint) (default: per format)."),
+    min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Floor, 0..1 (default: per format)."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write verify.json and verify.md here."),
+) -> None:
+    """Compare a checkpoint's logits (CPU reference forward) with its source model's. Exit 0 pass, 1 out of tolerance, 2 bad input."""
+    from recipe_runner.verify.standalone import run_standalone
+
+    limits = {"max_abs_logit_error": max_abs_logit_error, "mean_abs_logit_error": mean_abs_logit_error,
+              "mean_kl": mean_kl, "min_top1_agreement": min_top1_agreement}
+    if not run_standalone(checkpoint, source, prompts=prompt or [], token_ids=token_ids or [], limits=limits,
+                          report_dir=report_dir, echo=typer.echo):
+        raise typer.Exit(1)
+
+
 @app.command("verify-lock")
 def verify_lock_command(
     lock_file: Path = typer.Argument(..., help="A recipe.lock inside a published output directory."),

@@ -13,7 +13,7 @@ from recipe_runner.sources import SourceLocation, locate_source
 
 STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "build-engine", "verify")
 # Stages this release can execute; the rest are planned but refused by `build`.
-IMPLEMENTED_STAGES = frozenset({"convert", "shard", "build-engine"})
+IMPLEMENTED_STAGES = frozenset({"convert", "calibrate", "quantize", "shard", "build-engine", "verify"})
 # `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
 UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
 
@@ -21,7 +21,7 @@ UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
 @dataclass(frozen=True)
 class Stage:
     name: str
-    inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data"
+    inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data" / "tokenizer"
     params: Mapping[str, Any]  # exactly the recipe fields this stage's result depends on
     implemented: bool
 
@@ -73,7 +73,10 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
         calib = dict(thaw(quant["calibration"]))
         # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
         calib["statistics"] = _statistics_family(quant)
-        specs.append(("calibrate", ("source", "calibration-data"), calib))
+        if quant["algo"] == "w4a16_awq":  # AWQ's scale search quantizes with the group size
+            calib["group_size"] = quant["group_size"]
+        # the tokenizer turns the calibration texts into the tokens the statistics come from
+        specs.append(("calibrate", ("source", "calibration-data", "tokenizer"), calib))
     if quantized:
         specs.append(("quantize", ("convert", "calibrate") if calibrated else ("convert",),
                       _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
@@ -81,7 +84,9 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     if "engine" in d:
         specs.append(("build-engine", ("shard",), thaw(d["engine"])))
     if "verify" in d and d["verify"]["enabled"]:
-        specs.append(("verify", ("shard", "source"), _pick(d["verify"], "prompts", "token_ids", "tolerances")))
+        # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
+        verify_inputs = ("shard", "source", "tokenizer") if d["verify"]["prompts"] else ("shard", "source")
+        specs.append(("verify", verify_inputs, _pick(d["verify"], "prompts", "token_ids", "tolerances")))
     return [Stage(name, inputs, params, name in IMPLEMENTED_STAGES) for name, inputs, params in specs]
 
 
@@ -162,5 +167,8 @@ def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
                          f"SmoothQuant checkpoints cannot duplicate KV heads: tp_size={mapping['tp_size']} exceeds "
                          f"num_key_value_heads={model.num_key_value_heads}; use tp_size <= "
                          f"{model.num_key_value_heads} or another algo"))
+    from recipe_runner.quant.rules import quantization_findings
+
+    findings += quantization_findings(model, recipe.data, source.directory)
     if findings:
         raise RecipeError([Problem(recipe.location(f), f, m) for f, m in findings])

@@ -41,10 +41,11 @@ def _size(n: float) -> str:
 
 
 class Progress:
-    def __init__(self, cache_root: Path, stream: TextIO = sys.stderr, interval: float = 0.5):
+    def __init__(self, cache_root: Path, stream: TextIO | None = None, interval: float = 0.5):
         self.tmp_root = cache_root / "tmp"
-        self.stream = stream
-        self.enabled = stream.isatty()
+        # sys.stderr when called, not at import: callers (pytest's capsys, embedding apps) replace it
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty()
         self.interval = interval
         self.tracked: dict[str, _Tracked] = {}
         self._lock = threading.Lock()

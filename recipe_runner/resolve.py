@@ -65,7 +65,22 @@ def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:
     path = plan.recipe.resolve_path("quantization.calibration.dataset")
     if path is not None and path.is_file():
         return store.hash_memo().hash_file(path, rehash=rehash)
-    return "dataset-id:" + plan.recipe.get("quantization.calibration.dataset")
+    from recipe_runner.calibration.dataset import cached_dataset_files
+
+    value = plan.recipe.get("quantization.calibration.dataset")
+    found = cached_dataset_files(value)  # a snapshot in the local HF cache enters by its files' content
+    if found is not None:
+        files = store.hash_memo().hash_files(list(found.files), rehash=rehash, root=found.root)
+        return digest_of_files({n: d.to_dict() for n, d in files.items()})
+    return "dataset-id:" + value
+
+
+def tokenizer_digest(model_dir: Path, store: CacheStore, rehash: bool) -> str:
+    """The source's tokenizer files, which "source" (what conversion reads) leaves out."""
+    from recipe_runner.calibration.tokens import tokenizer_files
+
+    files = store.hash_memo().hash_files(tokenizer_files(model_dir), rehash=rehash, root=model_dir)
+    return digest_of_files({n: d.to_dict() for n, d in files.items()})
 
 
 def key_tools() -> dict[str, str]:
@@ -79,6 +94,8 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: T
     inputs_by_name = {"source": digest_of_files({n: d.to_dict() for n, d in sources.items()})}
     if any("calibration-data" in s.inputs for s in plan.stages):
         inputs_by_name["calibration-data"] = calibration_digest(plan, store, rehash)
+    if any("tokenizer" in s.inputs for s in plan.stages):
+        inputs_by_name["tokenizer"] = tokenizer_digest(source_dir, store, rehash)
     previous = read_record(store, plan.recipe.name)
     tools = key_tools()
     statuses = []

@@ -155,3 +155,39 @@ def hf_tensors() -> Callable[[Path], dict[str, torch.Tensor]]:
 @pytest.fixture
 def checkpoint_ranks() -> Callable[[Path], tuple[dict[str, Any], list[dict[str, torch.Tensor]]]]:
     return load_ranks
+
+
+# ---- quantization fixtures -------------------------------------------------------------------------
+
+# A tiny model whose dims allow group size 64 with tp 2 (hidden 128, intermediate 256, head_dim 16).
+QUANT_MODEL = {"hidden_size": 128, "intermediate_size": 256, "with_tokenizer": True}
+
+
+def calibration_texts() -> list[str]:
+    from recipe_runner.demo import _CORPUS
+
+    return [f"{line} ({i})".replace("\n", " ") for i in range(3) for line in _CORPUS]  # one sample per line
+
+
+@pytest.fixture(scope="session")
+def quant_model(tiny_model) -> Path:
+    """Tiny LLaMA with a tokenizer, shaped for every quantization algo at tp 1 and 2."""
+    return tiny_model(**QUANT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(calibration_texts()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def calibration(quant_model, calib_file, tmp_path_factory):
+    """Statistics of every family (AWQ with group 64) over calib_file, written once: (stats, dir)."""
+    from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
+
+    out = tmp_path_factory.mktemp("stats")
+    settings = CalibrationSettings("calib.txt", calib_file, num_samples=12, max_seq_len=24, seed=0, batch_size=4,
+                                   statistics=("awq", "smoothquant", "kv"), group_size=64)
+    return calibrate(quant_model, settings, out), out

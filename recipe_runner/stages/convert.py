@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 import torch
 
@@ -35,7 +35,7 @@ from recipe_runner.stages.manifest import (  # noqa: F401  (re-exported for call
     source_tensors_of,
 )
 from recipe_runner.trtllm import names as tl
-from recipe_runner.trtllm.config import build_checkpoint_config, resolve_dtype
+from recipe_runner.trtllm.config import build_checkpoint_config, quant_config, resolve_dtype
 from recipe_runner.trtllm.mapping import all_ranks, check_mapping, pp_layers
 from recipe_runner.trtllm.sharding import (
     kv_heads_for_rank,
@@ -43,6 +43,9 @@ from recipe_runner.trtllm.sharding import (
     split_range,
     vocab_rows_for_rank,
 )
+
+if TYPE_CHECKING:
+    from recipe_runner.stages.quantized import QuantizedArtifact
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -65,6 +68,7 @@ class _Ctx:
     tp_rank: int
     use_parallel_embedding: bool
     embedding_sharding_dim: int
+    quantized: "QuantizedArtifact | None" = None
 
 
 def _rows(tensor: str, start: int, stop: int) -> Read:
@@ -164,6 +168,10 @@ def _layer(c: _Ctx, layer: int, local: int) -> list[TensorPlan]:
             out(tl.MLP_GATE_BIAS, (i1 - i0,), _rows(src(hf.UP_PROJ + ".bias"), i0, i1)),
             out(tl.MLP_PROJ_BIAS, (H,), Read(src(hf.DOWN_PROJ + ".bias"))),
         ]
+    if c.quantized is not None:  # quantized tensors and scales replace or join the plain ones
+        from recipe_runner.stages.quantized import apply_layer_rules
+
+        plans = apply_layer_rules(plans, c.quantized, cfg, c.tp, c.tp_rank, layer, local)
     return plans
 
 
@@ -188,8 +196,13 @@ def plan_tensors(
     dtype: str = "auto",
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
+    quantized: "QuantizedArtifact | None" = None,
 ) -> ConvertManifest:
     """Plan every rank's tensors (no tensor data is read).
+
+    With `quantized` (the quantize stage's artifact), `source` must also hold the artifact's
+    tensors (a LayeredCheckpoint); its rules replace or add per-layer tensors and its
+    `quantization` section goes into config.json.
 
     Raises UserError for an invalid mapping or dtype, SourceModelError when `source` does not
     hold the tensors `model_config` implies (checked here with `source.validate`).
@@ -204,12 +217,14 @@ def plan_tensors(
         model_config, dtype=out_dtype, tp_size=tp_size, pp_size=pp_size,
         use_parallel_embedding=use_parallel_embedding,
         embedding_sharding_dim=embedding_sharding_dim,
+        # rebuilt through quant_config(): QuantConfig's field order, whatever order the artifact kept
+        quantization=quant_config(**quantized.quant_config) if quantized is not None else None,
     )
     ranks = []
     used: dict[str, SourceTensor] = {}
     for coords in all_ranks(tp_size, pp_size):
         ctx = _Ctx(model_config, out_dtype, tp_size, coords.tp_rank, use_parallel_embedding,
-                   embedding_sharding_dim)
+                   embedding_sharding_dim, quantized)
         layers = pp_layers(model_config.num_hidden_layers, pp_size, coords.pp_rank)
         tensors = _rank_tensors(ctx, coords.pp_rank, pp_size, layers)
         for t in tensors:
@@ -229,8 +244,13 @@ def _check_plan(plan: TensorPlan, source: TensorSource, used: dict[str, SourceTe
             used[n] = SourceTensor(str(source.dtype(n)).removeprefix("torch."),
                                    tuple(source.shape(n)))
     got = source_shape(plan.source, {n: used[n].shape for n in names})
-    if got != plan.shape:  # a planner bug, or a source that slipped past validation
+    # A plan may add or drop size-1 dims (a [n] scale written as [1, n]): same bytes, same order.
+    if _squeezed(got) != _squeezed(plan.shape):  # a planner bug, or a source that slipped past validation
         raise ValueError(f"{plan.name}: planned shape {plan.shape} but source gives {got}")
+
+
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
 
 
 def plan_convert(

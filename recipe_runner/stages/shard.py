@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 
 from recipe_runner.errors import SourceModelError, UserError
+from recipe_runner.hf.layered import CheckpointDirs, open_checkpoint
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.publish import swap_into_place
 from recipe_runner.stages.manifest import (
@@ -176,14 +177,15 @@ def _disk_error(e: OSError, final_path: Path, needed: int) -> UserError:
     return UserError(f"could not write {final_path}: {e.strerror or e}")
 
 
-def write_rank(rank: RankPlan, source_dir: str | Path, work_dir: str | Path,
+def write_rank(rank: RankPlan, source_dir: CheckpointDirs, work_dir: str | Path,
                expected_source: dict[str, SourceTensor], final_dir: str | Path,
                max_block_bytes: int = DEFAULT_BLOCK_BYTES, zero_copy: bool = True) -> str:
     """Write `work_dir/rankN.safetensors` (complete or not at all); returns its file name.
 
     Top-level so worker processes can run it. `final_dir` is only used in error messages.
+    `source_dir` may list several directories (quantized tensors first, the HF source last).
     """
-    reader = SourceCheckpoint(source_dir)
+    reader = open_checkpoint(source_dir)
     _check_source(rank, reader, expected_source)
     specs = [TensorSpec(t.name, getattr(torch, t.dtype), t.shape) for t in rank.tensors]
     by_name = {t.name: t for t in rank.tensors}
@@ -219,7 +221,7 @@ def _check_replaceable(out_dir: Path) -> None:
             )
 
 
-def _write_ranks_parallel(manifest: ConvertManifest, source_dir: Path, tmp: Path,
+def _write_ranks_parallel(manifest: ConvertManifest, source_dir: CheckpointDirs, tmp: Path,
                           out_dir: Path, workers: int, max_block_bytes: int,
                           zero_copy: bool) -> None:
     # spawn, not fork: torch's thread pools do not survive fork reliably
@@ -240,15 +242,16 @@ def _source_for(manifest: ConvertManifest, rank: RankPlan) -> dict[str, SourceTe
     return {n: manifest.source[n] for n in sorted(names)}
 
 
-def write_checkpoint(manifest: ConvertManifest, source_dir: str | Path, out_dir: str | Path, *,
+def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_dir: str | Path, *,
                      workers: int = 1, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
                      zero_copy: bool = True) -> Path:
     """Write config.json + every rank file of `manifest` to `out_dir`, atomically.
 
     `workers > 1` writes ranks in parallel processes; the bytes do not depend on it, nor on
     `max_block_bytes` or `zero_copy` (kernel copies of untransformed byte ranges).
+    `source_dir`: the HF source, or (quantize artifact, HF source) for quantized checkpoints.
     """
-    source_dir = Path(source_dir)
+    source_dir = Path(source_dir) if isinstance(source_dir, (str, Path)) else tuple(Path(d) for d in source_dir)
     out_dir = Path(out_dir).absolute()
     if workers < 1:
         raise UserError(f"workers={workers} must be >= 1")

@@ -1,0 +1,138 @@
+"""Benchmark: calibrate + quantize + shard a synthetic model with Llama-3.1-70B shapes.
+
+    python bench/quantize.py [--layers 1] [--tp 2] [--samples 16] [--seq-len 128]
+                             [--algos w8a16,w8a8_sq_per_channel_per_token]
+
+Writes the bf16 HF-style source of bench/convert.py (hidden 8192, intermediate 28672, 64 heads,
+8 KV heads, vocab 128256; --layers layers) plus a tiny tokenizer (recipe_runner.demo) and a
+calibration .txt into a temp dir under /tmp. Then, per algo, each stage runs in its own child
+process (calibrate when the algo needs it, quantize, shard), timed, with the child's peak RSS
+(VmHWM). Target: peak RSS under one decoder layer's float32 weights + 2 GiB. Removes everything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convert import SHAPES, make_source  # noqa: E402  (bench/convert.py)
+
+GiB = 1024**3
+CALIBRATED = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8"}
+
+CHILD = """
+import json, sys, time
+from pathlib import Path
+args = json.loads(sys.argv[1])
+t = time.perf_counter()
+src = Path(args["src"])
+if args["phase"] == "calibrate":
+    from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
+    family = ["awq"] if args["algo"] == "w4a16_awq" else ["amax"] if args["algo"] == "fp8" else ["smoothquant"]
+    settings = CalibrationSettings("calib.txt", Path(args["calib"]), num_samples=args["samples"],
+                                   max_seq_len=args["seq_len"], batch_size=args["batch"], statistics=tuple(family),
+                                   group_size=128)
+    calibrate(src, settings, Path(args["out"]))
+elif args["phase"] == "quantize":
+    from recipe_runner.calibration.stats import read_stats
+    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    stats = read_stats(Path(args["stats"])) if args["stats"] else None
+    quantize_checkpoint(src, stats, QuantSettings(args["algo"]), "bfloat16", Path(args["out"]))
+else:
+    from recipe_runner.hf.config import read_model_config
+    from recipe_runner.hf.layered import open_checkpoint
+    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.quantized import read_artifact
+    from recipe_runner.stages.shard import write_checkpoint
+    dirs = (Path(args["quant"]), src)
+    manifest = plan_tensors(read_model_config(src), open_checkpoint(dirs), tp_size=args["tp"], dtype="bfloat16",
+                            quantized=read_artifact(Path(args["quant"])))
+    write_checkpoint(manifest, dirs, Path(args["out"]))
+wall = time.perf_counter() - t
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"wall": wall, "vmhwm": hwm}))
+"""
+
+
+def run_phase(**args) -> dict:
+    started = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], check=True, capture_output=True, text=True)
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    stats["process"] = time.perf_counter() - started
+    return stats
+
+
+def layer_fp32_bytes() -> int:
+    H, I = SHAPES["hidden_size"], SHAPES["intermediate_size"]
+    kv = SHAPES["num_key_value_heads"] * SHAPES["head_dim"]
+    return (2 * H * H + 2 * kv * H + 3 * I * H) * 4
+
+
+def calibration_text(samples: int) -> str:
+    from recipe_runner.demo import _CORPUS
+
+    return "\n".join(" ".join(_CORPUS[(i + j) % len(_CORPUS)].replace("\n", " ") for j in range(8))
+                     for i in range(samples)) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--algos", default="w8a16,w8a8_sq_per_channel_per_token")
+    ap.add_argument("--tmp", default="/tmp")
+    args = ap.parse_args()
+
+    from recipe_runner.demo import make_tiny_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="recipe-bench-quant-", dir=args.tmp))
+    try:
+        src = root / "hf"
+        t = time.perf_counter()
+        size = make_source(src, args.layers)
+        make_tiny_tokenizer(src)
+        (root / "calib.txt").write_text(calibration_text(args.samples))
+        print(f"source: {size / GiB:.2f} GiB bf16, {args.layers} layer(s) of Llama-3.1-70B shape, "
+              f"generated in {time.perf_counter() - t:.1f} s; calibration: {args.samples} samples x <= "
+              f"{args.seq_len} tokens, batch {args.batch}")
+        target = layer_fp32_bytes() + 2 * GiB
+        peak_all = 0
+        for algo in args.algos.split(","):
+            out = root / algo
+            out.mkdir()
+            phases = {}
+            stats_dir = ""
+            if algo in CALIBRATED:
+                (out / "stats").mkdir()
+                phases["calibrate"] = run_phase(phase="calibrate", algo=algo, src=str(src), calib=str(root / "calib.txt"),
+                                                samples=args.samples, seq_len=args.seq_len, batch=args.batch,
+                                                out=str(out / "stats"))
+                stats_dir = str(out / "stats")
+            (out / "quant").mkdir()
+            phases["quantize"] = run_phase(phase="quantize", algo=algo, src=str(src), stats=stats_dir,
+                                           out=str(out / "quant"))
+            phases["shard"] = run_phase(phase="shard", src=str(src), quant=str(out / "quant"), tp=args.tp,
+                                        out=str(out / "ckpt"))
+            print(f"{algo} (tp={args.tp}):")
+            for name, s in phases.items():
+                print(f"  {name:<10} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s)   "
+                      f"peak RSS {s['vmhwm'] / GiB:5.2f} GiB")
+                peak_all = max(peak_all, s["vmhwm"])
+            shutil.rmtree(out)
+        print(f"target peak RSS < one layer in float32 ({layer_fp32_bytes() / GiB:.2f} GiB) + 2 GiB = "
+              f"{target / GiB:.2f} GiB: {'MET' if peak_all < target else 'NOT MET'} (max {peak_all / GiB:.2f} GiB)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

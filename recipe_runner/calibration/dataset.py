@@ -1,0 +1,191 @@
+"""Calibration texts: a local .txt (one sample per line) / .jsonl / .json file, or a dataset
+snapshot in the local Hugging Face cache (its .jsonl/.json/.txt files; .parquet only when pyarrow
+is importable). Never downloads. Sampling is deterministic in `seed`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from recipe_runner.errors import UserError
+
+FIELD = "quantization.calibration.dataset"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
+KNOWN_SPLITS = ("train", "validation", "valid", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """Where the samples come from: `files` in order; `description` for messages."""
+
+    description: str
+    files: tuple[Path, ...]
+    root: Path  # paths in keys are relative to this
+
+
+def looks_like_path(value: str) -> bool:
+    """A file path rather than a hub dataset id ("name" or "org/name")."""
+    return (value.endswith(DATA_SUFFIXES) or value.startswith((".", "/", "~")) or value.count("/") > 1
+            or "\\" in value)
+
+
+def hf_datasets_cache() -> Path:
+    from recipe_runner.sources import hf_hub_cache  # datasets live in the same hub cache as models
+
+    return hf_hub_cache()
+
+
+def _snapshot(dataset_id: str) -> Path | None:
+    repo = hf_datasets_cache() / ("datasets--" + dataset_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise UserError(f"{FIELD}: the local Hugging Face cache holds {len(found)} snapshots of dataset "
+                        f"{dataset_id!r} and no refs/main; remove the ones not to use ({repo / 'snapshots'})")
+    return None
+
+
+def _split_files(files: list[Path], root: Path, split: str, dataset_id: str) -> list[Path]:
+    """The files of `split`: those naming it in their path; all files when none names any split."""
+    def parts(p: Path) -> set[str]:
+        return set(re.split(r"[/\\._-]", str(p.relative_to(root)).lower()))
+
+    chosen = [f for f in files if split.lower() in parts(f)]
+    if chosen:
+        return chosen
+    if any(parts(f) & set(KNOWN_SPLITS) for f in files):
+        names = ", ".join(str(f.relative_to(root)) for f in files[:8])
+        raise UserError(f"quantization.calibration.split: dataset {dataset_id!r} has no files for split "
+                        f"{split!r} (its files: {names}); set split to one of the splits it has")
+    return files
+
+
+def locate_dataset(value: str, resolved_path: Path | None, split: str) -> DatasetFiles:
+    """The files of the recipe's calibration dataset; UserError naming the field when absent."""
+    if resolved_path is not None and resolved_path.is_file():
+        return DatasetFiles(str(resolved_path), (resolved_path,), resolved_path.parent)
+    if resolved_path is not None and looks_like_path(value):
+        raise UserError(f"{FIELD}: calibration file {resolved_path} not found; create it (one sample per line "
+                        "for .txt, one JSON object per line for .jsonl) or fix the path")
+    snapshot = _snapshot(value)
+    if snapshot is None:
+        raise UserError(f"{FIELD}: {value!r} is neither a local file ({resolved_path}) nor a dataset in the local "
+                        f"Hugging Face cache ({hf_datasets_cache()}); fetch it once with "
+                        f"`huggingface-cli download --repo-type dataset {value}` or point to a .txt/.jsonl file")
+    files = sorted(p for p in snapshot.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+    if not files:
+        raise UserError(f"{FIELD}: dataset {value!r} in the local Hugging Face cache ({snapshot}) has no "
+                        ".jsonl, .json, .txt or .parquet files")
+    return DatasetFiles(f"{value} ({snapshot})", tuple(_split_files(files, snapshot, split, value)), snapshot)
+
+
+# ---- reading samples ---------------------------------------------------------------------------
+
+def _record_text(record: object, text_field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+    if text_field not in record:
+        raise UserError(f"{where}: no field {text_field!r} (fields: {', '.join(sorted(record)[:10])}); set "
+                        "quantization.calibration.text_field to the field holding the text")
+    value = record[text_field]
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field {text_field!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); a .jsonl file holds one JSON "
+                                "object per line") from None
+            texts.append(_record_text(record, text_field, f"{path}:{number}"))
+    return texts
+
+
+def _read_json(path: Path, text_field: str) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_jsonl(path, text_field)  # JSON lines saved as .json
+    if isinstance(data, dict):  # {"data": [...]} / {"train": [...]}: the single list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError(f"{path}: expected a JSON list of objects (or JSON lines)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects (or JSON lines)")
+    return [_record_text(r, text_field, f"{path}[{i}]") for i, r in enumerate(data)]
+
+
+def _read_parquet(path: Path, text_field: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq  # optional: not a dependency of recipe-runner
+    except ImportError:
+        raise UserError(f"{path}: reading .parquet needs pyarrow, which is not installed; install it "
+                        "(pip install pyarrow) or convert the split to .jsonl") from None
+    table = pq.read_table(path)
+    if text_field not in table.column_names:
+        raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(table.column_names[:10])}); "
+                        "set quantization.calibration.text_field")
+    return [str(v) for v in table.column(text_field).to_pylist() if v is not None]
+
+
+def read_texts(files: DatasetFiles, text_field: str) -> list[str]:
+    """Every non-blank sample of the dataset, in file order."""
+    texts: list[str] = []
+    for path in files.files:
+        try:
+            if path.suffix == ".txt":
+                texts += path.read_text(encoding="utf-8").splitlines()
+            elif path.suffix == ".jsonl":
+                texts += _read_jsonl(path, text_field)
+            elif path.suffix == ".json":
+                texts += _read_json(path, text_field)
+            else:
+                texts += _read_parquet(path, text_field)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot be read as UTF-8 text ({e})") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"{FIELD}: {files.description} holds no calibration samples (it is empty or every "
+                        "sample is blank); add text to it")
+    return texts
+
+
+def sample_texts(texts: list[str], num_samples: int, seed: int) -> list[str]:
+    """`num_samples` texts drawn without replacement, in an order fixed by `seed` (all when fewer)."""
+    import torch
+
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [texts[i] for i in order[:num_samples]]
+
+
+def cached_dataset_files(value: str) -> DatasetFiles | None:
+    """Every data file of a dataset snapshot in the local HF cache (for cache keys), or None."""
+    if looks_like_path(value):
+        return None
+    try:
+        snapshot = _snapshot(value)
+    except UserError:
+        return None
+    if snapshot is None:
+        return None
+    files = sorted(p for p in snapshot.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+    return DatasetFiles(value, tuple(files), snapshot) if files else None

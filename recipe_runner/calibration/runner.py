@@ -1,0 +1,170 @@
+"""Layer-by-layer calibration: peak memory ≈ one decoder layer (float32) + one batch of activations.
+
+The batches are embedded once (only the embedding rows they use are read, block by block), then
+each decoder layer is built from the config on the meta device, its weights read lazily from the
+source checkpoint (SourceCheckpoint, one tensor at a time) and assigned, every batch is run through
+it with hooks recording statistics, and its outputs become the next layer's inputs. Hidden states
+between layers stay in memory up to SPILL_BYTES and are spilled to a temporary directory beyond.
+lm_head and the final norm are never needed.
+
+Everything runs in float32 on CPU, with the eager attention implementation and the model's own
+causal-mask and rotary helpers, so the statistics equal those of a whole-model forward with hooks.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from recipe_runner.calibration.stats import (
+    AWQ_SEARCH_TOKENS,
+    INPUT_GROUPS,
+    AwqResult,
+    CalibrationStats,
+    LayerCollector,
+)
+from recipe_runner.calibration.tokens import Batch
+from recipe_runner.hf import names as hf
+from recipe_runner.hf.reader import SourceCheckpoint
+
+SPILL_BYTES = 1 << 30
+EMBED_BLOCK_BYTES = 64 << 20
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    collect_mean: bool = False  # x_absmean, for AWQ
+    awq_group_size: int | None = None  # run the AWQ scale search with this group size
+    spill_bytes: int = SPILL_BYTES
+
+
+def hf_config(model_dir: Path):
+    """The transformers config of the source, set up for an eager float32 CPU forward."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    config._attn_implementation = "eager"
+    return config
+
+
+def _decoder_classes(config):
+    if config.model_type == "mistral":
+        from transformers.models.mistral import modeling_mistral as m
+
+        return m.MistralDecoderLayer, m.MistralRotaryEmbedding
+    from transformers.models.llama import modeling_llama as m
+
+    return m.LlamaDecoderLayer, m.LlamaRotaryEmbedding
+
+
+def embed(reader: SourceCheckpoint, ids: torch.Tensor, max_block_bytes: int = EMBED_BLOCK_BYTES) -> torch.Tensor:
+    """float32 embeddings of `ids` [B, T], reading only the embedding row blocks that hold them."""
+    vocab, hidden = reader.shape(hf.EMBED_TOKENS)
+    rows_per_block = max(1, max_block_bytes // (hidden * 4))
+    wanted = torch.unique(ids)
+    out = torch.empty((*ids.shape, hidden), dtype=torch.float32)
+    for r0 in range(0, vocab, rows_per_block):
+        r1 = min(vocab, r0 + rows_per_block)
+        in_block = wanted[(wanted >= r0) & (wanted < r1)]
+        if not in_block.numel():
+            continue
+        block = reader.read(hf.EMBED_TOKENS, 0, r0, r1).float()
+        hit = (ids >= r0) & (ids < r1)
+        out[hit] = block[ids[hit] - r0]
+    return out
+
+
+def build_layer(config, layer_cls, reader: SourceCheckpoint, index: int) -> torch.nn.Module:
+    """Decoder layer `index` with its weights read from the source in float32 (no double allocation:
+    the module is created on the meta device and the loaded tensors are assigned)."""
+    with torch.device("meta"):
+        layer = layer_cls(config, index)
+    state = {name: reader.read(hf.layer_tensor(index, name)).float() for name, _ in layer.named_parameters()}
+    reader.release()
+    layer.load_state_dict(state, assign=True, strict=True)
+    return layer.eval()
+
+
+class HiddenStates:
+    """Per-batch hidden states, in memory or spilled to files when they would exceed `limit` bytes."""
+
+    def __init__(self, total_bytes: int, limit: int):
+        self._mem: dict[int, torch.Tensor] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="recipe-calib-") if total_bytes > limit else None
+
+    def put(self, index: int, value: torch.Tensor) -> None:
+        if self._tmp is None:
+            self._mem[index] = value
+        else:
+            torch.save(value, Path(self._tmp.name) / f"h{index}.pt")
+
+    def get(self, index: int) -> torch.Tensor:
+        if self._tmp is None:
+            return self._mem[index]
+        return torch.load(Path(self._tmp.name) / f"h{index}.pt", weights_only=True)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
+    from transformers import masking_utils
+
+    make = (masking_utils.create_sliding_window_causal_mask if getattr(config, "sliding_window", None)
+            else masking_utils.create_causal_mask)
+    return make(config, hidden, None, None, positions)
+
+
+def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOptions = RunnerOptions(),
+                    log: Log = lambda _: None) -> CalibrationStats:
+    """Statistics of every decoder-layer linear over `batches`, computed one layer at a time."""
+    config = hf_config(model_dir)
+    layer_cls, rotary_cls = _decoder_classes(config)
+    reader = SourceCheckpoint(model_dir)
+    rotary = rotary_cls(config=config)
+    hidden_size = config.hidden_size
+    total = sum(b.ids.numel() for b in batches) * hidden_size * 4
+    states = HiddenStates(total, options.spill_bytes)
+    stats = CalibrationStats()
+    quota = -(-AWQ_SEARCH_TOKENS // len(batches)) if options.awq_group_size else 0
+    try:
+        for b, batch in enumerate(batches):
+            states.put(b, embed(reader, batch.ids))
+        reader.release()
+        for index in range(config.num_hidden_layers):
+            layer = build_layer(config, layer_cls, reader, index)
+            collector = LayerCollector(layer, with_mean=options.collect_mean, awq_quota=quota)
+            with torch.no_grad():
+                for b, batch in enumerate(batches):
+                    collector.mask = batch.mask
+                    h = states.get(b)
+                    positions = torch.arange(h.shape[1]).unsqueeze(0)
+                    out = layer(h, attention_mask=_causal_mask(config, h, positions), position_ids=positions,
+                                position_embeddings=rotary(h, positions))
+                    states.put(b, out[0] if isinstance(out, tuple) else out)
+            for proj, s in collector.close().items():
+                stats.linears[(index, proj)] = s
+            if options.awq_group_size:
+                _awq_search(layer, collector, stats, index, options.awq_group_size)
+            del layer, collector
+            log(f"calibrated layer {index + 1}/{config.num_hidden_layers}")
+    finally:
+        states.close()
+    return stats
+
+
+def _awq_search(layer: torch.nn.Module, collector: LayerCollector, stats: CalibrationStats, index: int,
+                group_size: int) -> None:
+    from recipe_runner.quant.awq import search_scales
+
+    with torch.no_grad():
+        for group in INPUT_GROUPS:
+            weights = [layer.get_submodule(p).weight for p in group]
+            x_mean = stats.linears[(index, group[0])].x_absmean
+            result = search_scales(collector.awq_inputs(group[0]), weights, x_mean, group_size)
+            stats.awq[(index, group[0])] = AwqResult(result.alpha, result.scales, list(result.errors))

@@ -1,0 +1,164 @@
+"""Activation statistics of every decoder-layer linear, and their on-disk form (the calibrate
+stage's artifact: statistics.safetensors + calibration.json, small and deterministic).
+
+Per linear (HF module names, e.g. model.layers.3.self_attn.q_proj) over all real tokens:
+  x_absmax [in]   max |input| per input channel   (SmoothQuant a_j, FP8 activation amax)
+  y_absmax [out]  max |output| per output channel (SmoothQuant static scales, KV cache scales)
+  x_absmean [in]  mean |input| per input channel  (AWQ's x̄; collected for the awq family only)
+Per AWQ group (linears sharing an input, named by the first): the searched scales s [in].
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from recipe_runner.errors import UserError
+from recipe_runner.trtllm.safetensors_writer import write_safetensors
+
+STATS_FILE = "statistics.safetensors"
+META_FILE = "calibration.json"
+FORMAT = "recipe-runner/calibration/1"
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linears that read the same input share one AWQ scale (and one SmoothQuant smoother).
+INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+AWQ_SEARCH_TOKENS = 1024  # tokens per group for the α search (α is one number; s uses every token)
+
+
+@dataclass
+class LinearStats:
+    x_absmax: torch.Tensor
+    y_absmax: torch.Tensor
+    x_absmean: torch.Tensor | None = None
+
+
+@dataclass
+class AwqResult:
+    alpha: float
+    scales: torch.Tensor
+    errors: list[float]
+
+
+@dataclass
+class CalibrationStats:
+    linears: dict[tuple[int, str], LinearStats] = field(default_factory=dict)
+    awq: dict[tuple[int, str], AwqResult] = field(default_factory=dict)  # key: (layer, first projection)
+    meta: dict = field(default_factory=dict)
+
+    def linear(self, layer: int, projection: str) -> LinearStats:
+        try:
+            return self.linears[(layer, projection)]
+        except KeyError:
+            raise UserError(f"the calibration statistics have no entry for layer {layer} {projection}; "
+                            "the calibrate stage output does not match this model — rebuild it") from None
+
+    def awq_scales(self, layer: int, projection: str) -> torch.Tensor:
+        try:
+            return self.awq[(layer, projection)].scales
+        except KeyError:
+            raise UserError(f"the calibration statistics have no AWQ scales for layer {layer} {projection}; "
+                            "rebuild the calibrate stage") from None
+
+
+# ---- collecting -----------------------------------------------------------------------------------
+
+class _Accumulator:
+    def __init__(self, with_mean: bool):
+        self.x_absmax: torch.Tensor | None = None
+        self.y_absmax: torch.Tensor | None = None
+        self.x_abssum: torch.Tensor | None = None
+        self.with_mean = with_mean
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        xa, ya = x.abs().float(), y.abs().float()
+        xmax, ymax = xa.amax(dim=0), ya.amax(dim=0)
+        self.x_absmax = xmax if self.x_absmax is None else torch.maximum(self.x_absmax, xmax)
+        self.y_absmax = ymax if self.y_absmax is None else torch.maximum(self.y_absmax, ymax)
+        if self.with_mean:
+            s = xa.double().sum(dim=0)
+            self.x_abssum = s if self.x_abssum is None else self.x_abssum + s
+        self.tokens += x.shape[0]
+
+    def result(self) -> LinearStats:
+        if self.x_absmax is None or self.y_absmax is None:
+            raise RuntimeError("a linear saw no calibration tokens")
+        mean = (self.x_abssum / self.tokens).float() if self.with_mean and self.x_abssum is not None else None
+        return LinearStats(self.x_absmax, self.y_absmax, mean)
+
+
+class LayerCollector:
+    """Forward hooks on one decoder layer's linears; `mask` selects the real tokens of the batch
+    being run. With `awq_quota`, also keeps evenly spaced input rows per input group for the
+    AWQ scale search."""
+
+    def __init__(self, layer: torch.nn.Module, *, with_mean: bool, awq_quota: int = 0):
+        self.mask: torch.Tensor | None = None
+        self.acc = {p: _Accumulator(with_mean) for p in PROJECTIONS}
+        self.awq_quota = awq_quota
+        self.samples: dict[str, list[torch.Tensor]] = {g[0]: [] for g in INPUT_GROUPS}
+        self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in PROJECTIONS]
+
+    def _hook(self, projection: str):
+        def hook(module, inputs, output) -> None:
+            assert self.mask is not None
+            x = inputs[0][self.mask]
+            y = output[self.mask]
+            self.acc[projection].add(x, y)
+            if self.awq_quota and projection in self.samples:
+                k = min(self.awq_quota, x.shape[0])
+                rows = (torch.arange(k) * x.shape[0]) // k  # evenly spaced, distinct
+                self.samples[projection].append(x[rows].float().clone())
+        return hook
+
+    def close(self) -> dict[str, LinearStats]:
+        for h in self._handles:
+            h.remove()
+        return {p: a.result() for p, a in self.acc.items()}
+
+    def awq_inputs(self, first_projection: str) -> torch.Tensor:
+        return torch.cat(self.samples[first_projection])
+
+
+# ---- on disk --------------------------------------------------------------------------------------
+
+def write_stats(out_dir: Path, stats: CalibrationStats) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for (layer, proj), s in sorted(stats.linears.items()):
+        base = f"layers.{layer}.{proj}."
+        tensors[base + "x_absmax"] = s.x_absmax.float().contiguous()
+        tensors[base + "y_absmax"] = s.y_absmax.float().contiguous()
+        if s.x_absmean is not None:
+            tensors[base + "x_absmean"] = s.x_absmean.float().contiguous()
+    awq_meta: dict[str, dict] = {}
+    for (layer, proj), r in sorted(stats.awq.items()):
+        tensors[f"layers.{layer}.{proj}.awq_scales"] = r.scales.float().contiguous()
+        awq_meta[f"{layer}.{proj}"] = {"alpha": r.alpha, "errors": r.errors}
+    write_safetensors(out_dir / STATS_FILE, tensors)
+    meta = {"format": FORMAT, **stats.meta, "awq": awq_meta}
+    (out_dir / META_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n", encoding="utf-8")
+
+
+def read_stats(stats_dir: Path) -> CalibrationStats:
+    from safetensors.torch import load_file
+
+    meta = json.loads((stats_dir / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{stats_dir / META_FILE}: not a {FORMAT} artifact; rebuild the calibrate stage")
+    tensors = load_file(str(stats_dir / STATS_FILE))
+    stats = CalibrationStats(meta={k: v for k, v in meta.items() if k != "awq"})
+    for name, t in tensors.items():
+        _, layer, rest = name.split(".", 2)
+        proj, kind = rest.rsplit(".", 1)
+        key = (int(layer), proj)
+        if kind == "awq_scales":
+            info = meta["awq"][f"{layer}.{proj}"]
+            stats.awq[key] = AwqResult(info["alpha"], t, info["errors"])
+        else:
+            entry = stats.linears.setdefault(key, LinearStats(torch.empty(0), torch.empty(0)))
+            setattr(entry, kind, t)
+    return stats

@@ -1,0 +1,83 @@
+"""Tokenizing calibration texts with the source model's own tokenizer (local files only) into
+right-padded batches with a validity mask.
+
+Right padding needs no attention mask: attention is causal, so a real token never attends to the
+padding after it; padded positions are left out of every statistic through `Batch.mask`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from recipe_runner.errors import UserError
+
+# Files that define a Hugging Face tokenizer; any change to them reruns calibration.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+# At least one of these must exist: the vocabulary itself.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    return [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+
+
+def tokenizer_problem(model_dir: Path) -> str | None:
+    """Why `model_dir` has no usable tokenizer, or None."""
+    if any((model_dir / n).is_file() for n in _VOCAB_FILES):
+        return None
+    return (f"the source model directory {model_dir} has no tokenizer ({', '.join(_VOCAB_FILES)}), which "
+            "calibration needs to tokenize its dataset; copy the model's tokenizer files into it")
+
+
+def load_tokenizer(model_dir: Path):
+    problem = tokenizer_problem(model_dir)
+    if problem:
+        raise UserError(problem)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # transformers raises many types for broken tokenizer files
+        raise UserError(f"{model_dir}: the tokenizer files cannot be loaded ({type(e).__name__}: {e}); fetch "
+                        "them again") from None
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: torch.Tensor  # int64 [B, T], right-padded
+    mask: torch.Tensor  # bool [B, T]: True on real tokens
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def tokenize(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of each text, truncated to `max_seq_len`; texts that give no tokens are dropped."""
+    out = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_seq_len)["input_ids"]
+        if ids:
+            out.append(list(ids))
+    return out
+
+
+def make_batches(sequences: list[list[int]], batch_size: int, vocab_size: int) -> list[Batch]:
+    """Consecutive groups of `batch_size` sequences, each right-padded to its longest member."""
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        group = sequences[start:start + batch_size]
+        width = max(len(s) for s in group)
+        ids = torch.zeros((len(group), width), dtype=torch.int64)
+        mask = torch.zeros((len(group), width), dtype=torch.bool)
+        for row, seq in enumerate(group):
+            ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.int64)
+            mask[row, :len(seq)] = True
+        if int(ids.max()) >= vocab_size:
+            raise UserError(f"the tokenizer produced token id {int(ids.max())}, but the model's vocab_size is "
+                            f"{vocab_size}: the tokenizer in the source directory does not belong to this model")
+        batches.append(Batch(ids, mask))
+    return batches

@@ -1,0 +1,39 @@
+"""Two signed 4-bit values per byte, packed along the output (row) dimension.
+
+Layout (verified-layouts.md, ModelOpt's W4A16_AWQ export for TensorRT-LLM): an int4 matrix
+[out, in] becomes int8 [out/2, in]; row 2k goes in the low nibble and row 2k+1 in the high nibble
+of packed row k, each as 4-bit two's complement. Packing along rows keeps a tensor-parallel split
+of the output dimension a plain row slice of the packed tensor (out/tp is even).
+"""
+from __future__ import annotations
+
+import torch
+
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] of shape [out, ...] (out even) -> int8 [out/2, ...]."""
+    if codes.dtype != torch.int8:
+        raise TypeError(f"int4 codes must be int8, got {codes.dtype}")
+    if codes.shape[0] % 2:
+        raise ValueError(f"cannot pack {codes.shape[0]} rows two per byte: the row count must be even")
+    if codes.numel() and (int(codes.min()) < INT4_MIN or int(codes.max()) > INT4_MAX):
+        raise ValueError("int4 codes must lie in [-8, 7]")
+    nibbles = codes.to(torch.int16) & 0x0F  # two's complement low 4 bits
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return packed.to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4_rows: int8 [out/2, ...] -> int8 codes [out, ...] in [-8, 7]."""
+    if packed.dtype != torch.int8:
+        raise TypeError(f"packed int4 must be int8, got {packed.dtype}")
+    byte = packed.view(torch.uint8).to(torch.int16)
+    low, high = byte & 0x0F, (byte >> 4) & 0x0F
+    low = torch.where(low >= 8, low - 16, low)
+    high = torch.where(high >= 8, high - 16, high)
+    out = torch.empty((packed.shape[0] * 2, *packed.shape[1:]), dtype=torch.int8)
+    out[0::2] = low.to(torch.int8)
+    out[1::2] = high.to(torch.int8)
+    return out

@@ -1,0 +1,88 @@
+"""The Hugging Face side of the comparison: the source model's own transformers modules, run one
+decoder layer at a time in float32 so that memory stays at one layer for any model size.
+
+Each layer is constructed on the meta device (no allocation, no random init) and given the
+source's tensors for that layer, read lazily through SourceCheckpoint; embeddings, the final
+norm and lm_head are read the same way. The result equals `AutoModelForCausalLM`'s forward
+(tests check it on a tiny model), except that Mistral's sliding window is not applied: the
+attention is plainly causal, as in a TensorRT-LLM engine built without max_attention_window_size.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from recipe_runner.errors import SourceModelError
+from recipe_runner.hf import names as hf
+from recipe_runner.hf.config import read_model_config
+from recipe_runner.hf.reader import SourceCheckpoint
+
+
+def _modules(architecture: str):
+    """(decoder layer, RMSNorm, rotary embedding) classes of the model's architecture."""
+    if architecture == "MistralForCausalLM":
+        from transformers.models.mistral import modeling_mistral as m
+
+        return m.MistralDecoderLayer, m.MistralRMSNorm, m.MistralRotaryEmbedding
+    from transformers.models.llama import modeling_llama as m
+
+    return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
+
+
+class HFLayerwiseModel:
+    """Logits of a HF LLaMA / Mistral model directory, computed layer by layer."""
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoConfig
+
+        self.model_dir = Path(model_dir)
+        self.model_config = read_model_config(self.model_dir)  # validates the architecture
+        self.source = SourceCheckpoint(self.model_dir)
+        self.source.validate(self.model_config)
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise SourceModelError(f"{self.model_dir}: transformers cannot read config.json ({e})") from None
+        # eager attention with an explicit causal mask: the plain math, on every torch build
+        self.config._attn_implementation = "eager"
+        self.layer_cls, self.norm_cls, rotary_cls = _modules(self.model_config.architecture)
+        self.rotary = rotary_cls(config=self.config)
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.source.read(name).to(torch.float32)
+
+    def _layer(self, index: int) -> torch.nn.Module:
+        prefix = hf.layer_tensor(index, "")
+        state = {n[len(prefix):]: self._read(n) for n in self.source.names() if n.startswith(prefix)}
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, index)
+        layer.load_state_dict(state, strict=True, assign=True)
+        return layer.eval()
+
+    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """[len(seq), vocab_size] float32 logits for each token sequence."""
+        with torch.no_grad():
+            table = self._read(hf.EMBED_TOKENS)
+            hidden = [table[torch.tensor(seq)].unsqueeze(0) for seq in sequences]  # [1, T, H]
+            del table
+            for index in range(self.model_config.num_hidden_layers):
+                layer = self._layer(index)
+                hidden = [self._run_layer(layer, h) for h in hidden]
+                del layer
+            return self._head(hidden)
+
+    def _run_layer(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        T = h.shape[1]
+        positions = torch.arange(T).unsqueeze(0)
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        position_embeddings = self.rotary(h, positions)
+        out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        with torch.device("meta"):
+            norm = self.norm_cls(self.model_config.hidden_size, eps=self.model_config.rms_norm_eps)
+        norm.load_state_dict({"weight": self._read(hf.FINAL_NORM)}, assign=True)
+        head = self._read(hf.EMBED_TOKENS if self.model_config.tie_word_embeddings else hf.LM_HEAD)
+        return [(norm(h) @ head.T)[0] for h in hidden]

@@ -1,0 +1,69 @@
+"""Calibrate stage: activation statistics of the source model over the recipe's calibration set.
+
+Its key holds exactly the calibration fields and the statistics family (not smoothquant_alpha,
+not the mapping), so changing α or tp_size reuses it. The artifact is small: per-channel maxima
+(and means) of every linear's input and output, and AWQ's searched scales.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from recipe_runner.calibration.dataset import locate_dataset, read_texts, sample_texts
+from recipe_runner.calibration.stats import CalibrationStats, write_stats
+from recipe_runner.errors import UserError
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    dataset: str
+    dataset_path: Path | None  # `dataset` resolved against the recipe file that set it
+    text_field: str = "text"
+    split: str = "train"
+    num_samples: int = 512
+    max_seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 1
+    statistics: tuple[str, ...] = ()  # families: awq, smoothquant, amax, kv
+    group_size: int | None = None  # AWQ's search quantizes with this group size
+
+
+def settings_from_params(params: Mapping[str, Any], dataset_path: Path | None) -> CalibrationSettings:
+    return CalibrationSettings(params["dataset"], dataset_path, params["text_field"], params["split"],
+                               params["num_samples"], params["max_seq_len"], params["seed"], params["batch_size"],
+                               tuple(params.get("statistics", ())), params.get("group_size"))
+
+
+def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
+              log: Callable[[str], None] = lambda _: None) -> CalibrationStats:
+    """Statistics of `source_dir` over the calibration set; written to `out_dir` when given."""
+    from recipe_runner.calibration.runner import RunnerOptions, run_calibration
+    from recipe_runner.calibration.tokens import load_tokenizer, make_batches, tokenize
+    from recipe_runner.hf.config import read_model_config
+
+    cfg = read_model_config(source_dir)
+    files = locate_dataset(settings.dataset, settings.dataset_path, settings.split)
+    tokenizer = load_tokenizer(source_dir)
+    texts = sample_texts(read_texts(files, settings.text_field), settings.num_samples, settings.seed)
+    sequences = tokenize(tokenizer, texts, settings.max_seq_len)
+    if not sequences:
+        raise UserError(f"quantization.calibration.dataset: no sample of {files.description} gives any token "
+                        "with the source model's tokenizer; use a dataset with text")
+    batches = make_batches(sequences, settings.batch_size, cfg.vocab_size)
+    awq = "awq" in settings.statistics
+    options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None)
+    stats = run_calibration(source_dir, batches, options, log)
+    # counts only: paths would make equal statistics differ in bytes between machines
+    stats.meta = {"samples": len(sequences), "batches": len(batches), "tokens": sum(b.tokens for b in batches),
+                  "statistics": list(settings.statistics), "awq_group_size": options.awq_group_size}
+    if out_dir is not None:
+        write_stats(out_dir, stats)
+    return stats
+
+
+def run_calibrate(resolved, entries: dict, data_dir: Path, workers: int) -> None:
+    """Build executor: the stage's own params (exactly what its key holds) drive it."""
+    params = dict(resolved.plan.stage("calibrate").params)
+    dataset_path = resolved.plan.recipe.resolve_path("quantization.calibration.dataset")
+    calibrate(resolved.source_dir, settings_from_params(params, dataset_path), data_dir)

@@ -1,0 +1,381 @@
+"""Quantize stage: quantized weights and scales, one weight (or one layer's input group) at a time.
+
+Reads the source weights lazily (cast to the checkpoint dtype first, as TensorRT-LLM's converter
+does, then float32 for the math), uses the calibrate stage's statistics, and writes the artifact
+described in `stages/quantized.py`: one safetensors file per projection plus one per layer for
+the module-level scales, each written with the streaming writer as soon as it is complete. Peak
+memory: one projection in float32 (plus its quantized copy), never a whole layer or model.
+
+Which tensors each algorithm writes (format decisions in design.md; names in trtllm/quant.py):
+  w8a16/w4a16     nothing in the checkpoint (weights stay in the model dtype; trtllm-build
+                  quantizes); per-channel scales kept here for verify
+  fp8             float8_e4m3fn weights, weights_scaling_factor [1] (one over q/k/v, one shared
+                  by fc/gate), activation_scaling_factor [1] = amax/448
+  w8a8_sq_per_channel (ModelOpt form)  int8 W·diag(s) per-channel, weights_scaling_factor [out],
+                  activation_scaling_factor [1], prequant_scaling_factor 1/s [in]; norms unchanged
+  w8a8_sq_*_plugin  int8 weights, per_channel_scale, act_scale, smoother, norm scale_to_int,
+                  module quantization_scaling_factor; s folded into the norms (spec §4.2)
+  w4a16_awq       packed int4 [out/2, in], group weights_scaling_factor [out, in/g],
+                  prequant_scaling_factor 1/s [in]
+  kv int8/fp8     attention.kv_cache_scaling_factor [1] per layer
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from recipe_runner.calibration.stats import INPUT_GROUPS, CalibrationStats, read_stats
+from recipe_runner.errors import UserError
+from recipe_runner.hf import names as hf
+from recipe_runner.hf.config import ModelConfig, read_model_config
+from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.quant import awq, fp8, kv, smoothquant as sq, weight_only
+from recipe_runner.quant.packing import pack_int4_rows
+from recipe_runner.quant.reductions import absmax
+from recipe_runner.recipe.rules import CALIBRATED_ALGOS
+from recipe_runner.stages.manifest import SourceTensor
+from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
+from recipe_runner.trtllm import quant as tq
+from recipe_runner.trtllm.safetensors_writer import write_safetensors
+
+INDEX_FILE = "model.safetensors.index.json"  # makes the artifact readable by SourceCheckpoint
+MODEL_FILE = "model.json"  # the convert stage's record of the model and the checkpoint dtype
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    algo: str
+    kv_cache: str = "none"
+    group_size: int = 128
+    smoothquant_alpha: float = 0.5
+    exclude_modules: tuple[str, ...] = ("lm_head",)
+
+    @property
+    def needs_statistics(self) -> bool:
+        return self.algo in CALIBRATED_ALGOS or self.kv_cache != "none"
+
+
+# ---- writing the artifact --------------------------------------------------------------------------
+
+class ArtifactWriter:
+    """Collects tensors per file; `flush(file)` writes that file's tensors and forgets them."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.weight_map: dict[str, str] = {}
+        self.tensors: dict[str, SourceTensor] = {}
+
+    def add(self, name: str, tensor: torch.Tensor, file_name: str) -> str:
+        if name in self.tensors or any(name in p for p in self.pending.values()):
+            raise ValueError(f"tensor {name} written twice")
+        self.pending.setdefault(file_name, {})[name] = tensor.contiguous()
+        return name
+
+    def flush(self, file_name: str) -> None:
+        tensors = self.pending.pop(file_name, {})
+        if not tensors:
+            return
+        write_safetensors(self.out_dir / file_name, tensors)
+        for name, t in tensors.items():
+            self.weight_map[name] = file_name
+            self.tensors[name] = SourceTensor(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+    def write_index(self) -> None:
+        if self.pending:
+            raise ValueError(f"files never written: {sorted(self.pending)}")
+        index = {"metadata": {}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@dataclass
+class LayerJob:
+    """Everything one layer's quantization needs, and what it produces."""
+
+    index: int
+    cfg: ModelConfig
+    reader: SourceCheckpoint
+    dtype: torch.dtype
+    settings: QuantSettings
+    stats: CalibrationStats | None
+    writer: ArtifactWriter
+    rules: list[TensorRule] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+
+    def weight(self, projection: str) -> torch.Tensor:
+        """The projection's weight as the checkpoint stores it (model dtype), in float32."""
+        w = self.reader.read(hf.layer_tensor(self.index, projection + ".weight"))
+        self.reader.release()
+        return w.to(self.dtype).float()
+
+    def name(self, module: str, suffix: str) -> str:
+        return f"model.layers.{self.index}.{module}.{suffix}"
+
+    def file(self, what: str) -> str:
+        return f"layer{self.index:05d}.{what}.safetensors"
+
+    def add(self, module: str, suffix: str, tensor: torch.Tensor, file: str = "scales") -> str:
+        """Queue `tensor` as `model.layers.{i}.{module}.{suffix}` in this layer's `file` (a
+        projection's own file for its weight, "scales" for the small per-module tensors)."""
+        return self.writer.add(self.name(module, suffix), tensor, self.file(file))
+
+    def flush(self, what: str) -> None:
+        self.writer.flush(self.file(what))
+
+    def is_excluded(self, linear: tq.LinearModule) -> bool:
+        return tq.is_excluded(tq.layer_module(self.index, linear.name), self.settings.exclude_modules)
+
+    def linears(self) -> list[tq.LinearModule]:
+        """This layer's linears to quantize; the excluded ones are recorded and skipped."""
+        keep = []
+        for lin in tq.LINEARS:
+            if self.is_excluded(lin):
+                self.excluded.append(tq.layer_module(self.index, lin.name))
+            else:
+                keep.append(lin)
+        return keep
+
+    def x_absmax(self, projection: str) -> torch.Tensor:
+        assert self.stats is not None
+        return self.stats.linear(self.index, projection).x_absmax
+
+    def y_amax(self, projection: str) -> float:
+        assert self.stats is not None
+        return float(self.stats.linear(self.index, projection).y_absmax.max())
+
+    def rule(self, suffix: str, split: str, sources: Sequence[tuple[str, str]], **kw) -> None:
+        self.rules.append(TensorRule(suffix, split, tuple(sources), **kw))
+
+
+def _weight_split(lin: tq.LinearModule) -> str:
+    return "out" if lin.parallel == "column" else "in"
+
+
+def _input_groups(linears: list[tq.LinearModule]) -> list[list[tq.LinearModule]]:
+    """Linears reading the same input: qkv | dense | fc + gate | proj."""
+    groups: dict[str, list[tq.LinearModule]] = {}
+    for lin in linears:
+        key = "mlp.in" if lin.name in ("mlp.fc", "mlp.gate") else lin.name
+        groups.setdefault(key, []).append(lin)
+    return list(groups.values())
+
+
+def _projections(group: list[tq.LinearModule]) -> list[str]:
+    return [p for lin in group for p in lin.projections]
+
+
+# ---- algorithms, one layer at a time -------------------------------------------------------------
+
+def _weight_only(job: LayerJob) -> None:
+    fmt = weight_only.FORMATS[tq.WEIGHT_ONLY_BITS[job.settings.algo]]
+    for lin in job.linears():
+        for proj in lin.projections:
+            job.add(proj, "weight_only_scale", weight_only.per_channel_scales(job.weight(proj), fmt))
+    job.flush("scales")
+
+
+def _fp8(job: LayerJob) -> None:
+    for group in _input_groups(job.linears()):
+        projections = _projections(group)
+        # one weight scale per fused qkv, and one shared by fc and gate (trtllm-build fuses them)
+        w_scale = fp8.fp8_scale(max(float(absmax(job.weight(p))) for p in projections))
+        a_scale = fp8.fp8_scale(float(job.x_absmax(projections[0]).max()))
+        for lin in group:
+            for proj in lin.projections:
+                job.add(proj, "qweight", fp8.quantize_fp8(job.weight(proj), w_scale), file=proj)
+                job.flush(proj)
+            job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin),
+                     [(p, job.name(p, "qweight")) for p in lin.projections])
+            for suffix, value in ((tq.WEIGHTS_SCALING_FACTOR, w_scale), (tq.ACTIVATION_SCALING_FACTOR, a_scale)):
+                job.rule(f"{lin.name}.{suffix}", "none", [("", job.add(lin.name, suffix, value))])
+    job.flush("scales")
+
+
+def _smoother(job: LayerJob, projections: list[str]) -> torch.Tensor:
+    colmax = torch.stack([sq.column_absmax(job.weight(p)) for p in projections]).amax(dim=0)
+    return sq.factors_from_column_max(job.x_absmax(projections[0]), colmax, job.settings.smoothquant_alpha)
+
+
+def _sq_modelopt(job: LayerJob) -> None:
+    """W8A8_SQ_PER_CHANNEL: W ≈ codes·scale[out]·prequant[in]; the engine multiplies x by prequant."""
+    for group in _input_groups(job.linears()):
+        projections = _projections(group)
+        prequant = (1.0 / _smoother(job, projections)).to(job.dtype)  # stored in the model dtype...
+        s = 1.0 / prequant.float()  # ...so the weights are smoothed by exactly what the engine undoes
+        a_scale = sq.activation_scale(float((job.x_absmax(projections[0]) * prequant.float()).max()))
+        for lin in group:
+            row = lin.parallel == "row"
+            for proj in lin.projections:
+                q = sq.quantize_int8_per_channel(sq.smooth_weight(job.weight(proj), s, inplace=True))
+                job.add(proj, "qweight", q.codes, file=proj)
+                job.add(proj, tq.WEIGHTS_SCALING_FACTOR, q.scale, file=proj)
+                job.flush(proj)
+            job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin), [(p, job.name(p, "qweight")) for p in lin.projections])
+            scale_sources = [(p, job.name(p, tq.WEIGHTS_SCALING_FACTOR)) for p in lin.projections]
+            job.rule(f"{lin.name}.{tq.WEIGHTS_SCALING_FACTOR}", "none" if row else "out", scale_sources)
+            job.rule(f"{lin.name}.{tq.ACTIVATION_SCALING_FACTOR}", "none",
+                     [("", job.add(lin.name, tq.ACTIVATION_SCALING_FACTOR, a_scale))])
+            pq_name = job.add(lin.name, tq.PREQUANT_SCALING_FACTOR, prequant)
+            job.rule(f"{lin.name}.{tq.PREQUANT_SCALING_FACTOR}", "in" if row else "none", [(lin.projections[0], pq_name)])
+    job.flush("scales")
+
+
+def _sq_plugin(job: LayerJob) -> None:
+    """TensorRT-LLM's SmoothQuant plugin form (spec §4.2): smoothers folded into the norms (qkv,
+    fc/gate) or kept as `smoother` tensors (dense, proj); static or per-token activations."""
+    per_token = job.settings.algo == "w8a8_sq_per_channel_per_token"
+    norms = {"attention.qkv": (hf.INPUT_LAYERNORM, tq.INPUT_LAYERNORM),
+             "mlp.fc": (hf.POST_ATTENTION_LAYERNORM, tq.POST_LAYERNORM)}
+    module_scale = {"attention.dense": tq.ATTENTION_QUANTIZATION_SCALING_FACTOR,
+                    "mlp.proj": tq.MLP_QUANTIZATION_SCALING_FACTOR}
+    linears = job.linears()
+    if len(linears) != len(tq.LINEARS):  # plan.py refuses such recipes; this guards direct API use
+        raise UserError(f"the SmoothQuant plugin form ({job.settings.algo}) quantizes every decoder layer; "
+                        f"exclude_modules cannot exclude {job.excluded[0]}")
+    for group in _input_groups(linears):
+        projections = _projections(group)
+        s = _smoother(job, projections)
+        x_max = float((job.x_absmax(projections[0]) / s).max())  # the smoothed input's range
+        head = group[0].name
+        if head in norms:  # fold s into the preceding RMSNorm: norm / s
+            hf_norm, tl_norm = norms[head]
+            norm = job.reader.read(hf.layer_tensor(job.index, hf_norm)).to(job.dtype).float()
+            smoothed = job.add(tl_norm, "smoothed", (norm / s).to(job.dtype))
+            job.rule(f"{tl_norm}.weight", "none", [("", smoothed)])
+            scale_to_int = 1.0 if per_token else sq.static_scales(x_max, 1.0).x_orig_quant
+            job.rule(f"{tl_norm}.{tq.SCALE_TO_INT}", "none",
+                     [("", job.add(tl_norm, tq.SCALE_TO_INT, torch.tensor([scale_to_int])))])
+        else:  # dense / proj: the network divides their input by `smoother` at run time
+            lin = group[0]
+            smoother = job.add(lin.name, tq.SMOOTHER, s.float())
+            job.rule(f"{lin.name}.{tq.SMOOTHER}", "in", [(lin.projections[0], smoother)], lead_one=True)
+            if not per_token:
+                scale = torch.tensor([sq.static_scales(x_max, 1.0).x_orig_quant], dtype=torch.float32)
+                job.rule(module_scale[lin.name], "none",
+                         [("", job.add(lin.name, "quantization_scaling_factor", scale))])
+        for lin in group:
+            _sq_plugin_linear(job, lin, s, x_max, per_token)
+    job.flush("scales")
+
+
+def _sq_plugin_linear(job: LayerJob, lin: tq.LinearModule, s: torch.Tensor, x_max: float, per_token: bool) -> None:
+    row = lin.parallel == "row"
+    # y of the fused qkv is the concatenation of q, k and v: one static output range
+    static = sq.static_scales(x_max, max(job.y_amax(p) for p in lin.projections))
+    scale_sources = []
+    for proj in lin.projections:
+        w = sq.smooth_weight(job.weight(proj), s, inplace=True)
+        if per_token:  # per-channel weights; dequantization happens per token × per channel
+            q = sq.quantize_int8_per_channel(w)
+            scale = q.scale
+        else:  # per-tensor weights (one per q/k/v part); y = acc · s_y/(s_x·s_w) requantized
+            q = sq.quantize_int8_per_tensor(w)
+            scale = static.y_accum_quant(q.scale)
+            if lin.name == "attention.qkv":  # SmoothQuantAttention forces per-channel layout for qkv
+                scale = scale.expand(w.shape[0]).clone()
+        job.add(proj, "qweight", q.codes, file=proj)
+        job.add(proj, tq.PER_CHANNEL_SCALE, scale, file=proj)
+        scale_sources.append((proj, job.name(proj, tq.PER_CHANNEL_SCALE)))
+        job.flush(proj)
+    job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin), [(p, job.name(p, "qweight")) for p in lin.projections])
+    per_row = per_token or lin.name == "attention.qkv"
+    job.rule(f"{lin.name}.{tq.PER_CHANNEL_SCALE}", "out" if per_row and not row else "none", scale_sources,
+             lead_one=True)
+    if not per_token:
+        act = job.add(lin.name, tq.ACT_SCALE, torch.tensor([static.y_quant_orig]))
+        job.rule(f"{lin.name}.{tq.ACT_SCALE}", "none", [("", act)], lead_one=True)
+
+
+def _awq(job: LayerJob) -> None:
+    g = job.settings.group_size
+    assert job.stats is not None
+    for group in _input_groups(job.linears()):
+        projections = _projections(group)
+        # the searched scales of the input group (named by its first projection in calibration)
+        first = next(grp for grp in INPUT_GROUPS if projections[0] in grp)[0]
+        prequant = (1.0 / job.stats.awq_scales(job.index, first)).to(job.dtype)
+        s = 1.0 / prequant.float()
+        for lin in group:
+            row = lin.parallel == "row"
+            for proj in lin.projections:
+                w = sq.smooth_weight(job.weight(proj), s, inplace=True)
+                scales = awq.group_scales(w, g)
+                codes = awq.quantize_groupwise(w, scales, g)
+                job.add(proj, "qweight", pack_int4_rows(codes), file=proj)
+                job.add(proj, tq.WEIGHTS_SCALING_FACTOR, scales, file=proj)
+                job.flush(proj)
+            job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin), [(p, job.name(p, "qweight")) for p in lin.projections],
+                     pack=1 if row else 2)
+            job.rule(f"{lin.name}.{tq.WEIGHTS_SCALING_FACTOR}", _weight_split(lin),
+                     [(p, job.name(p, tq.WEIGHTS_SCALING_FACTOR)) for p in lin.projections], in_group=g if row else 1)
+            pq_name = job.add(lin.name, tq.PREQUANT_SCALING_FACTOR, prequant)
+            job.rule(f"{lin.name}.{tq.PREQUANT_SCALING_FACTOR}", "in" if row else "none", [(lin.projections[0], pq_name)])
+    job.flush("scales")
+
+
+def _kv_cache(job: LayerJob) -> None:
+    scale = kv.kv_cache_scale(job.settings.kv_cache, job.y_amax("self_attn.q_proj"), job.y_amax("self_attn.k_proj"),
+                              job.y_amax("self_attn.v_proj"))
+    name = job.add("attention", "kv_cache_scaling_factor", scale, file="kv")
+    job.rule(tq.KV_CACHE_SCALING_FACTOR, "none", [("", name)])
+    job.flush("kv")
+
+
+ALGORITHMS: dict[str, Callable[[LayerJob], None]] = {
+    "none": lambda job: None,
+    "w8a16": _weight_only,
+    "w4a16": _weight_only,
+    "fp8": _fp8,
+    "w8a8_sq_per_channel": _sq_modelopt,
+    "w8a8_sq_per_channel_per_token": _sq_plugin,
+    "w8a8_sq_per_tensor": _sq_plugin,
+    "w4a16_awq": _awq,
+}
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+def quantize_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings: QuantSettings, dtype: str,
+                        out_dir: Path, log: Callable[[str], None] = lambda _: None) -> QuantizedArtifact:
+    """Write the quantize artifact for `source_dir` into `out_dir` (an existing, empty directory)."""
+    if settings.needs_statistics and stats is None:
+        raise ValueError(f"algo {settings.algo} / kv_cache {settings.kv_cache} needs calibration statistics")
+    cfg = read_model_config(source_dir)
+    reader = SourceCheckpoint(source_dir)
+    reader.validate(cfg)
+    writer = ArtifactWriter(out_dir)
+    layers: dict[int, tuple[TensorRule, ...]] = {}
+    excluded: list[str] = []
+    for index in range(cfg.num_hidden_layers):
+        job = LayerJob(index, cfg, reader, getattr(torch, dtype), settings, stats, writer)
+        ALGORITHMS[settings.algo](job)
+        if settings.kv_cache != "none":
+            _kv_cache(job)
+        layers[index] = tuple(job.rules)
+        excluded += job.excluded
+        log(f"quantized layer {index + 1}/{cfg.num_hidden_layers}")
+    writer.write_index()
+    section = tq.quantization_section(settings.algo, settings.kv_cache, group_size=settings.group_size,
+                                      smoothquant_alpha=settings.smoothquant_alpha,
+                                      exclude_modules=settings.exclude_modules)
+    artifact = QuantizedArtifact(settings.algo, settings.kv_cache, section, layers, dict(writer.tensors),
+                                 tuple(excluded), dtype)
+    (out_dir / ARTIFACT_FILE).write_text(artifact.to_json(), encoding="utf-8")
+    return artifact
+
+
+def settings_from_params(params: dict) -> QuantSettings:
+    return QuantSettings(params["algo"], params["kv_cache"], params["group_size"], params["smoothquant_alpha"],
+                         tuple(params["exclude_modules"]))
+
+
+def run_quantize(resolved, entries: dict, data_dir: Path, workers: int) -> None:
+    """Build executor: quantize the source with the calibrate stage's statistics (if any)."""
+    settings = settings_from_params(dict(resolved.plan.stage("quantize").params))
+    model = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))
+    stats = read_stats(entries["calibrate"].path) if "calibrate" in entries else None
+    quantize_checkpoint(resolved.source_dir, stats, settings, model["dtype"], data_dir)

@@ -1,0 +1,86 @@
+"""Verify one checkpoint: run the source model and the checkpoint's reference forward on the same
+token sequences, compare the logits, apply the limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from recipe_runner.errors import UserError
+from recipe_runner.hf.config import ModelConfig
+from recipe_runner.reference import HFLayerwiseModel, ReferenceModel
+from recipe_runner.reference.checkpoint import CheckpointConfig
+from recipe_runner.verify.inputs import VerifyInput, prepare_inputs
+from recipe_runner.verify.metrics import Figures, compare
+from recipe_runner.verify.tolerances import Failure, Tolerances, check, resolve_tolerances
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    checkpoint: Mapping[str, object]  # format facts from config.json (quant algos, dtype, mapping)
+    inputs: tuple[VerifyInput, ...]
+    figures: Figures  # over all inputs
+    per_input: tuple[Figures, ...]
+    tolerances: Tolerances
+    tolerance_sources: Mapping[str, str]  # limit -> who gave it ("recipe") or "default for <format>"
+    failures: tuple[Failure, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _check_same_model(ckpt: CheckpointConfig, source: ModelConfig, source_dir: Path) -> None:
+    """A checkpoint compared with another model would fail for the wrong reason: say so instead."""
+    pairs = {
+        "vocab_size": (ckpt.vocab_size, source.vocab_size),
+        "hidden_size": (ckpt.hidden_size, source.hidden_size),
+        "intermediate_size": (ckpt.intermediate_size, source.intermediate_size),
+        "num_hidden_layers": (ckpt.num_layers, source.num_hidden_layers),
+        "num_attention_heads": (ckpt.num_heads, source.num_attention_heads),
+        "num_key_value_heads": (ckpt.num_kv_heads, source.num_key_value_heads),
+        "head_size": (ckpt.head_size, source.head_dim),
+    }
+    differ = [f"{name} {a} vs {b}" for name, (a, b) in pairs.items() if a != b]
+    if differ:
+        raise UserError(f"the checkpoint was not made from {source_dir}: " + ", ".join(differ)
+                        + " (checkpoint vs source)")
+
+
+def checkpoint_facts(cfg: CheckpointConfig) -> dict[str, object]:
+    return {"architecture": cfg.architecture, "dtype": cfg.dtype, "quant_algo": cfg.quant_algo,
+            "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "tp_size": cfg.tp_size, "pp_size": cfg.pp_size}
+
+
+def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: Sequence[str] = (),
+                      token_ids: Sequence[Sequence[int]] = (), tolerances: Mapping[str, float] | None = None,
+                      tolerances_from: str = "given") -> VerifyResult:
+    """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint) with the HF model in `source_dir`.
+
+    Raises UserError for bad inputs, CheckpointError (StageFailed) for a checkpoint whose layout
+    trtllm-build would reject; a checkpoint out of tolerance is a result with failures.
+    """
+    source_dir = Path(source_dir)
+    reference = ReferenceModel(ckpt_dir)  # reads only config.json and safetensors headers
+    hf_model = HFLayerwiseModel(source_dir)
+    cfg = reference.config
+    _check_same_model(cfg, hf_model.model_config, source_dir)
+    inputs = prepare_inputs(source_dir, prompts, token_ids, cfg.vocab_size)
+    sequences = [list(i.token_ids) for i in inputs]
+    expected = hf_model.logits(sequences)
+    got = reference.logits(sequences)
+    figures = compare(expected, got, sequences)
+    per_input = tuple(compare([e], [g], [s]) for e, g, s in zip(expected, got, sequences))
+    limits, sources = resolve_tolerances(tolerances or {}, cfg.quant_algo, cfg.kv_cache_quant_algo,
+                                         tolerances_from)
+    return VerifyResult(checkpoint_facts(cfg), tuple(inputs), figures, per_input, limits, sources,
+                        tuple(check(figures, limits)))
+
+
+def failure_summary(result: VerifyResult) -> str:
+    """One paragraph naming every figure out of its limit, for the error a failed check raises."""
+    lines = [f"  {f.message} ({result.tolerance_sources[f.limit_name]})" for f in result.failures]
+    facts = result.checkpoint
+    return (f"the checkpoint ({facts['quant_algo'] or 'unquantized'}, tp_size {facts['tp_size']}, pp_size "
+            f"{facts['pp_size']}) does not reproduce the source model's logits on {result.figures.tokens} "
+            f"tokens of {len(result.inputs)} input(s):\n" + "\n".join(lines))

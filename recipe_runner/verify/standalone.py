@@ -1,0 +1,37 @@
+"""`recipe verify CHECKPOINT --source MODEL`: the verify stage on any TensorRT-LLM LLaMA checkpoint,
+including ones other tools made."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from recipe_runner.errors import UserError
+from recipe_runner.verify.inputs import parse_token_ids
+from recipe_runner.verify.report import ReportContext, format_summary, write_report
+from recipe_runner.verify.run import verify_checkpoint
+
+
+def check_limits(limits: Mapping[str, float | None]) -> dict[str, float]:
+    """The limits given on the command line (None = use the default)."""
+    given = {k: float(v) for k, v in limits.items() if v is not None}
+    for name, value in given.items():
+        if name == "min_top1_agreement" and not 0 <= value <= 1:
+            raise UserError(f"--min-top1-agreement {value}: must be between 0 and 1")
+        if name != "min_top1_agreement" and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be greater than 0")
+    return given
+
+
+def run_standalone(checkpoint: Path, source: Path, *, prompts: Sequence[str], token_ids: Sequence[str],
+                   limits: Mapping[str, float | None], report_dir: Path | None,
+                   echo: Callable[[str], None]) -> bool:
+    """Verify, print the figures, write the report if asked; True when every figure is in tolerance."""
+    result = verify_checkpoint(checkpoint, source, prompts=prompts,
+                               token_ids=[parse_token_ids(text) for text in token_ids],
+                               tolerances=check_limits(limits), tolerances_from="command line")
+    echo(f"verify {checkpoint} against {source}: {format_summary(result)}")
+    if report_dir is not None:
+        context = ReportContext(checkpoint_path=str(checkpoint), source_path=str(source))
+        json_path, md_path = write_report(report_dir, result, context)
+        echo(f"report: {json_path}, {md_path}")
+    return result.passed

@@ -1,0 +1,71 @@
+"""INT4 AWQ: group-wise rounding, the activation-aware scale search, and the checkpoint tensors."""
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from recipe_runner.quant import awq
+from recipe_runner.quant.packing import unpack_int4_rows
+
+
+def test_groupwise_dequantization_is_within_half_a_group_step():
+    w = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
+    for g in (64, 128):
+        scales = awq.group_scales(w, g)
+        assert scales.shape == (32, 256 // g)
+        codes = awq.quantize_groupwise(w, scales, g)
+        assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+        step = scales.repeat_interleave(g, dim=1)
+        assert torch.all((awq.dequantize_groupwise(codes, scales, g) - w).abs() <= step / 2 * (1 + 1e-6))
+
+
+def test_search_prefers_activation_aware_scales_when_activations_have_outliers():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 128, generator=gen)
+    x[:, :4] *= 30.0  # salient input channels
+    weights = [torch.randn(64, 128, generator=gen) * 0.02, torch.randn(32, 128, generator=gen) * 0.02]
+    result = awq.search_scales(x, weights, x.abs().mean(0), group_size=64)
+    assert len(result.errors) == 20 and result.plain_error == result.errors[0]
+    assert result.alpha > 0 and result.best_error < 0.9 * result.plain_error
+    recomputed = sum(awq.scaled_output_error(x, w, result.scales, 64) for w in weights)
+    assert abs(recomputed - result.best_error) <= 1e-9 * result.best_error
+
+
+def test_calibrated_scales_never_do_worse_than_plain_rounding(calibration):
+    """On the calibration batch, for every layer and input group, the chosen α's output error is at
+    most plain group-wise rounding's (α = 0), and strictly lower for most groups."""
+    stats, _ = calibration
+    better = 0
+    for (layer, group), result in stats.awq.items():
+        assert min(result.errors) == result.errors[round(result.alpha * 20)]
+        assert min(result.errors) <= result.errors[0]
+        better += min(result.errors) < result.errors[0]
+    assert len(stats.awq) == 16 and better >= 8
+
+
+def test_awq_checkpoint_tensors_reconstruct_the_weights(quant_model, calibration, tmp_path, hf_tensors):
+    """ModelOpt's layout: packed int8 [out/2, in], group scales fp32 [out, in/group] = group amax/7 of
+    W/prequant, prequant_scaling_factor [in] in the model dtype = 1/s."""
+    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+
+    stats, _ = calibration
+    quantize_checkpoint(quant_model, stats, QuantSettings("w4a16_awq", group_size=64), "float16", tmp_path)
+    t: dict[str, torch.Tensor] = {}
+    for f in tmp_path.glob("*.safetensors"):
+        t.update(load_file(f))
+    hf = hf_tensors(quant_model)
+    p = "model.layers.3."
+    for proj, module in (("self_attn.v_proj", "attention.qkv"), ("mlp.down_proj", "mlp.proj")):
+        w = hf[p + proj + ".weight"].float()
+        packed, scales = t[p + proj + ".qweight"], t[p + proj + ".weights_scaling_factor"]
+        pq = t[p + module + ".prequant_scaling_factor"]
+        assert packed.dtype == torch.int8 and packed.shape == (w.shape[0] // 2, w.shape[1])
+        assert scales.dtype == torch.float32 and scales.shape == (w.shape[0], w.shape[1] // 64)
+        assert pq.dtype == torch.float16 and pq.shape == (w.shape[1],)
+        group = scales.repeat_interleave(64, dim=1)
+        effective = unpack_int4_rows(packed).float() * group * pq.float()[None, :]
+        assert torch.all((effective - w).abs() <= group / 2 * pq.float()[None, :] * (1 + 1e-5) + 1e-7)
+    first = {"attention.qkv": "self_attn.q_proj", "mlp.proj": "mlp.down_proj"}
+    for module, group_name in first.items():
+        expected = (1.0 / stats.awq_scales(3, group_name)).half()
+        assert torch.equal(t[p + module + ".prequant_scaling_factor"], expected)
