@@ -2,6 +2,7 @@
 fields each one depends on. `recipe plan` prints this very object."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -11,7 +12,8 @@ from recipe_runner.recipe.model import thaw
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
 from recipe_runner.sources import SourceLocation, locate_source
 
-STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "build-engine", "verify")
+# verify runs before the engine: a checkpoint is proven on CPU before GPU hours go into it
+STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "verify", "build-engine")
 # Stages this release can execute; the rest are planned but refused by `build`.
 IMPLEMENTED_STAGES = frozenset({"convert", "calibrate", "quantize", "shard", "build-engine", "verify"})
 # `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
@@ -24,10 +26,11 @@ class Stage:
     inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data" / "tokenizer"
     params: Mapping[str, Any]  # exactly the recipe fields this stage's result depends on
     implemented: bool
+    after: tuple[str, ...] = ()  # stages that must succeed first without entering the key
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "inputs": list(self.inputs), "params": thaw(self.params),
-                "implemented": self.implemented}
+        return {"name": self.name, "inputs": list(self.inputs), "after": list(self.after),
+                "params": thaw(self.params), "implemented": self.implemented}
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,17 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
         specs.append(("quantize", ("convert", "calibrate") if calibrated else ("convert",),
                       _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
     specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
-    if "engine" in d:
-        specs.append(("build-engine", ("shard",), thaw(d["engine"])))
-    if "verify" in d and d["verify"]["enabled"]:
+    verified = "verify" in d and d["verify"]["enabled"]
+    if verified:
         # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
         verify_inputs = ("shard", "source", "tokenizer") if d["verify"]["prompts"] else ("shard", "source")
         specs.append(("verify", verify_inputs, _pick(d["verify"], "prompts", "token_ids", "tolerances")))
-    return [Stage(name, inputs, params, name in IMPLEMENTED_STAGES) for name, inputs, params in specs]
+    if "engine" in d:
+        specs.append(("build-engine", ("shard",), thaw(d["engine"])))
+    stages = [Stage(name, inputs, params, name in IMPLEMENTED_STAGES) for name, inputs, params in specs]
+    if verified and "engine" in d:  # the engine waits for verify, whose key it does not include
+        stages[-1] = dataclasses.replace(stages[-1], after=("verify",))
+    return stages
 
 
 def _statistics_family(quant: Mapping[str, Any]) -> list[str]:
@@ -110,6 +117,8 @@ def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = F
         stages = [s for s in stages if s.name != "verify"]
     if until is not None:
         stages = _cut(stages, until)
+    names = {s.name for s in stages}
+    stages = [dataclasses.replace(s, after=tuple(a for a in s.after if a in names)) for s in stages]
     source = locate_source(recipe)
     notes: list[str] = []
     model_checked = False

@@ -44,7 +44,8 @@ def format_plan(plan: Plan, resolved: ResolvedPlan | None = None) -> str:
     width = max(len(s.name) for s in plan.stages)
     indent = " " * (width + 7)
     for index, stage in enumerate(plan.stages, 1):
-        lines.append(f"  {index}. {stage.name:<{width}}  <- {', '.join(stage.inputs)}")
+        after = f"  (after {', '.join(stage.after)})" if stage.after else ""
+        lines.append(f"  {index}. {stage.name:<{width}}  <- {', '.join(stage.inputs)}{after}")
         lines.append(f"{indent}[{_status(plan, resolved, stage.name)}]")
         wrapped = textwrap.wrap(format_params(dict(stage.params)), width=96, break_long_words=False,
                                 break_on_hyphens=False)

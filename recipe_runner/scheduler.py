@@ -212,7 +212,7 @@ def build_graph(resolved: list[ResolvedPlan]) -> dict[str, Job]:
             if key in jobs:
                 jobs[key].users.append(index)
             else:
-                deps = tuple(keys[i] for i in status.stage.inputs if i in keys)
+                deps = tuple(keys[i] for i in (*status.stage.inputs, *status.stage.after) if i in keys)
                 jobs[key] = Job(key, status.stage.name, [index], deps)
     return jobs
 

@@ -60,7 +60,8 @@ def test_plan_text_lists_stages_inputs_and_params(monkeypatch, capsys):
     assert lines[0] == "plan for recipes/llama-3.1-70b-int4-awq-tp2-pp2.yaml"
     stage_lines = [line.strip() for line in lines if line.strip()[:2] in {f"{i}." for i in range(1, 10)}]
     assert [line.split()[1] for line in stage_lines] == ["convert", "calibrate", "quantize", "shard",
-                                                         "build-engine", "verify"]
+                                                         "verify", "build-engine"]
+    assert stage_lines[-1].endswith("<- shard  (after verify)")
     assert "<- source, calibration-data" in stage_lines[1]
     assert "tp_size=2 pp_size=2" in out and "algo=w4a16_awq" in out and "group_size=128" in out
     assert "note: source model not available here" in out
@@ -78,7 +79,7 @@ def test_plan_stages_follow_the_recipe(tmp_path, capsys):
     assert stages("quantization: {kv_cache: fp8, calibration: {dataset: c.txt}}\n") == [
         "convert", "calibrate", "quantize", "shard"]
     engine = "engine: {max_seq_len: 4096}\nverify: {prompts: [hi]}\n"
-    assert stages(engine) == ["convert", "shard", "build-engine", "verify"]
+    assert stages(engine) == ["convert", "shard", "verify", "build-engine"]
     assert stages(engine, "--no-verify") == ["convert", "shard", "build-engine"]
     assert stages(engine, "--until", "checkpoint") == ["convert", "shard"]
 

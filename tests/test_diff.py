@@ -51,8 +51,8 @@ def test_diff_against_a_git_revision(tmp_path, monkeypatch, capsys):
         "  mapping.tp_size: 4 -> 8",
         "stages to rebuild:",
         "  shard         changed: tp_size",
-        "  build-engine  changed: max_batch_size, tokens_per_block",
         "  verify        input rebuilt: shard",
+        "  build-engine  changed: max_batch_size, tokens_per_block",
         "stages reused: convert, quantize",
     ]
 
@@ -66,4 +66,4 @@ def test_description_edit_invalidates_nothing(tmp_path, monkeypatch, capsys):
     code, out, _ = run_cli(capsys, "diff", "recipes/llama-2-13b-sq-tp2.yaml", str(edited))
     assert code == 0
     assert "stages to rebuild: none" in out
-    assert "stages reused: convert, calibrate, quantize, shard, build-engine, verify" in out
+    assert "stages reused: convert, calibrate, quantize, shard, verify, build-engine" in out

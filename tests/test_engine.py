@@ -174,3 +174,19 @@ def test_the_fake_is_not_part_of_the_package():
     package = Path(recipe_runner.__file__).parent
     assert not list(package.rglob("*fake*"))
     assert "fake" not in Path(recipe_runner.__file__).read_text().lower()
+
+
+def test_engine_waits_for_verify_and_is_not_built_when_it_fails(tiny_model, tmp_path, monkeypatch, capsys):
+    install_fake_toolchain(tmp_path / "fake", monkeypatch)
+    recipe = write(tmp_path, "r.yaml", f"recipe_version: 1\nname: tiny\nsource: {{path: {tiny_model('gqa')}}}\n"
+                                       "output: {dir: out}\nengine: {max_seq_len: 256, max_input_len: 128}\n"
+                                       "verify:\n  token_ids: [[1, 2, 3, 4]]\n  tolerances: {max_abs_logit_error: 1.0e-12}\n")
+    code, out, err = _build(capsys, recipe, tmp_path / "cache")
+    assert code == 1
+    assert "max_abs_logit_error" in err
+    assert "[build-engine] running" not in out and not (tmp_path / "out" / "logs" / "build-engine.log").exists()
+    recipe.write_text(recipe.read_text().replace("1.0e-12", "1.0"))
+    code, out, err = _build(capsys, recipe, tmp_path / "cache")
+    assert code == 0, err
+    assert out.index("[verify] running") < out.index("[build-engine] running")
+    assert (tmp_path / "out" / "engine" / "rank0.engine").is_file() and (tmp_path / "out" / "verify" / "verify.json").is_file()

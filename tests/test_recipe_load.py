@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from recipe_runner.errors import RecipeError
+from recipe_runner.plan import STAGE_ORDER
 from recipe_runner.recipe import load_recipe
 from tests.recipe_files import MINIMAL, REPO, run_cli, write
 
@@ -34,7 +35,7 @@ def test_every_shipped_recipe_validates_and_plans(path, monkeypatch, capsys):
     plan = json.loads(out)
     stages = [s["name"] for s in plan["stages"]]
     assert stages[0] == "convert" and "shard" in stages
-    assert stages == sorted(stages, key=["convert", "calibrate", "quantize", "shard", "build-engine", "verify"].index)
+    assert stages == sorted(stages, key=STAGE_ORDER.index)
 
 
 def test_headline_recipe_resolves_through_its_base(monkeypatch):
