@@ -132,8 +132,9 @@ def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = F
 
 
 def _cut(stages: list[Stage], until: str) -> list[Stage]:
-    target = UNTIL_ALIASES.get(until, until)
     names = [s.name for s in stages]
+    # a checkpoint is finished once it is verified (when the recipe verifies it)
+    target = "verify" if until == "checkpoint" and "verify" in names else UNTIL_ALIASES.get(until, until)
     if target not in names:
         choices = ", ".join([*names, *(a for a, t in UNTIL_ALIASES.items() if t in names)])
         raise UserError(f"--until {until}: this recipe has no such stage (its stages: {choices})")

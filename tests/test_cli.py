@@ -81,7 +81,8 @@ def test_plan_stages_follow_the_recipe(tmp_path, capsys):
     engine = "engine: {max_seq_len: 4096}\nverify: {prompts: [hi]}\n"
     assert stages(engine) == ["convert", "shard", "verify", "build-engine"]
     assert stages(engine, "--no-verify") == ["convert", "shard", "build-engine"]
-    assert stages(engine, "--until", "checkpoint") == ["convert", "shard"]
+    assert stages(engine, "--until", "checkpoint") == ["convert", "shard", "verify"]
+    assert stages(engine, "--until", "checkpoint", "--no-verify") == ["convert", "shard"]
 
 
 def test_stage_params_hold_only_their_fields(monkeypatch, capsys):

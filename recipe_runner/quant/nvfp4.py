@@ -1,0 +1,84 @@
+"""NVFP4 (W4A4): E2M1 values, FP8 E4M3 scales per block of 16 input channels, one fp32 global scale.
+
+Formulas (hf-quantized-checkpoint spec §1.4, ModelOpt's NVFP4QTensor, bit-exact there):
+    ws2          = amax / (6·448)                     shared (max) across q/k/v and across gate/up
+    weight_scale = e4m3(clamp(blockamax16 / (6·ws2), 2⁻⁹, 448))            [out, in/16]
+    codes        = e2m1(W / (f32(weight_scale)·ws2))  round to nearest, ties to the even code
+    W           ≈ e2m1_value(codes) · f32(weight_scale) · ws2
+A code is sign·bit3 plus a magnitude index 0..7 → {0, 0.5, 1, 1.5, 2, 3, 4, 6}; two codes per byte
+along the input dim, element 2j in the low nibble. Everything is computed in float32 on CPU.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+MIN_BLOCK_SCALE = 2.0 ** -9
+MIN_AMAX = torch.finfo(torch.float32).tiny
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+# midpoints between consecutive magnitudes; a value exactly on one goes to the even index
+_BOUNDS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
+
+
+def global_scale(amax: float) -> torch.Tensor:
+    """float32 0-dim ws2 (weights) or input_scale (activations) for this absolute maximum."""
+    return torch.tensor(max(float(amax), MIN_AMAX) / (E2M1_MAX * E4M3_MAX), dtype=torch.float32)
+
+
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    out, inp = weight.shape
+    if inp % BLOCK:
+        raise ValueError(f"NVFP4 needs the input dimension ({inp}) to be a multiple of {BLOCK}")
+    return weight.float().reshape(out, inp // BLOCK, BLOCK)
+
+
+def block_scales(weight: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [out, in/16]."""
+    amax = _blocks(weight).abs().amax(dim=2)
+    return (amax / (E2M1_MAX * ws2.float())).clamp(MIN_BLOCK_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 (bit 3 = sign) of float32 `x`, saturated at ±6, ties to the even code."""
+    mag = x.abs().clamp(max=E2M1_MAX)
+    idx = torch.bucketize(mag, _BOUNDS, right=False)  # on a midpoint: the lower index
+    on_bound = (idx < 7) & (idx > 0) & (mag == _BOUNDS[(idx - 1).clamp(min=0)])
+    # bucketize(right=False) puts a value equal to a bound at the lower side; ties go to the even index
+    lower = idx
+    upper = idx + 1
+    tie = (idx < 7) & (mag == _BOUNDS[idx.clamp(max=6)])
+    idx = torch.where(tie & (upper % 2 == 0), upper, lower)
+    del on_bound
+    sign = ((x < 0) & (idx > 0)).to(torch.uint8) << 3
+    return idx.to(torch.uint8) | sign
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    mag = E2M1_VALUES[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -mag, mag)
+
+
+def quantize(weight: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] (unpacked) of `weight` with these block scales and global scale."""
+    denom = scales.float() * ws2.float()
+    return e2m1_codes(_blocks(weight) / denom[:, :, None]).reshape(weight.shape)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    out, inp = codes.shape
+    vals = e2m1_values(codes).reshape(out, inp // BLOCK, BLOCK)
+    return (vals * scales.float()[:, :, None] * ws2.float()).reshape(out, inp)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [out, in] codes -> uint8 [out, in/2]: element 2j low nibble, 2j+1 high nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((packed.shape[0], packed.shape[1] * 2), dtype=torch.uint8)
+    out[:, 0::2] = packed & 0x0F
+    out[:, 1::2] = packed >> 4
+    return out
