@@ -134,6 +134,9 @@ def test_ray_executor_builds_the_same_matrix(tiny_model, tmp_path, monkeypatch):
     try:
         remote = run_builds([make_plan(r) for r in load_recipes(matrix_recipe(tmp_path, model, out="ray"))],
                             store=CacheStore(tmp_path / "c2"), executor=RayExecutor("local", 2), echo=lambda _: None)
+        # inside a Ray task the shard stage sends each rank file out as a Ray task of its own
+        from recipe_runner.stages.shard import _rank_pool
+        assert ray.get(ray.remote(lambda: type(_rank_pool(1)).__name__).remote()) == "_RayRankPool"
     finally:
         ray.shutdown()
     assert not remote.failures and _outputs(local) == _outputs(remote)

@@ -43,14 +43,9 @@ def block_scales(weight: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """uint8 codes 0..15 (bit 3 = sign) of float32 `x`, saturated at ±6, ties to the even code."""
     mag = x.abs().clamp(max=E2M1_MAX)
-    idx = torch.bucketize(mag, _BOUNDS, right=False)  # on a midpoint: the lower index
-    on_bound = (idx < 7) & (idx > 0) & (mag == _BOUNDS[(idx - 1).clamp(min=0)])
-    # bucketize(right=False) puts a value equal to a bound at the lower side; ties go to the even index
-    lower = idx
-    upper = idx + 1
+    idx = torch.bucketize(mag, _BOUNDS, right=False)  # a value on a midpoint gets the lower index
     tie = (idx < 7) & (mag == _BOUNDS[idx.clamp(max=6)])
-    idx = torch.where(tie & (upper % 2 == 0), upper, lower)
-    del on_bound
+    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ties to the even code
     sign = ((x < 0) & (idx > 0)).to(torch.uint8) << 3
     return idx.to(torch.uint8) | sign
 

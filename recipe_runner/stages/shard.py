@@ -16,6 +16,7 @@ import errno
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -221,12 +222,40 @@ def _check_replaceable(out_dir: Path) -> None:
             )
 
 
+class _RayRankPool:
+    """Rank files as Ray tasks, when the shard stage itself runs in a Ray cluster (the temp dir is
+    in the cache, which every node mounts)."""
+
+    def __init__(self, ray):
+        self.remote = ray.remote(write_rank)
+
+    def submit(self, fn, *args):
+        return self.remote.remote(*args).future()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _in_ray_cluster():
+    ray = sys.modules.get("ray")  # imported only by the Ray executor, never here
+    return ray if ray is not None and ray.is_initialized() else None
+
+
+def _rank_pool(workers: int):
+    ray = _in_ray_cluster()
+    if ray is not None:
+        return _RayRankPool(ray)
+    # spawn, not fork: torch's thread pools do not survive fork reliably
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _write_ranks_parallel(manifest: ConvertManifest, source_dir: CheckpointDirs, tmp: Path,
                           out_dir: Path, workers: int, max_block_bytes: int,
                           zero_copy: bool) -> None:
-    # spawn, not fork: torch's thread pools do not survive fork reliably
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with _rank_pool(workers) as pool:
         futures = [pool.submit(write_rank, r, source_dir, tmp, _source_for(manifest, r), out_dir,
                                max_block_bytes, zero_copy) for r in manifest.ranks]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -273,7 +302,7 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
         except OSError as e:
             raise _disk_error(e, out_dir / CONFIG_FILE, 0) from None
         n_workers = min(workers, manifest.world_size)
-        if n_workers == 1:
+        if n_workers == 1 and not (_in_ray_cluster() and manifest.world_size > 1):
             for rank in manifest.ranks:
                 write_rank(rank, source_dir, tmp, _source_for(manifest, rank), out_dir,
                            max_block_bytes, zero_copy)
