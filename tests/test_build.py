@@ -208,3 +208,18 @@ def test_corrupted_cache_entry_is_quarantined_and_not_reused(tiny_model, tmp_pat
     assert actions(build(recipe, store)) == {"convert": "cached", "shard": "ran"}
     code, out, _ = run_cli(capsys, "verify-lock", str(tmp_path / "out" / "recipe.lock"))
     assert code == 0, out
+
+
+def test_cache_ls_and_gc_from_the_command_line(tiny_model, tmp_path, store, capsys):
+    recipe = write_recipe(tmp_path, tiny_model("gqa"))
+    build(recipe, store)
+    code, out, _ = run_cli(capsys, "cache", "ls", "--cache-dir", str(store.root))
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and {line.split()[1] for line in lines[:2]} == {"convert", "shard"}
+    assert lines[-1].startswith("2 entries") and "tiny" in lines[0]
+    code, _, err = run_cli(capsys, "cache", "gc", "--cache-dir", str(store.root))
+    assert code == 2 and "give --max-size SIZE and/or --older-than DAYS" in err
+    code, out, _ = run_cli(capsys, "cache", "gc", "--max-size", "1K", "--cache-dir", str(store.root))
+    assert code == 0 and out.strip() == "removed 2 entries"
+    assert actions(build(recipe, store)) == {"convert": "ran", "shard": "ran"}
