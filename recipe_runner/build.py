@@ -9,6 +9,8 @@ from typing import Callable
 
 from recipe_runner.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
+from recipe_runner.hfexport.export import make_executor
+from recipe_runner.hfexport.targets import EXPORT_STAGES
 from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions, write_lock
 from recipe_runner.plan import Plan
 from recipe_runner.publish import publish_tree
@@ -30,7 +32,8 @@ _WORKAROUND = {
 }
 _REASON_FIELD = {"calibrate": "quantization", "quantize": "quantization.algo", "build-engine": "engine", "verify": "verify"}
 # Which stage's entry is published where in the output directory.
-PUBLISHED = {"shard": "checkpoint", "build-engine": "engine", "verify": "verify"}
+PUBLISHED = {"shard": "checkpoint", "build-engine": "engine", "verify": "verify",
+             "export-hf-modelopt": "hf-modelopt", "export-hf-compressed-tensors": "hf-compressed-tensors"}
 MODEL_FILE = "model.json"
 
 
@@ -99,7 +102,8 @@ def run_shard(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path,
 
 
 EXECUTORS = {"convert": run_convert, "calibrate": run_calibrate, "quantize": run_quantize, "shard": run_shard,
-             "build-engine": run_engine, "verify": run_verify}
+             "build-engine": run_engine, "verify": run_verify,
+             **{stage: make_executor(target, stage) for target, stage in EXPORT_STAGES.items()}}
 
 
 def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,

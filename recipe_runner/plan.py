@@ -10,12 +10,15 @@ from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
+from recipe_runner.hfexport.targets import DEFAULT_TARGETS, EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT
 from recipe_runner.sources import SourceLocation, locate_source
 
 # verify runs before the engine: a checkpoint is proven on CPU before GPU hours go into it
-STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "verify", "build-engine")
+STAGE_ORDER = ("convert", "calibrate", "quantize", "export-hf-modelopt", "export-hf-compressed-tensors", "shard",
+               "verify", "build-engine")
 # Stages this release can execute; the rest are planned but refused by `build`.
-IMPLEMENTED_STAGES = frozenset({"convert", "calibrate", "quantize", "shard", "build-engine", "verify"})
+IMPLEMENTED_STAGES = frozenset({"convert", "calibrate", "quantize", "shard", "build-engine", "verify",
+                                "export-hf-modelopt", "export-hf-compressed-tensors"})
 # `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
 UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
 
@@ -80,16 +83,23 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
             calib["group_size"] = quant["group_size"]
         # the tokenizer turns the calibration texts into the tokens the statistics come from
         specs.append(("calibrate", ("source", "calibration-data", "tokenizer"), calib))
-    if quantized:
+    targets = list(d.get("output", {}).get("targets", DEFAULT_TARGETS))
+    legacy = TRTLLM_CHECKPOINT in targets
+    if quantized and legacy:
         specs.append(("quantize", ("convert", "calibrate") if calibrated else ("convert",),
                       _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
-    specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
-    verified = "verify" in d and d["verify"]["enabled"]
+    # HF targets quantize for their own consumers from the shared convert + calibrate outputs
+    for target in (t for t in HF_TARGETS if t in targets):
+        specs.append((EXPORT_STAGES[target], ("convert", "calibrate") if calibrated else ("convert",),
+                      _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
+    if legacy:
+        specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
+    verified = legacy and "verify" in d and d["verify"]["enabled"]
     if verified:
         # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
         verify_inputs = ("shard", "source", "tokenizer") if d["verify"]["prompts"] else ("shard", "source")
         specs.append(("verify", verify_inputs, _pick(d["verify"], "prompts", "token_ids", "tolerances")))
-    if "engine" in d:
+    if "engine" in d and legacy:
         specs.append(("build-engine", ("shard",), thaw(d["engine"])))
     stages = [Stage(name, inputs, params, name in IMPLEMENTED_STAGES) for name, inputs, params in specs]
     if verified and "engine" in d:  # the engine waits for verify, whose key it does not include
@@ -103,7 +113,7 @@ def _statistics_family(quant: Mapping[str, Any]) -> list[str]:
         families.append("awq")
     elif quant["algo"] in SMOOTHQUANT_ALGOS:
         families.append("smoothquant")
-    elif quant["algo"] == "fp8":
+    elif quant["algo"] in ("fp8", "nvfp4"):
         families.append("amax")
     if quant["kv_cache"] != "none":
         families.append("kv")

@@ -183,7 +183,8 @@ def estimate_memory(resolved: ResolvedPlan, stage: str, workers: int) -> int:
     largest = max(model.vocab_size * model.hidden_size, model.intermediate_size * model.hidden_size) * item
     layer = (4 * model.hidden_size * model.hidden_size + 3 * model.intermediate_size * model.hidden_size) * item
     per_stage = {"convert": GiB // 2, "shard": workers * (2 * largest + GiB),
-                 "calibrate": layer + 2 * GiB, "quantize": layer + 2 * GiB, "verify": layer + largest + GiB}
+                 "calibrate": layer + 2 * GiB, "quantize": layer + 2 * GiB,
+                 "export-hf-modelopt": 2 * largest + GiB, "export-hf-compressed-tensors": 2 * largest + GiB, "verify": layer + largest + GiB}
     return per_stage.get(stage, 1 << 62)  # build-engine: unknown, so it runs alone
 
 

@@ -15,7 +15,8 @@ Finding = tuple[str, str]
 Rule = Callable[[Mapping[str, Any]], Iterator[Finding]]
 
 # Algorithms whose scales come from activation statistics.
-CALIBRATED_ALGOS = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8"}
+CALIBRATED_ALGOS = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8",
+                    "nvfp4"}
 SMOOTHQUANT_ALGOS = {"w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor"}
 
 
@@ -99,6 +100,13 @@ def verify_has_inputs(recipe: Mapping[str, Any]) -> Iterator[Finding]:
         yield "verify", "verification needs inputs: add verify.prompts (text) or verify.token_ids"
 
 
+def output_targets_load(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """Every output target must be loadable by a consumer with the recipe's quantization (hfexport/targets.py)."""
+    from recipe_runner.hfexport.targets import target_findings
+
+    yield from target_findings(recipe)
+
+
 RULES: tuple[Rule, ...] = (
     source_is_local_or_pinned,
     calibration_when_needed,
@@ -107,6 +115,7 @@ RULES: tuple[Rule, ...] = (
     engine_matches_quantization,
     extra_args_known,
     verify_has_inputs,
+    output_targets_load,
 )
 
 
