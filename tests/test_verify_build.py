@@ -14,6 +14,7 @@ from recipe_runner.lock import read_lock
 from recipe_runner.plan import make_plan
 from recipe_runner.recipe import load_recipe
 from tests.recipe_files import run_cli
+from tests.test_build_quantized import write_recipe as write_quantized_recipe
 
 RECIPE = """\
 recipe_version: 1
@@ -98,23 +99,7 @@ def test_verify_key_follows_tokenizer_and_tolerances_only(tiny_model, copy_model
     assert stage.implemented and stage.inputs == ("shard", "source", "tokenizer")
 
 
-QUANTIZED = """\
-recipe_version: 1
-name: tiny-{algo}
-source:
-  path: {model}
-  dtype: float16
-mapping:
-  tp_size: {tp}
-quantization:
-  algo: {algo}
-  kv_cache: {kv}
-  group_size: 64
-  calibration:
-    dataset: calib.txt
-    num_samples: 4
-output:
-  dir: out
+VERIFY_SECTION = """\
 verify:
   prompts: ["The capital of France is", "def fibonacci(n):", "Explain tensor parallelism in one sentence:"]
 """
@@ -131,8 +116,8 @@ def test_quantize_stage_output_passes_its_default_tolerances(tiny_model, tmp_pat
     model = tiny_model("gqa", with_tokenizer=True)
     (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog.\nA recipe is reviewed in git.\n"
                                         "Tensor parallelism splits each weight matrix across GPUs.\n")
-    recipe = tmp_path / "q.yaml"
-    recipe.write_text(QUANTIZED.format(algo=algo, model=model, tp=tp, kv=kv))
+    recipe = write_quantized_recipe(tmp_path, model, tmp_path / "calib.txt", algo=algo, kv=kv, tp=tp)
+    recipe.write_text(recipe.read_text() + VERIFY_SECTION)
     result = build(recipe, tmp_path / "cache")
     report = json.loads((result.output_dir / "verify" / "verify.json").read_text())
     assert report["passed"], report["failures"]
