@@ -9,16 +9,11 @@ from typing import Callable
 
 from recipe_runner.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
-from recipe_runner.hfexport.export import make_executor
 from recipe_runner.hfexport.targets import EXPORT_STAGES
 from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions, write_lock
 from recipe_runner.plan import Plan
 from recipe_runner.publish import publish_tree
 from recipe_runner.resolve import ResolvedPlan, resolve, write_record
-from recipe_runner.stages.calibrate import run_calibrate
-from recipe_runner.stages.engine import run_engine
-from recipe_runner.stages.quantize import run_quantize
-from recipe_runner.stages.verify import run_verify
 from recipe_runner.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
@@ -101,9 +96,26 @@ def run_shard(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path,
     write_checkpoint(manifest, dirs, data_dir, workers=workers)
 
 
-EXECUTORS = {"convert": run_convert, "calibrate": run_calibrate, "quantize": run_quantize, "shard": run_shard,
-             "build-engine": run_engine, "verify": run_verify,
-             **{stage: make_executor(target, stage) for target, stage in EXPORT_STAGES.items()}}
+# Imported when a stage runs: most import torch, which a warm no-op build never needs.
+_EXECUTOR_MODULES = {"calibrate": "recipe_runner.stages.calibrate:run_calibrate",
+                     "quantize": "recipe_runner.stages.quantize:run_quantize",
+                     "build-engine": "recipe_runner.stages.engine:run_engine",
+                     "verify": "recipe_runner.stages.verify:run_verify"}
+
+
+def stage_executor(name: str) -> Callable[[ResolvedPlan, dict[str, Entry], Path, int], None]:
+    """The function that fills a stage's cache entry."""
+    import importlib
+
+    if name in ("convert", "shard"):
+        return {"convert": run_convert, "shard": run_shard}[name]
+    target = next((t for t, stage in EXPORT_STAGES.items() if stage == name), None)
+    if target is not None:
+        from recipe_runner.hfexport.export import make_executor
+
+        return make_executor(target, name)
+    module, function = _EXECUTOR_MODULES[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,
@@ -145,7 +157,7 @@ def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], 
         # Announced here, not before store.build: a concurrent build may finish this key first.
         echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons) or 'forced'}")
         ran.append(True)
-        EXECUTORS[name](resolved, entries, data_dir, workers)
+        stage_executor(name)(resolved, entries, data_dir, workers)
 
     entries[name] = store.build(key.digest, name, produce, recipe=resolved.plan.recipe.name)
     if not ran:

@@ -77,7 +77,7 @@ def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:
 
 def tokenizer_digest(model_dir: Path, store: CacheStore, rehash: bool) -> str:
     """The source's tokenizer files, which "source" (what conversion reads) leaves out."""
-    from recipe_runner.calibration.tokens import tokenizer_files
+    from recipe_runner.hf.files import tokenizer_files
 
     files = store.hash_memo().hash_files(tokenizer_files(model_dir), rehash=rehash, root=model_dir)
     return digest_of_files({n: d.to_dict() for n, d in files.items()})

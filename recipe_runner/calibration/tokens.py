@@ -12,25 +12,7 @@ from pathlib import Path
 import torch
 
 from recipe_runner.errors import UserError
-
-# Files that define a Hugging Face tokenizer; any change to them reruns calibration.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt")
-# At least one of these must exist: the vocabulary itself.
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def tokenizer_files(model_dir: Path) -> list[Path]:
-    return [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
-
-
-def tokenizer_problem(model_dir: Path) -> str | None:
-    """Why `model_dir` has no usable tokenizer, or None."""
-    if any((model_dir / n).is_file() for n in _VOCAB_FILES):
-        return None
-    return (f"the source model directory {model_dir} has no tokenizer ({', '.join(_VOCAB_FILES)}), which "
-            "calibration needs to tokenize its dataset; copy the model's tokenizer files into it")
-
+from recipe_runner.hf.files import TOKENIZER_FILES, tokenizer_files, tokenizer_problem  # noqa: F401
 
 def load_tokenizer(model_dir: Path):
     problem = tokenizer_problem(model_dir)

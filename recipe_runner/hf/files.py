@@ -45,3 +45,22 @@ def weight_files(model_dir: Path) -> list[Path]:
         if (model_dir / single).is_file():
             return [model_dir / single]
     return []
+
+
+# Files that define a Hugging Face tokenizer; any change to them reruns calibration.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt")
+# At least one of these must exist: the vocabulary itself.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_files(model_dir: Path) -> list[Path]:
+    return [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+
+
+def tokenizer_problem(model_dir: Path) -> str | None:
+    """Why `model_dir` has no usable tokenizer, or None."""
+    if any((model_dir / n).is_file() for n in _VOCAB_FILES):
+        return None
+    return (f"the source model directory {model_dir} has no tokenizer ({', '.join(_VOCAB_FILES)}), which "
+            "calibration needs to tokenize its dataset; copy the model's tokenizer files into it")

@@ -78,7 +78,7 @@ def awq_findings(model: ModelConfig, quant: Mapping[str, Any], tp_size: int) -> 
 
 
 def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[Finding]:
-    from recipe_runner.calibration.tokens import tokenizer_problem
+    from recipe_runner.hf.files import tokenizer_problem
     from recipe_runner.recipe.rules import needs_calibration
 
     if needs_calibration(quant):
