@@ -211,7 +211,7 @@ def build(
 
 @app.command("verify")
 def verify_command(
-    checkpoint: Path = typer.Argument(..., help="A TensorRT-LLM LLaMA checkpoint directory (config.json + rank{N}.safetensors), from any tool."),
+    checkpoint: Path = typer.Argument(..., help="A TensorRT-LLM LLaMA checkpoint directory (config.json + rank{N}.safetensors), from any tool, or a quantized HF checkpoint (hf-modelopt, hf-compressed-tensors)."),
     source: Path = typer.Option(..., "--source", help="The Hugging Face model directory the checkpoint was made from."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Text to run, tokenized with the source's tokenizer. Repeatable."),
     token_ids: Optional[List[str]] = typer.Option(None, "--token-ids", help='Comma-separated token ids, e.g. "1,2,3". Repeatable.'),

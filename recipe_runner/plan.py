@@ -16,6 +16,9 @@ from recipe_runner.sources import SourceLocation, locate_source
 # verify runs before the engine: a checkpoint is proven on CPU before GPU hours go into it
 STAGE_ORDER = ("convert", "calibrate", "quantize", "export-hf-modelopt", "export-hf-compressed-tensors", "shard",
                "verify", "build-engine")
+# The stages whose outputs the verify stage checks, in this order; the first one's report is
+# <output>/verify/verify.{json,md}, the others' <output>/verify/<target>/verify.{json,md}.
+VERIFIED_STAGES = ("shard", "export-hf-modelopt", "export-hf-compressed-tensors")
 # Stages this release can execute; the rest are planned but refused by `build`.
 IMPLEMENTED_STAGES = frozenset({"convert", "calibrate", "quantize", "shard", "build-engine", "verify",
                                 "export-hf-modelopt", "export-hf-compressed-tensors"})
@@ -94,10 +97,12 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
                       _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
     if legacy:
         specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
-    verified = legacy and "verify" in d and d["verify"]["enabled"]
+    verified = "verify" in d and d["verify"]["enabled"]
     if verified:
+        # every checkpoint the recipe writes: the rank files, then each HF export (see VERIFIED_STAGES)
+        checked = tuple(s for s in VERIFIED_STAGES if s in {name for name, _, _ in specs})
         # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
-        verify_inputs = ("shard", "source", "tokenizer") if d["verify"]["prompts"] else ("shard", "source")
+        verify_inputs = checked + (("source", "tokenizer") if d["verify"]["prompts"] else ("source",))
         specs.append(("verify", verify_inputs, _pick(d["verify"], "prompts", "token_ids", "tolerances")))
     if "engine" in d and legacy:
         specs.append(("build-engine", ("shard",), thaw(d["engine"])))

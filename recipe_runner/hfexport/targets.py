@@ -79,10 +79,7 @@ def target_findings(recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
                                                "lm_head unquantized; per-module exclusion is not supported for them "
                                                "yet: use exclude_modules: [lm_head]")
     if TRTLLM_CHECKPOINT not in targets:
-        verify = recipe.get("verify")
-        if verify and verify.get("enabled"):
-            yield "verify", ("verify checks the trtllm-checkpoint target, which output.targets does not list; add "
-                             "trtllm-checkpoint to output.targets or set verify.enabled: false")
+        # verify checks every target it finds (trtllm-checkpoint and the HF exports alike)
         if recipe.get("engine"):
             yield "engine", ("an engine is built from the trtllm-checkpoint target, which output.targets does not "
                              "list; add trtllm-checkpoint to output.targets or remove engine")

@@ -1,8 +1,11 @@
-"""Verify stage: prove the shard stage's checkpoint numerically, on CPU, before any engine is built.
+"""Verify stage: prove every checkpoint the recipe writes numerically, on CPU, before any engine is
+built: the shard stage's TensorRT-LLM checkpoint and each HF export (hf-modelopt,
+hf-compressed-tensors), in plan.VERIFIED_STAGES order.
 
-Writes verify.json and verify.md into the stage's entry (published at <output>/verify/); a
-checkpoint out of tolerance raises StageFailed naming each failing figure, and the cache keeps
-nothing, so the next build checks again.
+Writes verify.json and verify.md into the stage's entry (published at <output>/verify/) for the
+first checkpoint, and into <target>/ beneath it for each further one. A checkpoint out of
+tolerance raises StageFailed naming each failing figure (after every checkpoint was checked), and
+the cache keeps nothing, so the next build checks again.
 """
 from __future__ import annotations
 
@@ -15,19 +18,30 @@ if TYPE_CHECKING:
     from recipe_runner.cache import Entry
     from recipe_runner.resolve import ResolvedPlan
 
+# the published folder of each verified stage's output (build.PUBLISHED), as the report names it
+TARGET_OF = {"shard": "trtllm-checkpoint", "export-hf-modelopt": "hf-modelopt",
+             "export-hf-compressed-tensors": "hf-compressed-tensors"}
+
 
 def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
+    from recipe_runner.plan import VERIFIED_STAGES
     from recipe_runner.verify.report import ReportContext, write_report
     from recipe_runner.verify.run import failure_summary, verify_checkpoint
 
     recipe = resolved.plan.recipe
     spec = recipe.data["verify"]
-    result = verify_checkpoint(entries["shard"].path, resolved.source_dir, prompts=list(spec["prompts"]),
-                               token_ids=[list(ids) for ids in spec["token_ids"]],
-                               tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe")
-    context = ReportContext(recipe.name, recipe.canonical_hash(), resolved.status("shard").key.digest)
-    write_report(data_dir, result, context)
-    if not result.passed:
-        raise StageFailed(f"verify: {failure_summary(result)}\n"
+    checked = [s for s in VERIFIED_STAGES if s in entries]
+    failed = []
+    for i, stage in enumerate(checked):
+        result = verify_checkpoint(entries[stage].path, resolved.source_dir, prompts=list(spec["prompts"]),
+                                   token_ids=[list(ids) for ids in spec["token_ids"]],
+                                   tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe")
+        context = ReportContext(recipe.name, recipe.canonical_hash(), resolved.status(stage).key.digest)
+        write_report(data_dir if i == 0 else data_dir / TARGET_OF[stage], result, context)
+        if not result.passed:
+            prefix = f"{TARGET_OF[stage]}: " if len(checked) > 1 else ""
+            failed.append(prefix + failure_summary(result))
+    if failed:
+        raise StageFailed("verify: " + "\n".join(failed) + "\n"
                           f"set verify.tolerances (at {recipe.location('verify')}) only if these figures are "
                           "acceptable for this model; `--no-verify` skips the check")

@@ -47,6 +47,16 @@ def _check_same_model(ckpt: CheckpointConfig, source: ModelConfig, source_dir: P
                         + " (checkpoint vs source)")
 
 
+def _check_same_hf_model(ckpt: ModelConfig, source: ModelConfig, source_dir: Path) -> None:
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim")
+    differ = [f"{n} {getattr(ckpt, n)} vs {getattr(source, n)}" for n in names
+              if getattr(ckpt, n) != getattr(source, n)]
+    if differ:
+        raise UserError(f"the checkpoint was not made from {source_dir}: " + ", ".join(differ)
+                        + " (checkpoint vs source)")
+
+
 def checkpoint_facts(cfg: CheckpointConfig) -> dict[str, object]:
     return {"architecture": cfg.architecture, "dtype": cfg.dtype, "quant_algo": cfg.quant_algo,
             "kv_cache_quant_algo": cfg.kv_cache_quant_algo, "tp_size": cfg.tp_size, "pp_size": cfg.pp_size}
@@ -55,25 +65,37 @@ def checkpoint_facts(cfg: CheckpointConfig) -> dict[str, object]:
 def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: Sequence[str] = (),
                       token_ids: Sequence[Sequence[int]] = (), tolerances: Mapping[str, float] | None = None,
                       tolerances_from: str = "given") -> VerifyResult:
-    """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint) with the HF model in `source_dir`.
+    """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint, or a quantized HF checkpoint in the
+    hf-modelopt / hf-compressed-tensors formats this project writes) with the HF model in `source_dir`.
 
     Raises UserError for bad inputs, CheckpointError (StageFailed) for a checkpoint whose layout
     trtllm-build would reject; a checkpoint out of tolerance is a result with failures.
     """
-    source_dir = Path(source_dir)
-    reference = ReferenceModel(ckpt_dir)  # reads only config.json and safetensors headers
+    from recipe_runner.reference.hf_quantized import HFQuantizedModel, is_hf_checkpoint
+
+    source_dir, ckpt_dir = Path(source_dir), Path(ckpt_dir)
     hf_model = HFLayerwiseModel(source_dir)
-    cfg = reference.config
-    _check_same_model(cfg, hf_model.model_config, source_dir)
-    inputs = prepare_inputs(source_dir, prompts, token_ids, cfg.vocab_size)
+    if is_hf_checkpoint(ckpt_dir):  # a (quantized) Hugging Face checkpoint: hf-modelopt, hf-compressed-tensors
+        reference = HFQuantizedModel(ckpt_dir)  # reads only the configs and safetensors headers
+        _check_same_hf_model(reference.model_config, hf_model.model_config, source_dir)
+        facts = reference.facts()
+        quant_algo, kv_algo = facts["quant_algo"], facts["kv_cache_quant_algo"]
+        vocab_size = reference.model_config.vocab_size
+    else:
+        reference = ReferenceModel(ckpt_dir)  # reads only config.json and safetensors headers
+        cfg = reference.config
+        _check_same_model(cfg, hf_model.model_config, source_dir)
+        facts = checkpoint_facts(cfg)
+        quant_algo, kv_algo = cfg.quant_algo, cfg.kv_cache_quant_algo
+        vocab_size = cfg.vocab_size
+    inputs = prepare_inputs(source_dir, prompts, token_ids, vocab_size)
     sequences = [list(i.token_ids) for i in inputs]
     expected = hf_model.logits(sequences)
     got = reference.logits(sequences)
     figures = compare(expected, got, sequences)
     per_input = tuple(compare([e], [g], [s]) for e, g, s in zip(expected, got, sequences))
-    limits, sources = resolve_tolerances(tolerances or {}, cfg.quant_algo, cfg.kv_cache_quant_algo,
-                                         tolerances_from)
-    return VerifyResult(checkpoint_facts(cfg), tuple(inputs), figures, per_input, limits, sources,
+    limits, sources = resolve_tolerances(tolerances or {}, quant_algo, kv_algo, tolerances_from)
+    return VerifyResult(facts, tuple(inputs), figures, per_input, limits, sources,
                         tuple(check(figures, limits)))
 
 
@@ -81,6 +103,11 @@ def failure_summary(result: VerifyResult) -> str:
     """One paragraph naming every figure out of its limit, for the error a failed check raises."""
     lines = [f"  {f.message} ({result.tolerance_sources[f.limit_name]})" for f in result.failures]
     facts = result.checkpoint
+    if "format" in facts:
+        what = f"{facts['format']} checkpoint ({facts['quant_algo'] or 'unquantized'}" + (
+            f", {facts['kv_cache_quant_algo']} KV cache)" if facts["kv_cache_quant_algo"] else ")")
+        return (f"the {what} does not reproduce the source model's logits on {result.figures.tokens} "
+                f"tokens of {len(result.inputs)} input(s):\n" + "\n".join(lines))
     return (f"the checkpoint ({facts['quant_algo'] or 'unquantized'}, tp_size {facts['tp_size']}, pp_size "
             f"{facts['pp_size']}) does not reproduce the source model's logits on {result.figures.tokens} "
             f"tokens of {len(result.inputs)} input(s):\n" + "\n".join(lines))

@@ -44,14 +44,18 @@ DEFAULTS: dict[str, Tolerances] = {
     "none": Tolerances(0.1, 0.01, 1e-4, 0.98),
     # 0.031 / 0.0052 / 2.1e-5 / 0.97
     "W8A16": Tolerances(0.25, 0.03, 1e-3, 0.85),
-    # 0.55 / 0.094 / 7.3e-3 / 0.59
-    "W4A16": Tolerances(2.0, 0.3, 0.03, 0.3),
-    # group 16 and 64: 0.67 / 0.11 / 9.7e-3 / 0.49
-    "W4A16_AWQ": Tolerances(2.0, 0.3, 0.03, 0.3),
+    # 0.55 / 0.094 / 7.3e-3 / 0.59; hf-compressed-tensors per-channel int4 (quant_model): 0.85 / 0.15 / 0.018 / 0.30
+    "W4A16": Tolerances(2.0, 0.3, 0.03, 0.15),
+    # group 16 and 64: 0.67 / 0.11 / 9.7e-3 / 0.49; HF exports, group 64: 0.99 / 0.15 / 0.018 / 0.24
+    "W4A16_AWQ": Tolerances(2.0, 0.3, 0.03, 0.15),
     # ModelOpt per-channel, plugin per-token and per-tensor: 0.27 / 0.033 / 9.2e-4 / 0.78
     "W8A8_SQ": Tolerances(1.0, 0.15, 0.02, 0.5),
     # 0.32 / 0.047 / 1.9e-3 / 0.73
     "FP8": Tolerances(1.0, 0.15, 0.01, 0.5),
+    # HF targets only (W4A4: E2M1 weights and per-16 dynamic activation blocks). hf-modelopt and
+    # hf-compressed-tensors give identical figures, without / with FP8 KV: 1.05 / 0.156 / 0.020 / 0.41 and
+    # 0.99 / 0.161 / 0.021 / 0.46 (the quant_model test model; ~1.2x the W4A16_AWQ errors of the same model)
+    "NVFP4": Tolerances(3.0, 0.45, 0.06, 0.15),
 }
 # Extra allowance of a quantized KV cache: added to the errors, subtracted from the top-1 floor.
 # alone: INT8 0.031 / 0.0036 / 1.0e-5 / 1.0; FP8 0.080 / 0.0098 / 8.0e-5 / 1.0
