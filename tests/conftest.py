@@ -191,3 +191,20 @@ def calibration(quant_model, calib_file, tmp_path_factory):
     settings = CalibrationSettings("calib.txt", calib_file, num_samples=12, max_seq_len=24, seed=0, batch_size=4,
                                    statistics=("awq", "smoothquant", "kv"), group_size=64)
     return calibrate(quant_model, settings, out), out
+
+
+@pytest.fixture(scope="session")
+def hf_exported(quant_model, calibration, tmp_path_factory):
+    """hf_exported(target, algo, kv): quant_model exported to a Hugging Face target (group 64), once."""
+    from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
+
+    stats, _ = calibration
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def get(target: str, algo: str, kv: str) -> Path:
+        if (target, algo, kv) not in cache:
+            out = tmp_path_factory.mktemp("hf-export")
+            export_checkpoint(quant_model, stats, ExportSettings(target, algo, kv, 64), "float16", out)
+            cache[(target, algo, kv)] = out
+        return cache[(target, algo, kv)]
+    return get

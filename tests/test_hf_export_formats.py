@@ -51,18 +51,9 @@ def expected(target, algo, proj):
     return t if proj in FOLDED else {**t, "pre_quant_scale": (F16, (i,))}
 
 
-@pytest.fixture(scope="module")
-def exported(quant_model, calibration, tmp_path_factory):
-    stats, _ = calibration
-    cache = {}
-
-    def get(target, algo, kv):
-        if (target, algo, kv) not in cache:
-            out = tmp_path_factory.mktemp("hf")
-            export_checkpoint(quant_model, stats, ExportSettings(target, algo, kv, G), "float16", out)
-            cache[(target, algo, kv)] = out
-        return cache[(target, algo, kv)]
-    return get
+@pytest.fixture
+def exported(hf_exported):
+    return hf_exported
 
 
 def _unpack_rows(packed):  # int4 along out, row 2i low nibble, signed

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 
 from recipe_runner.build import run_build
 from recipe_runner.cache import CacheStore
-from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
 from recipe_runner.plan import make_plan
 from recipe_runner.recipe import load_recipe
 from recipe_runner.verify.run import verify_checkpoint
@@ -32,18 +31,9 @@ ALGO = {"fp8": "FP8", "w8a16": "W8A16", "w4a16": "W4A16", "w4a16_awq": "W4A16_AW
         "w8a8_sq_per_channel": "W8A8_SQ_PER_CHANNEL", "w8a8_sq_per_channel_per_token": "W8A8_SQ_PER_CHANNEL_PER_TOKEN"}
 
 
-@pytest.fixture(scope="module")
-def exported(quant_model, calibration, tmp_path_factory):
-    stats, _ = calibration
-    cache = {}
-
-    def get(target, algo, kv):
-        if (target, algo, kv) not in cache:
-            out = tmp_path_factory.mktemp("hfv")
-            export_checkpoint(quant_model, stats, ExportSettings(target, algo, kv, 64), "float16", out)
-            cache[(target, algo, kv)] = out
-        return cache[(target, algo, kv)]
-    return get
+@pytest.fixture
+def exported(hf_exported):
+    return hf_exported
 
 
 @pytest.mark.parametrize("target, algo, kv", PAIRS)

@@ -158,13 +158,18 @@ def read_config(ckpt_dir: Path) -> CheckpointConfig:
     if not path.is_file():
         raise UserError(f"{ckpt_dir}: no config.json; point at a TensorRT-LLM checkpoint directory "
                         "(config.json + rank{N}.safetensors)")
+    return parse_config(read_json_object(path), path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding an object, or a UserError naming it."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(raw, dict):
+    if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a JSON object")
-    return parse_config(raw, path)
+    return data
 
 
 class CheckpointReader:

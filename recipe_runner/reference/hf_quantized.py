@@ -33,6 +33,7 @@ from recipe_runner.errors import StageFailed, UserError
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.reference import numerics as nx
+from recipe_runner.reference.checkpoint import read_json_object
 from recipe_runner.reference.linear import RankLinear
 from recipe_runner.reference.model import rms_norm
 from recipe_runner.reference.rope import Rope, apply_rope
@@ -60,14 +61,6 @@ class HFQuantFormat:
     group_size: int | None = None
 
 
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: must hold a JSON object")
-    return data
 
 
 def is_hf_checkpoint(directory: Path) -> bool:
@@ -84,11 +77,11 @@ def is_hf_checkpoint(directory: Path) -> bool:
 
 def detect_format(directory: Path) -> HFQuantFormat | None:
     """The quantization format of a HF checkpoint directory (None: not quantized)."""
-    config = _json(directory / "config.json")
+    config = read_json_object(directory / "config.json")
     qc = config.get("quantization_config") or {}
     method = qc.get("quant_method")
     if (directory / HF_QUANT_CONFIG).is_file():
-        nested = _json(directory / HF_QUANT_CONFIG).get("quantization") or {}
+        nested = read_json_object(directory / HF_QUANT_CONFIG).get("quantization") or {}
         algo, kv = nested.get("quant_algo"), nested.get("kv_cache_quant_algo")
         if algo not in MODELOPT_ALGOS:
             raise UserError(f"{directory / HF_QUANT_CONFIG}: quant_algo {algo!r} is not supported by verify "
