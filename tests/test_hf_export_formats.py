@@ -179,3 +179,19 @@ def test_big_models_are_split_with_an_index(quant_model, calibration, tmp_path):
     tensors = {k: v for f in files for k, v in load_file(tmp_path / f).items()}
     assert set(tensors) == set(index["weight_map"])
     assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+
+
+@pytest.mark.parametrize("target, algo, kv", [p for p in PAIRS if p[2] == "fp8"])
+def test_fp8_kv_scales_are_post_rope_k_amax_and_v_amax_over_448(exported, calibration, target, algo, kv):
+    """k_scale = amax(K after RoPE)/448 (the key states the cache holds), v_scale = amax(V)/448 (spec §3)."""
+    stats, _ = calibration
+    t = load_file(exported(target, algo, kv) / "model.safetensors")
+    for layer in range(4):
+        pre = f"model.layers.{layer}.self_attn."
+        k_amax = float(stats.k_rope_absmax[layer])
+        assert float(t[pre + "k_proj.k_scale"]) == pytest.approx(k_amax / 448, rel=1e-6)
+        assert float(t[pre + "v_proj.v_scale"]) == pytest.approx(
+            float(stats.linear(layer, "self_attn.v_proj").y_absmax.max()) / 448, rel=1e-6)
+    # the pre-RoPE k_proj amax is not what is written (it differs on this model)
+    assert any(float(t[f"model.layers.{i}.self_attn.k_proj.k_scale"]) * 448 != pytest.approx(
+        float(stats.linear(i, "self_attn.k_proj").y_absmax.max()), rel=1e-6) for i in range(4))

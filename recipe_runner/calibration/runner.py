@@ -128,6 +128,7 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
     reader = SourceCheckpoint(model_dir)
     rotary = rotary_cls(config=config)
     hidden_size = config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or hidden_size // config.num_attention_heads
     total = sum(b.ids.numel() for b in batches) * hidden_size * 4
     states = HiddenStates(total, options.spill_bytes)
     stats = CalibrationStats()
@@ -138,17 +139,22 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
         reader.release()
         for index in range(config.num_hidden_layers):
             layer = build_layer(config, layer_cls, reader, index)
-            collector = LayerCollector(layer, with_mean=options.collect_mean, awq_quota=quota)
+            collector = LayerCollector(layer, with_mean=options.collect_mean, awq_quota=quota, head_dim=head_dim)
             with torch.no_grad():
                 for b, batch in enumerate(batches):
                     collector.mask = batch.mask
                     h = states.get(b)
                     positions = torch.arange(h.shape[1]).unsqueeze(0)
+                    cos_sin = rotary(h, positions)
+                    collector.rope = cos_sin  # K after RoPE = what the attention interface receives
                     out = layer(h, attention_mask=_causal_mask(config, h, positions), position_ids=positions,
-                                position_embeddings=rotary(h, positions))
+                                position_embeddings=cos_sin)
                     states.put(b, out[0] if isinstance(out, tuple) else out)
             for proj, s in collector.close().items():
                 stats.linears[(index, proj)] = s
+            if collector.k_rope_absmax is None:
+                raise RuntimeError("k_proj saw no calibration tokens")
+            stats.k_rope_absmax[index] = collector.k_rope_absmax
             if options.awq_group_size:
                 _awq_search(layer, collector, stats, index, options.awq_group_size)
             del layer, collector

@@ -6,6 +6,9 @@ Per linear (HF module names, e.g. model.layers.3.self_attn.q_proj) over all real
   y_absmax [out]  max |output| per output channel (SmoothQuant static scales, KV cache scales)
   x_absmean [in]  mean |input| per input channel  (AWQ's x̄; collected for the awq family only)
 Per AWQ group (linears sharing an input, named by the first): the searched scales s [in].
+Per layer: k_rope_absmax [] = max |K after RoPE| over real tokens (the key states the attention
+  sees; FP8 KV k_scale of the Hugging Face targets). Stored as layers.<i>.self_attn.k_rope_absmax;
+  artifacts written before it existed simply lack it (readers raise "rebuild" only when it is needed).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 # Linears that read the same input share one AWQ scale (and one SmoothQuant smoother).
 INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+K_ROPE_ABSMAX = "self_attn.k_rope_absmax"  # per-layer tensor name (no linear is called self_attn)
 AWQ_SEARCH_TOKENS = 1024  # tokens per group for the α search (α is one number; s uses every token)
 
 
@@ -48,6 +52,7 @@ class CalibrationStats:
     linears: dict[tuple[int, str], LinearStats] = field(default_factory=dict)
     awq: dict[tuple[int, str], AwqResult] = field(default_factory=dict)  # key: (layer, first projection)
     meta: dict = field(default_factory=dict)
+    k_rope_absmax: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> scalar max |K after RoPE|
 
     def linear(self, layer: int, projection: str) -> LinearStats:
         try:
@@ -55,6 +60,13 @@ class CalibrationStats:
         except KeyError:
             raise UserError(f"the calibration statistics have no entry for layer {layer} {projection}; "
                             "the calibrate stage output does not match this model — rebuild it") from None
+
+    def k_after_rope_amax(self, layer: int) -> float:
+        try:
+            return float(self.k_rope_absmax[layer])
+        except KeyError:
+            raise UserError(f"the calibration statistics have no post-RoPE K amax for layer {layer} (written by "
+                            "an older version); rebuild the calibrate stage") from None
 
     def awq_scales(self, layer: int, projection: str) -> torch.Tensor:
         try:
@@ -91,17 +103,44 @@ class _Accumulator:
         return LinearStats(self.x_absmax, self.y_absmax, mean)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half: [-x2, x1] of the two halves of the last dimension."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def keys_after_rope(k_proj_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """K after RoPE [B, T, n_kv_heads, head_dim] from the k_proj output [B, T, n_kv·head_dim] and the
+    rotary tables cos/sin [B, T, head_dim] (transformers' apply_rotary_pos_emb, rotate-half convention)."""
+    k = k_proj_out.reshape(*k_proj_out.shape[:-1], -1, head_dim)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (k * cos) + (rotate_half(k) * sin)
+
+
 class LayerCollector:
     """Forward hooks on one decoder layer's linears; `mask` selects the real tokens of the batch
     being run. With `awq_quota`, also keeps evenly spaced input rows per input group for the
-    AWQ scale search."""
+    AWQ scale search. With `head_dim`, also records max |K after RoPE| over the real tokens, from
+    the k_proj output and the batch's rotary tables `rope` = (cos, sin), set per batch like `mask`."""
 
-    def __init__(self, layer: torch.nn.Module, *, with_mean: bool, awq_quota: int = 0):
+    def __init__(self, layer: torch.nn.Module, *, with_mean: bool, awq_quota: int = 0, head_dim: int | None = None):
         self.mask: torch.Tensor | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.acc = {p: _Accumulator(with_mean) for p in PROJECTIONS}
         self.awq_quota = awq_quota
         self.samples: dict[str, list[torch.Tensor]] = {g[0]: [] for g in INPUT_GROUPS}
+        self.head_dim = head_dim
+        self.k_rope_absmax: torch.Tensor | None = None
         self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in PROJECTIONS]
+        if head_dim is not None:
+            self._handles.append(layer.get_submodule("self_attn.k_proj").register_forward_hook(self._k_rope_hook))
+
+    def _k_rope_hook(self, module, inputs, output) -> None:
+        assert self.mask is not None and self.rope is not None and self.head_dim is not None
+        cos, sin = self.rope
+        k = keys_after_rope(output.float(), cos.float(), sin.float(), self.head_dim)[self.mask]
+        m = k.abs().amax()
+        self.k_rope_absmax = m if self.k_rope_absmax is None else torch.maximum(self.k_rope_absmax, m)
 
     def _hook(self, projection: str):
         def hook(module, inputs, output) -> None:
@@ -138,6 +177,8 @@ def write_stats(out_dir: Path, stats: CalibrationStats) -> None:
     for (layer, proj), r in sorted(stats.awq.items()):
         tensors[f"layers.{layer}.{proj}.awq_scales"] = r.scales.float().contiguous()
         awq_meta[f"{layer}.{proj}"] = {"alpha": r.alpha, "errors": r.errors}
+    for layer, amax in sorted(stats.k_rope_absmax.items()):
+        tensors[f"layers.{layer}.{K_ROPE_ABSMAX}"] = amax.float().reshape(()).contiguous()
     write_safetensors(out_dir / STATS_FILE, tensors)
     meta = {"format": FORMAT, **stats.meta, "awq": awq_meta}
     (out_dir / META_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n", encoding="utf-8")
@@ -155,7 +196,9 @@ def read_stats(stats_dir: Path) -> CalibrationStats:
         _, layer, rest = name.split(".", 2)
         proj, kind = rest.rsplit(".", 1)
         key = (int(layer), proj)
-        if kind == "awq_scales":
+        if f"{proj}.{kind}" == K_ROPE_ABSMAX:
+            stats.k_rope_absmax[int(layer)] = t
+        elif kind == "awq_scales":
             info = meta["awq"][f"{layer}.{proj}"]
             stats.awq[key] = AwqResult(info["alpha"], t, info["errors"])
         else:

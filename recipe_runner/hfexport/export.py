@@ -155,7 +155,10 @@ class LayerExport:
         else:
             raise ValueError(f"{self.s.target}: algo {algo} cannot be exported")
         if self.s.kv_cache == "fp8" and projection in (hf.K_PROJ, hf.V_PROJ):
-            y = float(self.stats.linear(self.index, projection).y_absmax.max())
+            # k_scale: amax of K after RoPE (the key states the cache holds; RoPE can grow |K| up to √2 over
+            # the k_proj output); v_scale: amax of the v_proj output (V is not rotated)
+            y = (self.stats.k_after_rope_amax(self.index) if projection == hf.K_PROJ
+                 else float(self.stats.linear(self.index, projection).y_absmax.max()))
             out[projection[-6] + "_scale"] = _scalar(max(y, MIN_AMAX) / E4M3_MAX)
         return out
 
