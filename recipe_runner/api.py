@@ -3,12 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipe_runner.errors import UserError
-from recipe_runner.hf.config import read_model_config
-from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.stages.convert import plan_tensors
+from recipe_runner.stages.convert import plan_convert
 from recipe_runner.stages.shard import write_checkpoint
-from recipe_runner.trtllm.mapping import check_mapping
 
 
 def convert(
@@ -27,13 +23,7 @@ def convert(
     dtype "auto" keeps the model's torch_dtype (float32 when config.json has none). Raises
     UserError (SourceModelError for problems with the source) with an actionable message.
     """
-    cfg = read_model_config(model_dir)
-    # mapping problems are reported before the weights are even opened
-    problems = check_mapping(cfg, tp_size, pp_size, use_parallel_embedding,
-                             embedding_sharding_dim)
-    if problems:
-        raise UserError("\n".join(f"{field}: {message}" for field, message in problems))
-    manifest = plan_tensors(cfg, SourceCheckpoint(model_dir), tp_size=tp_size, pp_size=pp_size,
-                            dtype=dtype, use_parallel_embedding=use_parallel_embedding,
+    manifest = plan_convert(model_dir, tp_size=tp_size, pp_size=pp_size, dtype=dtype,
+                            use_parallel_embedding=use_parallel_embedding,
                             embedding_sharding_dim=embedding_sharding_dim)
     return write_checkpoint(manifest, model_dir, out_dir, workers=workers)

@@ -187,6 +187,13 @@ def _rank_tensors(c: _Ctx, pp_rank: int, pp_size: int, layers: list[int]) -> lis
     return plans
 
 
+def require_valid_mapping(model_config: ModelConfig, tp_size: int, pp_size: int, use_parallel_embedding: bool,
+                          embedding_sharding_dim: int) -> None:
+    problems = check_mapping(model_config, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
+    if problems:
+        raise UserError("\n".join(f"{path}: {msg}" for path, msg in problems))
+
+
 def plan_tensors(
     model_config: ModelConfig,
     source: TensorSource,
@@ -207,10 +214,7 @@ def plan_tensors(
     Raises UserError for an invalid mapping or dtype, SourceModelError when `source` does not
     hold the tensors `model_config` implies (checked here with `source.validate`).
     """
-    problems = check_mapping(model_config, tp_size, pp_size, use_parallel_embedding,
-                             embedding_sharding_dim)
-    if problems:
-        raise UserError("\n".join(f"{path}: {msg}" for path, msg in problems))
+    require_valid_mapping(model_config, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
     out_dtype = resolve_dtype(dtype, model_config.torch_dtype)
     source.validate(model_config)
     config = build_checkpoint_config(
@@ -264,6 +268,8 @@ def plan_convert(
 ) -> ConvertManifest:
     """Read config.json, open and validate the weights, and plan the conversion."""
     cfg = read_model_config(model_dir)
+    # mapping problems are reported before the weights are even opened
+    require_valid_mapping(cfg, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
     return plan_tensors(cfg, SourceCheckpoint(model_dir), tp_size=tp_size, pp_size=pp_size,
                         dtype=dtype, use_parallel_embedding=use_parallel_embedding,
                         embedding_sharding_dim=embedding_sharding_dim)
