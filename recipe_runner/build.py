@@ -18,14 +18,6 @@ from recipe_runner.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
 
-# What a user can do about each stage this release cannot run yet.
-_WORKAROUND = {
-    "calibrate": "use quantization.algo none (or w8a16/w4a16) with kv_cache none for now",
-    "quantize": "use quantization.algo none with kv_cache none for now",
-    "build-engine": "stop at the checkpoint with `--until checkpoint` and run trtllm-build yourself",
-    "verify": "skip it with `--no-verify`",
-}
-_REASON_FIELD = {"calibrate": "quantization", "quantize": "quantization.algo", "build-engine": "engine", "verify": "verify"}
 # Which stage's entry is published where in the output directory.
 PUBLISHED = {"shard": "checkpoint", "build-engine": "engine", "verify": "verify",
              "export-hf-modelopt": "hf-modelopt", "export-hf-compressed-tensors": "hf-compressed-tensors"}
@@ -37,20 +29,6 @@ class BuildResult:
     output_dir: Path
     lock_path: Path
     trace: list[dict] = field(default_factory=list)  # one {"stage", "key", "action", "seconds"} per stage
-
-
-def refuse_unimplemented(plan: Plan) -> None:
-    """Fail before any work when the plan needs a stage this release lacks."""
-    missing = [s for s in plan.stages if not s.implemented]
-    if not missing:
-        return
-    recipe = plan.recipe
-    lines = [f"{recipe.path}: this recipe needs stages that recipe-runner cannot run yet:"]
-    for stage in missing:
-        field_name = _REASON_FIELD[stage.name]
-        lines.append(f"  - {stage.name} (required by {field_name} at {recipe.location(field_name)}): "
-                     f"{_WORKAROUND[stage.name]}")
-    raise UserError("\n".join(lines))
 
 
 # ---- stage executors: each fills `data_dir` from its inputs; pure in its key -------------------
@@ -135,8 +113,6 @@ def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, reha
 
 def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, echo: Echo) -> list[ResolvedPlan]:
     """Refuse what cannot run and key every stage, before any stage runs."""
-    for plan in plans:
-        refuse_unimplemented(plan)
     toolchain = None
     if any(plan.stage("build-engine") is not None for plan in plans):  # fail at plan time
         toolchain = require_toolchain()

@@ -19,9 +19,6 @@ STAGE_ORDER = ("convert", "calibrate", "quantize", "export-hf-modelopt", "export
 # The stages whose outputs the verify stage checks, in this order; the first one's report is
 # <output>/verify/verify.{json,md}, the others' <output>/verify/<target>/verify.{json,md}.
 VERIFIED_STAGES = ("shard", "export-hf-modelopt", "export-hf-compressed-tensors")
-# Stages this release can execute; the rest are planned but refused by `build`.
-IMPLEMENTED_STAGES = frozenset({"convert", "calibrate", "quantize", "shard", "build-engine", "verify",
-                                "export-hf-modelopt", "export-hf-compressed-tensors"})
 # `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
 UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
 
@@ -31,12 +28,11 @@ class Stage:
     name: str
     inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data" / "tokenizer"
     params: Mapping[str, Any]  # exactly the recipe fields this stage's result depends on
-    implemented: bool
     after: tuple[str, ...] = ()  # stages that must succeed first without entering the key
 
     def to_dict(self) -> dict:
         return {"name": self.name, "inputs": list(self.inputs), "after": list(self.after),
-                "params": thaw(self.params), "implemented": self.implemented}
+                "params": thaw(self.params)}
 
 
 @dataclass(frozen=True)
@@ -106,7 +102,7 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
         specs.append(("verify", verify_inputs, _pick(d["verify"], "prompts", "token_ids", "tolerances")))
     if "engine" in d and legacy:
         specs.append(("build-engine", ("shard",), thaw(d["engine"])))
-    stages = [Stage(name, inputs, params, name in IMPLEMENTED_STAGES) for name, inputs, params in specs]
+    stages = [Stage(name, inputs, params) for name, inputs, params in specs]
     if verified and "engine" in d:  # the engine waits for verify, whose key it does not include
         stages[-1] = dataclasses.replace(stages[-1], after=("verify",))
     return stages

@@ -19,10 +19,7 @@ def format_params(params: dict) -> str:
     return " ".join(f"{k}={_value(v)}" for k, v in params.items()) or "-"
 
 
-def _status(plan: Plan, resolved: ResolvedPlan | None, name: str) -> str:
-    stage = plan.stage(name)
-    if not stage.implemented:
-        return "not available in this release"
+def _status(resolved: ResolvedPlan | None, name: str) -> str:
     if resolved is None:
         return "key unknown until the source is available"
     status = resolved.status(name)
@@ -46,7 +43,7 @@ def format_plan(plan: Plan, resolved: ResolvedPlan | None = None) -> str:
     for index, stage in enumerate(plan.stages, 1):
         after = f"  (after {', '.join(stage.after)})" if stage.after else ""
         lines.append(f"  {index}. {stage.name:<{width}}  <- {', '.join(stage.inputs)}{after}")
-        lines.append(f"{indent}[{_status(plan, resolved, stage.name)}]")
+        lines.append(f"{indent}[{_status(resolved, stage.name)}]")
         wrapped = textwrap.wrap(format_params(dict(stage.params)), width=96, break_long_words=False,
                                 break_on_hyphens=False)
         lines.extend(f"{indent}{line}" for line in wrapped)

@@ -11,8 +11,6 @@ import os
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 from recipe_runner.build import BuildResult, Echo, execute_stage, finish, prepare
 from recipe_runner.cache import CacheStore, Entry
@@ -260,7 +258,7 @@ def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheSto
     while True:
         for job in jobs.values():
             if job.state == "pending" and any(jobs[d].state in ("failed", "skipped") for d in job.deps):
-                job.state, job.error = "skipped", f"not run: an input stage failed"
+                job.state, job.error = "skipped", "not run: an input stage failed"
         ready = [j for j in jobs.values() if j.state == "pending" and all(jobs[d].state == "done" for d in j.deps)]
         for job in ready if not stopped else []:
             if len(running) >= executor.capacity:

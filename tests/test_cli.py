@@ -103,16 +103,3 @@ def test_until_unknown_stage(tmp_path, capsys):
     assert code == 2
     assert "--until build-engine: this recipe has no such stage (its stages: convert, shard, checkpoint)" in err
 
-
-def test_build_refuses_stages_this_release_lacks_before_any_work(monkeypatch, capsys, tmp_path):
-    # every stage runs now; pretend quantize does not, to check the refusal still comes first
-    import recipe_runner.plan
-
-    monkeypatch.setattr(recipe_runner.plan, "IMPLEMENTED_STAGES", recipe_runner.plan.IMPLEMENTED_STAGES - {"quantize"})
-    monkeypatch.chdir(REPO)
-    code, out, err = run_cli(capsys, "build", "recipes/llama-70b-int8-tp4.yaml", "--set", f"models_dir={tmp_path}")
-    assert code == 2
-    assert "this recipe needs stages that recipe-runner cannot run yet" in err
-    assert "quantize (required by quantization.algo at recipes/llama-70b-int8-tp4.yaml:21:9)" in err
-    assert "build-engine" not in err  # implemented: its own checks come after this refusal
-    assert not (REPO / "build" / "llama-3.1-70b-int8-tp4").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from recipe_runner.errors import UserError
-from recipe_runner.hf.files import TOKENIZER_FILES, tokenizer_files, tokenizer_problem  # noqa: F401
+from recipe_runner.hf.files import tokenizer_problem
 
 def load_tokenizer(model_dir: Path):
     problem = tokenizer_problem(model_dir)

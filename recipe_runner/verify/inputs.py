@@ -35,7 +35,8 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def _tokenize(source_dir: Path, prompts: Sequence[str]) -> list[list[int]]:
-    from recipe_runner.calibration.tokens import load_tokenizer, tokenizer_problem
+    from recipe_runner.calibration.tokens import load_tokenizer
+    from recipe_runner.hf.files import tokenizer_problem
 
     if tokenizer_problem(source_dir):
         raise UserError(f"verify prompts are tokenized with the source model's tokenizer, but {source_dir} has none "
