@@ -10,7 +10,8 @@ from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
-from recipe_runner.hfexport.targets import DEFAULT_TARGETS, EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT
+from recipe_runner.hfexport.targets import (DEFAULT_TARGETS, EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT,
+                                           target_notes)
 from recipe_runner.sources import SourceLocation, locate_source
 
 # verify runs before the engine: a checkpoint is proven on CPU before GPU hours go into it
@@ -90,7 +91,7 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     # HF targets quantize for their own consumers from the shared convert + calibrate outputs
     for target in (t for t in HF_TARGETS if t in targets):
         specs.append((EXPORT_STAGES[target], ("convert", "calibrate") if calibrated else ("convert",),
-                      _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
+                      _pick(quant, "algo", "kv_cache", *_export_knobs(quant["algo"]), "exclude_modules")))
     if legacy:
         specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
     verified = "verify" in d and d["verify"]["enabled"]
@@ -106,6 +107,15 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     if verified and "engine" in d:  # the engine waits for verify, whose key it does not include
         stages[-1] = dataclasses.replace(stages[-1], after=("verify",))
     return stages
+
+
+def _export_knobs(algo: str) -> tuple[str, ...]:
+    """The quantization fields an HF export reads besides algo, kv_cache and exclude_modules."""
+    if algo == "w4a16_awq":
+        return ("group_size",)
+    if algo in SMOOTHQUANT_ALGOS:
+        return ("smoothquant_alpha",)
+    return ()
 
 
 def _statistics_family(quant: Mapping[str, Any]) -> list[str]:
@@ -131,8 +141,8 @@ def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = F
     names = {s.name for s in stages}
     stages = [dataclasses.replace(s, after=tuple(a for a in s.after if a in names)) for s in stages]
     source = locate_source(recipe)
-    notes: list[str] = []
     model_checked = False
+    notes: list[str] = list(target_notes(recipe.data))
     if source.directory is not None and (source.directory / "config.json").is_file():
         check_against_model(recipe, source)
         model_checked = True
@@ -175,19 +185,6 @@ def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     mapping = recipe.data["mapping"]
     findings = list(check_mapping(model, mapping["tp_size"], mapping["pp_size"],
                                   mapping["use_parallel_embedding"], mapping["embedding_sharding_dim"]))
-    quant = recipe.data["quantization"]
-    if quant["algo"] == "w4a16_awq":
-        for dim_name in ("hidden_size", "intermediate_size"):
-            dim = getattr(model, dim_name)
-            if dim % (quant["group_size"] * mapping["tp_size"]):
-                findings.append(("quantization.group_size",
-                                 f"group_size={quant['group_size']} x tp_size={mapping['tp_size']} does not divide "
-                                 f"the model's {dim_name}={dim}; use a group size that does"))
-    if quant["algo"] in SMOOTHQUANT_ALGOS and model.num_key_value_heads < mapping["tp_size"]:
-        findings.append(("mapping.tp_size",
-                         f"SmoothQuant checkpoints cannot duplicate KV heads: tp_size={mapping['tp_size']} exceeds "
-                         f"num_key_value_heads={model.num_key_value_heads}; use tp_size <= "
-                         f"{model.num_key_value_heads} or another algo"))
     from recipe_runner.quant.rules import quantization_findings
 
     findings += quantization_findings(model, recipe.data, source.directory)

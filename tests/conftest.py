@@ -195,16 +195,19 @@ def calibration(quant_model, calib_file, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_exported(quant_model, calibration, tmp_path_factory):
-    """hf_exported(target, algo, kv): quant_model exported to a Hugging Face target (group 64), once."""
+    """hf_exported(target, algo, kv[, exclude]): quant_model exported to a Hugging Face target (group 64),
+    once per argument set; `exclude` is quantization.exclude_modules."""
     from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
 
     stats, _ = calibration
-    cache: dict[tuple[str, str, str], Path] = {}
+    cache: dict[tuple, Path] = {}
 
-    def get(target: str, algo: str, kv: str) -> Path:
-        if (target, algo, kv) not in cache:
+    def get(target: str, algo: str, kv: str, exclude: tuple[str, ...] = ("lm_head",)) -> Path:
+        key = (target, algo, kv, exclude)
+        if key not in cache:
             out = tmp_path_factory.mktemp("hf-export")
-            export_checkpoint(quant_model, stats, ExportSettings(target, algo, kv, 64), "float16", out)
-            cache[(target, algo, kv)] = out
-        return cache[(target, algo, kv)]
+            export_checkpoint(quant_model, stats, ExportSettings(target, algo, kv, 64, exclude_modules=exclude),
+                              "float16", out)
+            cache[key] = out
+        return cache[key]
     return get

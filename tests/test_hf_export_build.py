@@ -62,8 +62,8 @@ def test_hf_only_recipe_needs_no_shard(quant_model, calib_file, tmp_path):
     ("w8a8_sq_per_tensor", "none", "[hf-compressed-tensors]", "use w8a8_sq_per_channel"),
     ("w4a16", "none", "[hf-modelopt]", "use w4a16_awq (TensorRT-LLM)"),
     ("fp8", "none", "[hf-compressed-tensors]", "use output.targets: [hf-modelopt]"),
-    ("none", "fp8", "[hf-modelopt]", "nothing to quantize"),
-    ("none", "none", "[hf-compressed-tensors]", "nothing to quantize"),
+    ("none", "none", "[hf-modelopt]", "nothing to quantize"),
+    ("none", "fp8", "[hf-compressed-tensors]", "target hf-modelopt for a KV-only checkpoint"),
     ("nvfp4", "none", "[trtllm-checkpoint]", "algo nvfp4 is written only as a Hugging Face checkpoint"),
     ("fp8", "int8", "[hf-modelopt]", "an INT8 KV cache has no scales in these formats"),
 ])

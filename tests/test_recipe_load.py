@@ -19,7 +19,8 @@ def test_the_shipped_recipes_are_the_documented_ones():
     for required in ("recipes/llama-70b-int8-tp4.yaml", "recipes/llama-3.1-8b-fp16-tp1.yaml",
                      "recipes/llama-3.1-8b-fp8-tp1.yaml", "recipes/llama-2-13b-sq-tp2.yaml",
                      "recipes/llama-3.1-70b-int4-awq-tp2-pp2.yaml", "recipes/llama-base.yaml",
-                     "recipes/demo/tiny-llama.yaml"):
+                     "recipes/demo/tiny-llama.yaml", "recipes/llama-3.1-8b-fp8-tp1-hf.yaml",
+                     "recipes/llama-3.1-70b-nvfp4-hf.yaml"):
         assert required in names
 
 
@@ -33,7 +34,10 @@ def test_every_shipped_recipe_validates_and_plans(path, monkeypatch, capsys):
     assert code == 0, err
     plan = json.loads(out)
     stages = [s["name"] for s in plan["stages"]]
-    assert stages[0] == "convert" and "shard" in stages
+    recipe = load_recipe(REPO / path)
+    writes = recipe.data.get("output", {}).get("targets", ["trtllm-checkpoint"])
+    assert stages[0] == "convert" and ("shard" in stages) == ("trtllm-checkpoint" in writes)
+    assert all(f"export-{t}" in stages for t in writes if t.startswith("hf-"))
     assert stages == sorted(stages, key=STAGE_ORDER.index)
 
 

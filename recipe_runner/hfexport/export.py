@@ -24,6 +24,7 @@ from recipe_runner.hf import names as hf
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hfexport import configs
+from recipe_runner.hfexport.exclusion import projection_excluded
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
 from recipe_runner.quant import awq, nvfp4, smoothquant as sq
 from recipe_runner.quant.fp8 import E4M3_MAX, MIN_AMAX, quantize_fp8
@@ -46,6 +47,12 @@ class ExportSettings:
     kv_cache: str = "none"
     group_size: int = 128
     smoothquant_alpha: float = 0.5
+    # fnmatch patterns over TensorRT-LLM module names (hfexport/exclusion.py); lm_head is never quantized
+    exclude_modules: tuple[str, ...] = ("lm_head",)
+
+    def quantizes(self, layer: int, projection: str) -> bool:
+        """Whether this projection gets quantized weights (algo none: the KV-only checkpoint)."""
+        return self.algo != "none" and not projection_excluded(self.exclude_modules, layer, projection)
 
 
 def _group(projection: str) -> tuple[str, ...]:
@@ -82,6 +89,8 @@ class LayerExport:
 
     def _group_values(self, group: tuple[str, ...]) -> dict[str, torch.Tensor]:
         algo, target, v = self.s.algo, self.s.target, {}
+        if not self.s.quantizes(self.index, group[0]):  # exclusion never splits a group (plan-time rule)
+            return v
         folded = group in NORMS
         if algo == "w4a16_awq" and (folded or target == HF_MODELOPT):
             v["pqs"] = (1.0 / self.stats.awq_scales(self.index, group[0])).to(self.dtype)
@@ -106,9 +115,8 @@ class LayerExport:
     def norm(self, norm: str) -> torch.Tensor:
         """A norm weight, with the smoothing of the group it feeds folded in (model dtype)."""
         group = next(g for g, n in NORMS.items() if n == norm)
-        if self.s.algo == "w4a16_awq" or self.s.algo.startswith("w8a8_sq"):
-            return self.group(group)["norm"]
-        return self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype)
+        folded = self.group(group).get("norm")
+        return folded if folded is not None else self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype)
 
     def projection(self, projection: str) -> dict[str, torch.Tensor]:
         """suffix -> tensor of one projection (weight, scales, KV scales)."""
@@ -123,7 +131,9 @@ class LayerExport:
         if "pqs" in g:
             w = w / g.get("pqs_eff", g["pqs"].float())[None, :]
         out: dict[str, torch.Tensor] = {}
-        if algo == "fp8":
+        if not self.s.quantizes(self.index, projection):
+            out["weight"] = w.to(self.dtype)
+        elif algo == "fp8":
             ws = _scalar(max(float(w.abs().max()), MIN_AMAX) / E4M3_MAX)
             out.update(weight=quantize_fp8(w, ws), weight_scale=ws, input_scale=g["input_scale"])
         elif algo == "nvfp4":
@@ -195,13 +205,15 @@ def unpack_int32(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 # ---- planning the files --------------------------------------------------------------------------
 
-def _projection_specs(settings: ExportSettings, projection: str, shape: tuple[int, int], dtype: torch.dtype
-                      ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def _projection_specs(settings: ExportSettings, layer: int, projection: str, shape: tuple[int, int],
+                      dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """suffix -> (dtype, shape) of what `LayerExport._compute` returns, known without computing it."""
     o, i = shape
     f32, algo, g = torch.float32, settings.algo, settings.group_size
     ct = settings.target == HF_COMPRESSED_TENSORS
-    if algo == "fp8":
+    if not settings.quantizes(layer, projection):
+        s = {"weight": (dtype, (o, i))}
+    elif algo == "fp8":
         s = {"weight": (torch.float8_e4m3fn, (o, i)), "weight_scale": (f32, ()), "input_scale": (f32, ())}
     elif algo == "nvfp4":
         s = {"weight_scale": (torch.float8_e4m3fn, (o, i // 16))}
@@ -254,7 +266,7 @@ def plan_tensors(reader: SourceCheckpoint, num_layers: int, dtype: torch.dtype, 
             proj = rest.removesuffix(".weight")
             if proj in PROJECTIONS and rest.endswith(".weight"):
                 shape = tuple(reader.shape(name))
-                for suffix, (dt, sh) in _projection_specs(settings, proj, shape, dtype).items():
+                for suffix, (dt, sh) in _projection_specs(settings, layer.index, proj, shape, dtype).items():
                     planned.append(Planned(f"model.layers.{layer.index}.{proj}.{suffix}", dt, sh,
                                            lambda l=layer, p=proj, s=suffix: l.projection(p)[s]))
                 continue
@@ -312,15 +324,17 @@ def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings
         index = {"metadata": {"total_size": sum(p.nbytes for p in planned)},
                  "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    configs.write_configs(source_dir, out_dir, settings, dtype)
+    configs.write_configs(source_dir, out_dir, settings, dtype, cfg.num_hidden_layers)
     for name in COPIED_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
 
 
 def settings_from_params(target: str, params: dict) -> ExportSettings:
-    return ExportSettings(target, params["algo"], params["kv_cache"], params["group_size"],
-                          params.get("smoothquant_alpha", 0.5))
+    defaults = ExportSettings(target, params["algo"])  # the plan passes only the knobs the algo reads
+    return ExportSettings(target, params["algo"], params["kv_cache"], params.get("group_size", defaults.group_size),
+                          params.get("smoothquant_alpha", defaults.smoothquant_alpha),
+                          tuple(params.get("exclude_modules", defaults.exclude_modules)))
 
 
 def make_executor(target: str, stage: str):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from recipe_runner.hf.config import ModelConfig
+from recipe_runner.recipe.rules import SMOOTHQUANT_ALGOS
 from recipe_runner.trtllm import quant as tq
 from recipe_runner.trtllm.mapping import pp_layers
 
@@ -29,7 +30,8 @@ def combination_findings(quant: Mapping[str, Any]) -> Iterator[Finding]:
         yield "quantization.kv_cache", f"algo {quant['algo']} with kv_cache {quant['kv_cache']} is not supported: {reason}"
 
 
-def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int) -> Iterator[Finding]:
+def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int,
+                     writes_trtllm_checkpoint: bool = True) -> Iterator[Finding]:
     """Patterns must match something, the plugin SmoothQuant form cannot exclude layers, and a
     layer-indexed pattern must mean the same with pipeline-local indices (what trtllm-build sees)."""
     field = "quantization.exclude_modules"
@@ -41,12 +43,12 @@ def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int)
             yield field, (f"pattern {p!r} matches no module of this model; patterns are fnmatch patterns over "
                           "TensorRT-LLM module names: lm_head, transformer.layers.<i>.attention.qkv, "
                           "….attention.dense, ….mlp.fc (HF gate_proj), ….mlp.gate (up_proj), ….mlp.proj")
-    if quant["algo"] in tq.SQ_PLUGIN_ALGOS:
+    if quant["algo"] in tq.SQ_PLUGIN_ALGOS and writes_trtllm_checkpoint:
         hit = [m for m in layer_modules if tq.is_excluded(m, patterns)]
         if hit:
             yield field, (f"the SmoothQuant plugin form ({quant['algo']}) quantizes every decoder layer, so "
                           f"{hit[0]} cannot be excluded; use algo w8a8_sq_per_channel to keep layers unquantized")
-    if pp_size > 1 and quant["algo"] != "none":
+    if pp_size > 1 and quant["algo"] != "none" and writes_trtllm_checkpoint:
         yield from _pipeline_findings(model, patterns, pp_size)
 
 
@@ -65,16 +67,22 @@ def _pipeline_findings(model: ModelConfig, patterns: list[str], pp_size: int) ->
                     return
 
 
-def awq_findings(model: ModelConfig, quant: Mapping[str, Any], tp_size: int) -> Iterator[Finding]:
-    """The attention output's input dim (heads × head_dim) must split into whole groups too (the
-    plan's own rule checks hidden_size and intermediate_size)."""
-    if quant["algo"] != "w4a16_awq":
-        return
-    attn = model.num_attention_heads * model.head_dim
-    if attn != model.hidden_size and attn % (quant["group_size"] * tp_size):
-        yield "quantization.group_size", (f"group_size={quant['group_size']} x tp_size={tp_size} does not divide the "
-                                          f"attention width num_attention_heads x head_dim={attn}; use a group size "
-                                          "that does")
+def sharded_quantization_findings(model: ModelConfig, quant: Mapping[str, Any], tp_size: int) -> Iterator[Finding]:
+    """Quantized tensors the trtllm-checkpoint target splits across tp_size ranks: AWQ groups must
+    not straddle ranks in any input width, and SmoothQuant cannot duplicate KV heads."""
+    if quant["algo"] == "w4a16_awq":
+        widths = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size}
+        attn = model.num_attention_heads * model.head_dim
+        if attn != model.hidden_size:
+            widths["attention width num_attention_heads x head_dim"] = attn
+        for name, width in widths.items():
+            if width % (quant["group_size"] * tp_size):
+                yield "quantization.group_size", (f"group_size={quant['group_size']} x tp_size={tp_size} does not "
+                                                  f"divide the model's {name}={width}; use a group size that does")
+    if quant["algo"] in SMOOTHQUANT_ALGOS and model.num_key_value_heads < tp_size:
+        yield "mapping.tp_size", (f"SmoothQuant checkpoints cannot duplicate KV heads: tp_size={tp_size} exceeds "
+                                  f"num_key_value_heads={model.num_key_value_heads}; use tp_size <= "
+                                  f"{model.num_key_value_heads} or another algo")
 
 
 def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[Finding]:
@@ -88,6 +96,11 @@ def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[F
 
 
 def quantization_findings(model: ModelConfig, recipe: Mapping[str, Any], source_dir: Path) -> list[Finding]:
+    from recipe_runner.hfexport.targets import DEFAULT_TARGETS, TRTLLM_CHECKPOINT, model_findings
+
     quant, mapping = recipe["quantization"], recipe["mapping"]
-    return [*combination_findings(quant), *exclude_findings(model, quant, mapping["pp_size"]),
-            *awq_findings(model, quant, mapping["tp_size"]), *tokenizer_findings(source_dir, quant)]
+    legacy = TRTLLM_CHECKPOINT in recipe.get("output", {}).get("targets", DEFAULT_TARGETS)
+    return [*combination_findings(quant), *exclude_findings(model, quant, mapping["pp_size"], legacy),
+            *(sharded_quantization_findings(model, quant, mapping["tp_size"]) if legacy else ()),
+            *model_findings(model, recipe),
+            *tokenizer_findings(source_dir, quant)]

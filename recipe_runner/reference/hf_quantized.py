@@ -13,6 +13,14 @@ Detection (config.json `quantization_config.quant_method`, or hf_quant_config.js
 | ct int-quantized    | weight int8, weight_scale [o,1], input_scale [1] (static) | q·s; x fake-quantized to int8 per tensor (static) or per token (dynamic) |
 | ct nvfp4-pack-quantized | weight_packed uint8 [o,i/2], weight_scale e4m3 [o,i/16], weight_global_scale [1] = 1/ws2, input_global_scale [1] = 1/input_scale | as NVFP4 |
 | FP8 KV cache (both) | k_proj.k_scale [], v_proj.v_scale []                 | K (after rope) and V fake-quantized to FP8 |
+| modelopt KV-only (quant_algo null) | weight in the model dtype          | w, with the FP8 KV cache |
+
+Projections the checkpoint lists as unquantized (hf_quant_config `exclude_modules` / config.json
+`ignore`) are read as plain weights. The list is matched the way each consumer matches it, and the
+readings must agree: TensorRT-LLM fnmatches its own module names, where q/k/v are one `qkv_proj`
+and gate/up one `gate_up_proj`; vLLM matches each HF projection (exactly or by fnmatch for
+modelopt, exactly or by `re:` regex for compressed-tensors) and needs the members of a fused group
+to agree.
 
 The weight layouts are read here independently of the exporter (hfexport/export.py): a packing or
 scale mistake there shows up in the logits instead of being undone by shared code. Only the
@@ -23,7 +31,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +56,11 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 NVFP4_BLOCK = 16
 MODELOPT_ALGOS = ("FP8", "W8A16", "W4A16_AWQ", "NVFP4")
+# the module TensorRT-LLM's PyTorch backend builds for each HF projection (fused names, spec §2.1)
+TRTLLM_MODULE = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
+                 "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj",
+                 "mlp.up_proj": "mlp.gate_up_proj", "self_attn.o_proj": "self_attn.o_proj",
+                 "mlp.down_proj": "mlp.down_proj"}
 
 
 class HFCheckpointError(StageFailed):
@@ -55,10 +70,41 @@ class HFCheckpointError(StageFailed):
 @dataclass(frozen=True)
 class HFQuantFormat:
     target: str  # hf-modelopt / hf-compressed-tensors
-    quant_algo: str  # FP8, W8A16, W4A16, W4A16_AWQ, NVFP4, W8A8_SQ_PER_CHANNEL[_PER_TOKEN]
+    # FP8, W8A16, W4A16, W4A16_AWQ, NVFP4, W8A8_SQ_PER_CHANNEL[_PER_TOKEN]; None: KV-only
+    quant_algo: str | None
     kv_cache_quant_algo: str | None  # FP8 or None
     bits: int | None = None  # pack-quantized
     group_size: int | None = None
+    exclude: tuple[str, ...] = ()  # exclude_modules / ignore, as written
+
+    def _vllm_excludes(self, module: str) -> bool:
+        if self.target == HF_COMPRESSED_TENSORS:
+            return any(module == p or (p.startswith("re:") and re.match(p[3:], module)) for p in self.exclude)
+        return any(module == p or fnmatchcase(module, p) for p in self.exclude)
+
+    def quantized_projections(self, layer: int) -> dict[str, bool]:
+        """HF projection -> whether its weights are quantized, as both consumers read the exclusion list;
+        raises HFCheckpointError where they would disagree or a fused group is split."""
+        if self.quant_algo is None:
+            return {p: False for p in PROJECTIONS}
+        pre = f"model.layers.{layer}."
+        vllm = {p: not self._vllm_excludes(pre + p) for p in PROJECTIONS}
+        result = {}
+        for p in PROJECTIONS:
+            fused = [q for q in PROJECTIONS if TRTLLM_MODULE[q] == TRTLLM_MODULE[p]]
+            if len({vllm[q] for q in fused}) > 1:
+                raise HFCheckpointError(f"the exclusion list splits {pre}{TRTLLM_MODULE[p]}: "
+                                        f"{', '.join(q for q in fused if not vllm[q])} excluded, the rest not; "
+                                        "the consumers fuse these projections and need them alike")
+            result[p] = vllm[p]
+            if self.target == HF_MODELOPT:
+                trtllm = not any(fnmatchcase(pre + TRTLLM_MODULE[p], x) for x in self.exclude)
+                if trtllm != vllm[p]:
+                    raise HFCheckpointError(
+                        f"exclude_modules {'lists' if not vllm[p] else 'does not list'} {pre}{p} but "
+                        f"{'does not match' if trtllm else 'matches'} {pre}{TRTLLM_MODULE[p]}, the module "
+                        "TensorRT-LLM's PyTorch backend builds: it and vLLM would quantize different layers")
+        return result
 
 
 
@@ -83,17 +129,19 @@ def detect_format(directory: Path) -> HFQuantFormat | None:
     if (directory / HF_QUANT_CONFIG).is_file():
         nested = read_json_object(directory / HF_QUANT_CONFIG).get("quantization") or {}
         algo, kv = nested.get("quant_algo"), nested.get("kv_cache_quant_algo")
-        if algo not in MODELOPT_ALGOS:
+        if algo not in (*MODELOPT_ALGOS, None):
             raise UserError(f"{directory / HF_QUANT_CONFIG}: quant_algo {algo!r} is not supported by verify "
-                            f"(supported: {', '.join(MODELOPT_ALGOS)})")
+                            f"(supported: {', '.join(MODELOPT_ALGOS)}, or null with an FP8 KV cache)")
         if kv not in (None, "FP8"):
             raise UserError(f"{directory / HF_QUANT_CONFIG}: kv_cache_quant_algo {kv!r} is not supported (FP8)")
-        return HFQuantFormat(HF_MODELOPT, algo, kv, group_size=nested.get("group_size"))
+        return HFQuantFormat(HF_MODELOPT, algo, kv, group_size=nested.get("group_size"),
+                             exclude=tuple(nested.get("exclude_modules") or ()))
     if method == "modelopt":
         algo = qc.get("quant_algo")
-        if algo not in MODELOPT_ALGOS:
+        if algo not in (*MODELOPT_ALGOS, None):
             raise UserError(f"{directory / 'config.json'}: modelopt quant_algo {algo!r} is not supported by verify")
-        return HFQuantFormat(HF_MODELOPT, algo, "FP8" if qc.get("kv_cache_scheme") else None)
+        return HFQuantFormat(HF_MODELOPT, algo, "FP8" if qc.get("kv_cache_scheme") else None,
+                             exclude=tuple(qc.get("ignore") or ()))
     if method == "compressed-tensors":
         return _compressed_tensors_format(directory, qc)
     if method is not None:
@@ -112,8 +160,9 @@ def _compressed_tensors_format(directory: Path, qc: dict) -> HFQuantFormat:
     weights, acts = group.get("weights") or {}, group.get("input_activations")
     fmt = qc.get("format") or group.get("format")
     kv = "FP8" if qc.get("kv_cache_scheme") else None
+    ignore = tuple(qc.get("ignore") or ())
     if fmt == "nvfp4-pack-quantized":
-        return HFQuantFormat(HF_COMPRESSED_TENSORS, "NVFP4", kv, 4, NVFP4_BLOCK)
+        return HFQuantFormat(HF_COMPRESSED_TENSORS, "NVFP4", kv, 4, NVFP4_BLOCK, ignore)
     if fmt == "pack-quantized":
         bits = int(weights.get("num_bits", 0))
         if bits not in (4, 8) or acts:
@@ -121,13 +170,14 @@ def _compressed_tensors_format(directory: Path, qc: dict) -> HFQuantFormat:
                             "(int4/int8 weight-only)")
         grouped = weights.get("strategy") == "group"
         algo = "W8A16" if bits == 8 else "W4A16_AWQ" if grouped else "W4A16"
-        return HFQuantFormat(HF_COMPRESSED_TENSORS, algo, kv, bits, weights.get("group_size") if grouped else None)
+        return HFQuantFormat(HF_COMPRESSED_TENSORS, algo, kv, bits, weights.get("group_size") if grouped else None,
+                             ignore)
     if fmt == "int-quantized":
         if not acts or int(weights.get("num_bits", 0)) != 8:
             raise UserError(f"{where}: int-quantized without int8 W8A8 schemes is not supported by verify")
         dynamic = acts.get("dynamic") or acts.get("strategy") == "token"
-        return HFQuantFormat(HF_COMPRESSED_TENSORS,
-                             "W8A8_SQ_PER_CHANNEL_PER_TOKEN" if dynamic else "W8A8_SQ_PER_CHANNEL", kv, 8)
+        algo = "W8A8_SQ_PER_CHANNEL_PER_TOKEN" if dynamic else "W8A8_SQ_PER_CHANNEL"
+        return HFQuantFormat(HF_COMPRESSED_TENSORS, algo, kv, 8, exclude=ignore)
     raise UserError(f"{where}: compressed-tensors format {fmt!r} is not supported by verify (supported: "
                     "pack-quantized, int-quantized, nvfp4-pack-quantized)")
 
@@ -180,7 +230,7 @@ class _Tensors:
         name = self.prefix + suffix
         if name not in self.reader:
             raise HFCheckpointError(f"{self.reader.model_dir}: tensor '{name}' is missing; {self.fmt.target} "
-                                    f"{self.fmt.quant_algo} needs it")
+                                    f"{self.fmt.quant_algo or 'unquantized'} needs it")
         return self.reader.read(name)
 
     def fail(self, suffix: str, why: str) -> HFCheckpointError:
@@ -257,6 +307,16 @@ def quantized_linear(fmt: HFQuantFormat, t: _Tensors, out_features: int, in_feat
     return RankLinear(weight, bias, pre, act)
 
 
+def plain_linear(t: _Tensors, out_features: int, in_features: int) -> RankLinear:
+    """A projection left in the model dtype (unquantized source, KV-only, or excluded)."""
+    w = t.need("weight")
+    if not w.dtype.is_floating_point or w.dtype.itemsize < 2 or tuple(w.shape) != (out_features, in_features):
+        raise t.fail("weight", f"is {w.dtype} {list(w.shape)}; an unquantized projection needs a 16/32-bit float "
+                     f"[{out_features}, {in_features}] weight")
+    bias = t.get("bias")
+    return RankLinear(w.to(torch.float32), bias.to(torch.float32) if bias is not None else None)
+
+
 def _group_scales(t: _Tensors, out_features: int, in_features: int) -> torch.Tensor:
     s = t.need("weight_scale").to(torch.float32)
     if s.dim() == 1:
@@ -319,14 +379,10 @@ class HFQuantizedModel:
                 "mlp.up_proj": (c.intermediate_size, c.hidden_size),
                 "mlp.down_proj": (c.hidden_size, c.intermediate_size)}
         linears = {}
+        quantized = fmt.quantized_projections(index) if fmt else dict.fromkeys(dims, False)
         for proj, (o, i) in dims.items():
-            t = _Tensors(self.reader, f"{pre}{proj}.", fmt or HFQuantFormat("hf", "none", None))
-            if fmt is None:
-                bias = t.get("bias")
-                linears[proj] = RankLinear(self._read(f"{pre}{proj}.weight"),
-                                           bias.to(torch.float32) if bias is not None else None)
-            else:
-                linears[proj] = quantized_linear(fmt, t, o, i)
+            t = _Tensors(self.reader, f"{pre}{proj}.", fmt or HFQuantFormat("hf", None, None))
+            linears[proj] = quantized_linear(fmt, t, o, i) if quantized[proj] else plain_linear(t, o, i)
         k_scale = v_scale = None
         if fmt is not None and fmt.kv_cache_quant_algo == "FP8":
             k_scale = _scalar(_Tensors(self.reader, f"{pre}self_attn.k_proj.", fmt), "k_scale")
