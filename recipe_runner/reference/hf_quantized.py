@@ -367,7 +367,8 @@ class HFQuantizedModel:
             raise HFCheckpointError(f"{self.dir}: tensor '{name}' is missing")
         return self.reader.read(name).to(torch.float32)
 
-    def _layer(self, index: int) -> HFLayer:
+    def layer(self, index: int) -> HFLayer:
+        """Decoder layer `index` as its consumer computes it (weights dequantized to float32)."""
         c, fmt = self.model_config, self.format
         pre = f"model.layers.{index}."
         d = c.head_dim
@@ -421,7 +422,7 @@ class HFQuantizedModel:
             hidden = [table[torch.tensor(seq)] for seq in sequences]
             del table
             for index in range(c.num_hidden_layers):
-                layer = self._layer(index)
+                layer = self.layer(index)
                 hidden = [self._decoder(layer, h) for h in hidden]
                 del layer
                 self.reader.release()
