@@ -1,13 +1,16 @@
-"""Benchmark: calibrate + quantize + shard a synthetic model with Llama-3.1-70B shapes.
+"""Benchmark: calibrate + quantize + shard (and the Hugging Face exports) of a synthetic model with
+Llama-3.1-70B shapes.
 
     python bench/quantize.py [--layers 1] [--tp 2] [--samples 16] [--seq-len 128]
                              [--algos w8a16,w8a8_sq_per_channel_per_token]
+                             [--exports hf-modelopt:nvfp4,hf-compressed-tensors:w4a16_awq]
 
 Writes the bf16 HF-style source of bench/convert.py (hidden 8192, intermediate 28672, 64 heads,
 8 KV heads, vocab 128256; --layers layers) plus a tiny tokenizer (recipe_runner.demo) and a
 calibration .txt into a temp dir under /tmp. Then, per algo, each stage runs in its own child
-process (calibrate when the algo needs it, quantize, shard), timed, with the child's peak RSS
-(VmHWM). Target: peak RSS under one decoder layer's float32 weights + 2 GiB. Removes everything.
+process (calibrate when the algo needs it, then quantize and shard for --algos, or the export
+stage of the target for --exports), timed, with the child's peak RSS (VmHWM). Target: peak RSS
+under one decoder layer's float32 weights + 2 GiB. Removes everything.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert import SHAPES, make_source  # noqa: E402  (bench/convert.py)
+from convert import SHAPES, make_source, timed  # noqa: E402  (bench/convert.py)
 
 GiB = 1024**3
-CALIBRATED = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8"}
+CALIBRATED = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8",
+              "nvfp4"}
 
 CHILD = """
 import json, sys, time
@@ -34,7 +38,8 @@ t = time.perf_counter()
 src = Path(args["src"])
 if args["phase"] == "calibrate":
     from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
-    family = ["awq"] if args["algo"] == "w4a16_awq" else ["amax"] if args["algo"] == "fp8" else ["smoothquant"]
+    family = (["awq"] if args["algo"] == "w4a16_awq" else ["amax"] if args["algo"] in ("fp8", "nvfp4")
+              else ["smoothquant"])
     settings = CalibrationSettings("calib.txt", Path(args["calib"]), num_samples=args["samples"],
                                    max_seq_len=args["seq_len"], batch_size=args["batch"], statistics=tuple(family),
                                    group_size=128)
@@ -44,6 +49,11 @@ elif args["phase"] == "quantize":
     from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
     stats = read_stats(Path(args["stats"])) if args["stats"] else None
     quantize_checkpoint(src, stats, QuantSettings(args["algo"]), "bfloat16", Path(args["out"]))
+elif args["phase"] == "export":
+    from recipe_runner.calibration.stats import read_stats
+    from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
+    stats = read_stats(Path(args["stats"])) if args["stats"] else None
+    export_checkpoint(src, stats, ExportSettings(args["target"], args["algo"]), "bfloat16", Path(args["out"]))
 else:
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.layered import open_checkpoint
@@ -88,7 +98,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--algos", default="w8a16,w8a8_sq_per_channel_per_token")
+    ap.add_argument("--algos", default="w8a16,w8a8_sq_per_channel_per_token",
+                    help="algos for the trtllm-checkpoint target (quantize + shard)")
+    ap.add_argument("--exports", default="hf-modelopt:nvfp4,hf-compressed-tensors:w4a16_awq",
+                    help="target:algo pairs for the Hugging Face targets (export stage)")
     ap.add_argument("--tmp", default="/tmp")
     args = ap.parse_args()
 
@@ -105,9 +118,14 @@ def main() -> None:
               f"generated in {time.perf_counter() - t:.1f} s; calibration: {args.samples} samples x <= "
               f"{args.seq_len} tokens, batch {args.batch}")
         target = layer_fp32_bytes() + 2 * GiB
+        cp_wall, _ = timed([["sync"]], [["cp", "-r", str(src), str(root / "cp")]], [["sync"]])
+        shutil.rmtree(root / "cp")
+        print(f"cp -r of the source: {cp_wall:.2f} s (the export stages write about as many bytes or fewer)")
         peak_all = 0
-        for algo in args.algos.split(","):
-            out = root / algo
+        jobs = [("trtllm-checkpoint", a) for a in args.algos.split(",") if a]
+        jobs += [tuple(pair.split(":")) for pair in args.exports.split(",") if pair]
+        for output_target, algo in jobs:
+            out = root / f"{output_target}-{algo}"
             out.mkdir()
             phases = {}
             stats_dir = ""
@@ -117,12 +135,18 @@ def main() -> None:
                                                 samples=args.samples, seq_len=args.seq_len, batch=args.batch,
                                                 out=str(out / "stats"))
                 stats_dir = str(out / "stats")
-            (out / "quant").mkdir()
-            phases["quantize"] = run_phase(phase="quantize", algo=algo, src=str(src), stats=stats_dir,
-                                           out=str(out / "quant"))
-            phases["shard"] = run_phase(phase="shard", src=str(src), quant=str(out / "quant"), tp=args.tp,
-                                        out=str(out / "ckpt"))
-            print(f"{algo} (tp={args.tp}):")
+            if output_target == "trtllm-checkpoint":
+                (out / "quant").mkdir()
+                phases["quantize"] = run_phase(phase="quantize", algo=algo, src=str(src), stats=stats_dir,
+                                               out=str(out / "quant"))
+                phases["shard"] = run_phase(phase="shard", src=str(src), quant=str(out / "quant"), tp=args.tp,
+                                            out=str(out / "ckpt"))
+                print(f"{algo} (tp={args.tp}):")
+            else:
+                (out / "export").mkdir()
+                phases["export"] = run_phase(phase="export", algo=algo, target=output_target, src=str(src),
+                                             stats=stats_dir, out=str(out / "export"))
+                print(f"{algo} as {output_target} ({phases['export']['wall'] / cp_wall:.1f} x cp):")
             for name, s in phases.items():
                 print(f"  {name:<10} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s)   "
                       f"peak RSS {s['vmhwm'] / GiB:5.2f} GiB")

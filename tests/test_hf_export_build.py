@@ -59,6 +59,8 @@ def test_hf_only_recipe_needs_no_shard(quant_model, calib_file, tmp_path):
      "hf.yaml:6:9: quantization.algo: output target hf-modelopt with algo w8a8_sq_per_channel: TensorRT-LLM's "
      "PyTorch backend rejects SmoothQuant"),
     ("w8a8_sq_per_tensor", "none", "[hf-modelopt]", "use target hf-compressed-tensors"),
+    ("w8a8_sq_per_channel_per_token", "fp8", "[hf-modelopt]", "vLLM's modelopt loader accepts only FP8/NVFP4"),
+    ("none", "none", "[hf-compressed-tensors]", "nothing to quantize"),
     ("w8a8_sq_per_tensor", "none", "[hf-compressed-tensors]", "use w8a8_sq_per_channel"),
     ("w4a16", "none", "[hf-modelopt]", "use w4a16_awq (TensorRT-LLM)"),
     ("fp8", "none", "[hf-compressed-tensors]", "use output.targets: [hf-modelopt]"),

@@ -195,3 +195,24 @@ def test_fp8_kv_scales_are_post_rope_k_amax_and_v_amax_over_448(exported, calibr
     # the pre-RoPE k_proj amax is not what is written (it differs on this model)
     assert any(float(t[f"model.layers.{i}.self_attn.k_proj.k_scale"]) * 448 != pytest.approx(
         float(stats.linear(i, "self_attn.k_proj").y_absmax.max()), rel=1e-6) for i in range(4))
+
+
+@pytest.mark.parametrize("target, algo", [("hf-modelopt", "nvfp4"), ("hf-compressed-tensors", "w4a16"),
+                                          ("hf-compressed-tensors", "w8a8_sq_per_channel")])
+def test_row_chunking_and_dtype_cast_leave_the_bytes_unchanged(quant_model, calibration, tmp_path, monkeypatch,
+                                                               target, algo):
+    """Quantization and source copies run in row chunks (bounded memory): tiny chunks give the same files,
+    and a dtype change casts the copied tensors (fp16 source → bf16 checkpoint)."""
+    from recipe_runner.quant import chunks
+
+    stats, _ = calibration
+    settings = ExportSettings(target, algo, "none", G)
+    (tmp_path / "a").mkdir()
+    export_checkpoint(quant_model, stats, settings, "bfloat16", tmp_path / "a")
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1000)  # 7 rows of 128 inputs, 3 of 256
+    (tmp_path / "b").mkdir()
+    export_checkpoint(quant_model, stats, settings, "bfloat16", tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    t, src = load_file(tmp_path / "b" / "model.safetensors"), load_hf_tensors(quant_model)
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        assert t[name].dtype == torch.bfloat16 and torch.equal(t[name], src[name].to(torch.bfloat16))

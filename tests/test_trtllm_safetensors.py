@@ -49,6 +49,21 @@ def test_header_known_before_data():
     assert len(layout.prefix) % 8 == 0 and layout.file_size == len(layout.prefix) + 28
 
 
+def test_keep_order_writes_the_given_order_and_loads_the_same(tmp_path):
+    tensors = sample()
+    names = ["z", "i8", "w16", "scalar", "f8", "wbf", "w32"]
+    specs = [TensorSpec(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
+    path = tmp_path / "kept.safetensors"
+    with SafetensorsStreamWriter(path, specs, keep_order=True) as w:
+        assert [s.name for s in w.layout.order] == names
+        for n in names:
+            w.write(n, tensors[n])
+    loaded = load_file(path)
+    assert [n for n, _ in sorted(w.layout.offsets.items(), key=lambda kv: kv[1])] == names
+    assert all(torch.equal(loaded[n].reshape(-1).view(torch.uint8), tensors[n].reshape(-1).view(torch.uint8))
+               for n in names)
+
+
 def test_blocks_stream_into_one_tensor(tmp_path):
     t = torch.arange(40, dtype=torch.float32).reshape(10, 4)
     path = tmp_path / "x.safetensors"

@@ -12,10 +12,11 @@ from the hf-quantized-checkpoint spec §1.3, §1.4, §2.3 and §3.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -27,9 +28,11 @@ from recipe_runner.hfexport import configs
 from recipe_runner.hfexport.exclusion import projection_excluded
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
 from recipe_runner.quant import awq, nvfp4, smoothquant as sq
+from recipe_runner.quant.chunks import row_slices
 from recipe_runner.quant.fp8 import E4M3_MAX, MIN_AMAX, quantize_fp8
+from recipe_runner.quant.reductions import absmax
 from recipe_runner.quant.packing import pack_int4_rows
-from recipe_runner.trtllm.safetensors_writer import SafetensorsStreamWriter, TensorSpec
+from recipe_runner.trtllm.safetensors_writer import Block, SafetensorsStreamWriter, TensorSpec
 
 MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (spec §1.2)
 INDEX_FILE = "model.safetensors.index.json"
@@ -72,10 +75,16 @@ class LayerExport:
         self._groups: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None
 
-    def weight(self, projection: str) -> torch.Tensor:
-        w = self.reader.read(hf.layer_tensor(self.index, projection + ".weight"))
-        self.reader.release()
-        return w.to(self.dtype).float()
+    def weight(self, projection: str, cast: bool = True) -> torch.Tensor:
+        """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is
+        false; read in row chunks, so only the float32 result is as big as the weight."""
+        name = hf.layer_tensor(self.index, projection + ".weight")
+        rows, cols = self.reader.shape(name)
+        w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
+        for chunk in row_slices(rows, cols):
+            w[chunk] = self.reader.read(name, 0, chunk.start, chunk.stop).to(self.dtype)
+            self.reader.release()
+        return w
 
     def x_amax(self, projection: str) -> torch.Tensor:
         assert self.stats is not None, "calibration statistics needed"
@@ -105,7 +114,7 @@ class LayerExport:
         if algo == "fp8":
             v["input_scale"] = _scalar(max(float(self.x_amax(group[0]).max()), MIN_AMAX) / E4M3_MAX)
         elif algo == "nvfp4":
-            v["ws2"] = nvfp4.global_scale(max(float(self.weight(p).abs().max()) for p in group))
+            v["ws2"] = nvfp4.global_scale(max(float(absmax(self.weight(p, cast=False))) for p in group))
             v["input_scale"] = nvfp4.global_scale(float(self.x_amax(group[0]).max()))
         elif algo == "w8a8_sq_per_channel":
             x = self.x_amax(group[0]) * (v["pqs_eff"] if "pqs_eff" in v else 1.0)
@@ -129,12 +138,12 @@ class LayerExport:
         g = self.group(_group(projection))
         w = self.weight(projection)
         if "pqs" in g:
-            w = w / g.get("pqs_eff", g["pqs"].float())[None, :]
+            w /= g.get("pqs_eff", g["pqs"].float())[None, :]
         out: dict[str, torch.Tensor] = {}
         if not self.s.quantizes(self.index, projection):
             out["weight"] = w.to(self.dtype)
         elif algo == "fp8":
-            ws = _scalar(max(float(w.abs().max()), MIN_AMAX) / E4M3_MAX)
+            ws = _scalar(max(float(absmax(w)), MIN_AMAX) / E4M3_MAX)
             out.update(weight=quantize_fp8(w, ws), weight_scale=ws, input_scale=g["input_scale"])
         elif algo == "nvfp4":
             scales = nvfp4.block_scales(w, g["ws2"])
@@ -149,13 +158,13 @@ class LayerExport:
             out.update(_pack_quantized(w, PACK_BITS[algo], self.s.group_size if algo == "w4a16_awq" else None,
                                        self.dtype))
         elif ct:  # SmoothQuant → int-quantized W8A8
-            scale = (w.abs().amax(dim=1) / sq.INT8_MAX).clamp(min=sq.MIN_RANGE)
-            out.update(weight=_round_clamp(w / scale[:, None], 8), weight_scale=scale[:, None].contiguous())
+            scale = (absmax(w, dim=1) / sq.INT8_MAX).clamp(min=sq.MIN_RANGE)
+            out.update(weight=_int_codes(w, scale, 8), weight_scale=scale[:, None].contiguous())
             if "input_scale" in g:
                 out["input_scale"] = g["input_scale"]
         elif algo == "w8a16":
-            scale = (w.abs().amax(dim=1) / sq.INT8_MAX).clamp(min=sq.MIN_RANGE)
-            out.update(weight=_round_clamp(w / scale[:, None], 8), weight_scale=scale)
+            scale = (absmax(w, dim=1) / sq.INT8_MAX).clamp(min=sq.MIN_RANGE)
+            out.update(weight=_int_codes(w, scale, 8), weight_scale=scale)
         elif algo == "w4a16_awq":
             scales = awq.group_scales(w, self.s.group_size)
             codes = awq.quantize_groupwise(w, scales, self.s.group_size)
@@ -173,25 +182,39 @@ class LayerExport:
         return out
 
 
-def _round_clamp(x: torch.Tensor, bits: int) -> torch.Tensor:
+def _int_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """int8 [out, in] = clamp(round(w / scale)) to the signed `bits` range; `scale` is [out] (channel) or
+    [out, in/group]. Row chunks keep the float32 temporaries small (quant/chunks.py)."""
+    out_dim, in_dim = w.shape
+    s = scale.float().reshape(out_dim, -1)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return x.round().clamp_(lo, hi).to(torch.int8)
+    codes = torch.empty(w.shape, dtype=torch.int8)
+    for rows in row_slices(out_dim, in_dim):
+        q = w[rows].reshape(-1, s.shape[1], in_dim // s.shape[1]) / s[rows, :, None]
+        codes[rows] = q.round_().clamp_(lo, hi).reshape(-1, in_dim).to(torch.int8)
+    return codes
+
+
+def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes [out, in] → int32 [out, in·bits/32]: code + 2^(bits-1), element k at bit k·bits."""
+    out_dim, in_dim = codes.shape
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = torch.empty((out_dim, in_dim // per), dtype=torch.int32)
+    for rows in row_slices(out_dim, in_dim):
+        unsigned = (codes[rows].to(torch.int64) + (1 << (bits - 1))).reshape(-1, in_dim // per, per)
+        packed = (unsigned << shifts).sum(dim=2)
+        words[rows] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    return words
 
 
 def _pack_quantized(w: torch.Tensor, bits: int, group: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """compressed-tensors pack-quantized: q + 2^(bits-1) packed densely along in into int32 (element k at
-    bit k·bits); scale [out, 1] (channel) or [out, in/group] in the model dtype; weight_shape int64 [2]."""
+    """compressed-tensors pack-quantized: codes packed along in into int32 (see _pack_int32); scale [out, 1]
+    (channel) or [out, in/group] in the model dtype; weight_shape int64 [2]."""
     out_dim, in_dim = w.shape
     qmax = (1 << (bits - 1)) - 1
-    blocks = w.reshape(out_dim, -1, group or in_dim)
-    scale = (blocks.abs().amax(dim=2) / qmax).clamp(min=MIN_AMAX).to(dtype)
-    codes = _round_clamp(blocks / scale.float()[:, :, None], bits).reshape(out_dim, in_dim)
-    per = 32 // bits
-    unsigned = (codes.to(torch.int64) + (1 << (bits - 1))).reshape(out_dim, in_dim // per, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = (unsigned << shifts).sum(dim=2)
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return {"weight_packed": words, "weight_scale": scale,
+    scale = (absmax(w.reshape(out_dim, -1, group or in_dim), dim=2) / qmax).clamp(min=MIN_AMAX).to(dtype)
+    return {"weight_packed": _pack_int32(_int_codes(w, scale, bits), bits), "weight_scale": scale,
             "weight_shape": torch.tensor([out_dim, in_dim], dtype=torch.int64)}
 
 
@@ -245,7 +268,7 @@ class Planned:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | Iterable[Block]]  # a computed tensor, or blocks copied from the source
 
     @property
     def nbytes(self) -> int:
@@ -276,8 +299,26 @@ def plan_tensors(reader: SourceCheckpoint, num_layers: int, dtype: torch.dtype, 
         src = reader.dtype(name)
         out_dtype = dtype if src.is_floating_point else src
         planned.append(Planned(name, out_dtype, tuple(reader.shape(name)),
-                               lambda n=name, d=out_dtype: reader.read(n).to(d)))
+                               lambda n=name, d=out_dtype: _source_blocks(reader, n, d)))
     return planned
+
+
+def _source_blocks(reader: SourceCheckpoint, name: str, dtype: torch.dtype) -> Iterator[Block]:
+    """A tensor copied from the source (embeddings, lm_head, final norm) in `dtype`: its bytes verbatim
+    when the dtype matches, else row chunks cast, so a 128k x 8k embedding never sits in memory."""
+    shape = reader.shape(name)
+    rows = shape[0] if shape else 1
+    if reader.dtype(name) == dtype:
+        whole = reader.row_range(name, 0, rows) if shape else None
+        if whole is not None:
+            yield whole
+            return
+    if len(shape) < 2:
+        yield reader.read(name).to(dtype)
+        return
+    for chunk in row_slices(rows, math.prod(shape[1:])):
+        yield reader.read(name, 0, chunk.start, chunk.stop).to(dtype)
+        reader.release()
 
 
 def _files(planned: list[Planned], max_shard_bytes: int) -> list[list[Planned]]:
@@ -310,13 +351,18 @@ def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings
     for file_name, members in zip(names, files):
         by_name = {p.name: p for p in members}
         specs = [TensorSpec(p.name, p.dtype, p.shape) for p in members]
-        with SafetensorsStreamWriter(out_dir / file_name, specs, {"format": "pt"}) as writer:
+        # in the planned order, layer by layer: each projection is computed once (LayerExport keeps the last)
+        with SafetensorsStreamWriter(out_dir / file_name, specs, {"format": "pt"}, keep_order=True) as writer:
             for spec in writer.layout.order:
-                tensor = by_name[spec.name].produce()
-                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                produced = by_name[spec.name].produce()
+                if not isinstance(produced, torch.Tensor):
+                    writer.write_blocks(spec.name, produced)
+                    continue
+                if produced.dtype != spec.dtype or tuple(produced.shape) != spec.shape:
                     raise AssertionError(f"{spec.name}: planned {spec.dtype} {spec.shape}, produced "
-                                         f"{tensor.dtype} {tuple(tensor.shape)}")
-                writer.write(spec.name, tensor.contiguous())
+                                         f"{produced.dtype} {tuple(produced.shape)}")
+                writer.write(spec.name, produced.contiguous())
+                del produced
                 reader.release()
         weight_map.update({p.name: file_name for p in members})
         log(f"wrote {file_name}")

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from recipe_runner.quant.chunks import row_slices
+
 BLOCK = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 MIN_BLOCK_SCALE = 2.0 ** -9
 MIN_AMAX = torch.finfo(torch.float32).tiny
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-# midpoints between consecutive magnitudes; a value exactly on one goes to the even index
-_BOUNDS = (E2M1_VALUES[1:] + E2M1_VALUES[:-1]) / 2
 
 
 def global_scale(amax: float) -> torch.Tensor:
@@ -36,18 +36,21 @@ def _blocks(weight: torch.Tensor) -> torch.Tensor:
 
 def block_scales(weight: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn [out, in/16]."""
-    amax = _blocks(weight).abs().amax(dim=2)
+    amax = torch.cat([_blocks(weight[rows]).abs().amax(dim=2) for rows in row_slices(*weight.shape)])
     return (amax / (E2M1_MAX * ws2.float())).clamp(MIN_BLOCK_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
-    """uint8 codes 0..15 (bit 3 = sign) of float32 `x`, saturated at ±6, ties to the even code."""
-    mag = x.abs().clamp(max=E2M1_MAX)
-    idx = torch.bucketize(mag, _BOUNDS, right=False)  # a value on a midpoint gets the lower index
-    tie = (idx < 7) & (mag == _BOUNDS[idx.clamp(max=6)])
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ties to the even code
-    sign = ((x < 0) & (idx > 0)).to(torch.uint8) << 3
-    return idx.to(torch.uint8) | sign
+    """uint8 codes 0..15 (bit 3 = sign) of float32 `x`, saturated at ±6, ties to the even code.
+
+    The magnitudes are evenly spaced within [0, 2] (step 0.5), [2, 4] (step 1) and [4, 6] (step 2),
+    so rounding to the nearest step with round-half-to-even picks the nearest value and, on a tie,
+    the even code (each range's even steps are even codes)."""
+    mag = x.abs().clamp_(max=E2M1_MAX)
+    idx = torch.where(mag < 2, (mag * 2).round_(), torch.where(mag < 4, mag.round() + 2, (mag / 2).round_() + 4))
+    codes = idx.to(torch.uint8)
+    codes |= ((x < 0) & (codes > 0)).to(torch.uint8) << 3
+    return codes
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,10 @@ def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
 def quantize(weight: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
     """uint8 codes [out, in] (unpacked) of `weight` with these block scales and global scale."""
     denom = scales.float() * ws2.float()
-    return e2m1_codes(_blocks(weight) / denom[:, :, None]).reshape(weight.shape)
+    codes = torch.empty(weight.shape, dtype=torch.uint8)
+    for rows in row_slices(*weight.shape):
+        codes[rows] = e2m1_codes(_blocks(weight[rows]) / denom[rows, :, None]).reshape(codes[rows].shape)
+    return codes
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:

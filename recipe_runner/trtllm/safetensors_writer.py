@@ -72,8 +72,10 @@ class Layout:
         return len(self.prefix) + self.data_size
 
 
-def plan_layout(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> Layout:
-    """Compute the header and data order for `specs` (names must be unique)."""
+def plan_layout(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None,
+                keep_order: bool = False) -> Layout:
+    """Compute the header and data order for `specs` (names must be unique): save_file's order, or
+    with `keep_order` the order given (readers locate tensors by their offsets, so both load)."""
     specs = list(specs)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -82,7 +84,7 @@ def plan_layout(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None 
     for s in specs:
         if s.dtype not in DTYPE_TO_CODE:
             raise ValueError(f"{s.name}: dtype {s.dtype} cannot be stored in safetensors")
-    order = sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype], s.name))
+    order = specs if keep_order else sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype], s.name))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -170,9 +172,9 @@ class SafetensorsStreamWriter:
     """
 
     def __init__(self, path: str | Path, specs: Sequence[TensorSpec],
-                 metadata: Mapping[str, str] | None = None):
+                 metadata: Mapping[str, str] | None = None, keep_order: bool = False):
         self.path = Path(path)
-        self.layout = plan_layout(specs, metadata)
+        self.layout = plan_layout(specs, metadata, keep_order)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self._next = 0  # index into layout.order of the tensor to write next
         # unbuffered: large blocks go straight to the kernel, and os.copy_file_range can
