@@ -205,14 +205,16 @@ def test_a_split_fused_group_is_refused_for_hf_targets(quant_model, calib_file, 
 
 # ---- widths ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo, target, intermediate, message", [
-    ("nvfp4", "hf-modelopt", 264, "intermediate_size=264 (an input width of its linears) is not a multiple of 16 "
-                                  "(NVFP4 scales blocks of 16 inputs)"),
-    ("w4a16", "hf-compressed-tensors", 260, "is not a multiple of 8 (pack-quantized packs 8 codes along the inputs"),
-    ("w8a16", "hf-compressed-tensors", 262, "is not a multiple of 4 (pack-quantized packs 4 codes"),
+@pytest.mark.parametrize("algo, target, intermediate, field, message", [
+    ("nvfp4", "hf-modelopt", 264, "algo", "intermediate_size=264 (an input width of its linears) is not a multiple "
+                                          "of 16 (NVFP4 scales blocks of 16 inputs)"),
+    ("w4a16", "hf-compressed-tensors", 260, "algo", "is not a multiple of 8 (pack-quantized packs 8 codes along the"),
+    ("w8a16", "hf-compressed-tensors", 262, "algo", "is not a multiple of 4 (pack-quantized packs 4 codes"),
+    ("w4a16_awq", "hf-modelopt", 288, "group_size", "intermediate_size=288 (an input width of its linears) is not a "
+                                                    "multiple of 64 (group_size=64 groups the inputs)"),
 ])
 def test_input_widths_the_format_cannot_pack_are_refused_at_plan_time(quant_model, calib_file, tmp_path, capsys,
-                                                                      algo, target, intermediate, message):
+                                                                      algo, target, intermediate, field, message):
     model = tmp_path / "model"
     shutil.copytree(quant_model, model)
     config = json.loads((model / "config.json").read_text())
@@ -220,5 +222,5 @@ def test_input_widths_the_format_cannot_pack_are_refused_at_plan_time(quant_mode
     (model / "config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "plan", str(write_recipe(tmp_path, model, calib_file, algo=algo,
                                                             targets=f"[{target}]")))
-    assert code == 2 and f"quantization.algo: output target {target} with algo {algo}: the model's " in err, err
+    assert code == 2 and f"quantization.{field}: output target {target} with algo {algo}: the model's " in err, err
     assert message in err, err

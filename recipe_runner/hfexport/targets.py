@@ -90,16 +90,16 @@ def hf_targets(recipe: Mapping[str, Any]) -> list[str]:
     return [t for t in recipe.get("output", {}).get("targets", DEFAULT_TARGETS) if t in HF_TARGETS]
 
 
-# per algo: (what the input width of every quantized projection must be a multiple of, why)
-def _width_rules(target: str, algo: str, group_size: int, legacy: bool) -> list[tuple[int, str]]:
+def _width_rules(target: str, algo: str, group_size: int, legacy: bool) -> list[tuple[int, str, str]]:
+    """(multiple, why, recipe field): what the input width of every quantized projection must divide into."""
     rules = []
     if algo == "nvfp4":
-        rules.append((16, "NVFP4 scales blocks of 16 inputs"))
+        rules.append((16, "NVFP4 scales blocks of 16 inputs", "quantization.algo"))
     if algo == "w4a16_awq" and not legacy:  # the trtllm-checkpoint rule (group_size x tp_size) is stricter
-        rules.append((group_size, f"group_size={group_size} groups the inputs"))
+        rules.append((group_size, f"group_size={group_size} groups the inputs", "quantization.group_size"))
     if target == HF_COMPRESSED_TENSORS and algo in ("w4a16", "w4a16_awq", "w8a16"):
         per = 8 if algo != "w8a16" else 4
-        rules.append((per, f"pack-quantized packs {per} codes along the inputs into each int32"))
+        rules.append((per, f"pack-quantized packs {per} codes along the inputs into each int32", "quantization.algo"))
     return rules
 
 
@@ -117,10 +117,9 @@ def model_findings(model, recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]
               "num_attention_heads x head_dim": model.num_attention_heads * model.head_dim}
     legacy = TRTLLM_CHECKPOINT in recipe.get("output", {}).get("targets", DEFAULT_TARGETS)
     for target in targets:
-        for multiple, why in _width_rules(target, quant["algo"], quant["group_size"], legacy):
+        for multiple, why, field in _width_rules(target, quant["algo"], quant["group_size"], legacy):
             for name, width in widths.items():
                 if width % multiple:
-                    field = "quantization.group_size" if "group_size" in why else "quantization.algo"
                     yield field, (f"output target {target} with algo {quant['algo']}: the model's {name}={width} "
                                   f"(an input width of its linears) is not a multiple of {multiple} ({why}); "
                                   "use another algo or group size")
