@@ -10,7 +10,7 @@ from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
-from recipe_runner.hfexport.targets import (DEFAULT_TARGETS, EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT,
+from recipe_runner.hfexport.targets import (EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT, output_targets,
                                            target_notes)
 from recipe_runner.sources import SourceLocation, locate_source
 
@@ -83,7 +83,7 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
             calib["group_size"] = quant["group_size"]
         # the tokenizer turns the calibration texts into the tokens the statistics come from
         specs.append(("calibrate", ("source", "calibration-data", "tokenizer"), calib))
-    targets = list(d.get("output", {}).get("targets", DEFAULT_TARGETS))
+    targets = output_targets(d)
     legacy = TRTLLM_CHECKPOINT in targets
     if quantized and legacy:
         specs.append(("quantize", ("convert", "calibrate") if calibrated else ("convert",),

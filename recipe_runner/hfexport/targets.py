@@ -50,6 +50,11 @@ for _algo in _SMOOTHQUANT:
         "hf-compressed-tensors (vLLM int8 W8A8), or algo fp8 / w8a16 / w4a16_awq for TensorRT-LLM")
 
 
+def output_targets(recipe: Mapping[str, Any]) -> list[str]:
+    """The targets a recipe's data writes (output.targets, or the default)."""
+    return list(recipe.get("output", {}).get("targets", DEFAULT_TARGETS))
+
+
 def consumers(target: str, algo: str, kv_cache: str = "none") -> tuple[str, ...]:
     """The consumers that load `target` written with `algo` and `kv_cache` (empty when none does)."""
     if algo == "none" and kv_cache == "none":
@@ -59,7 +64,7 @@ def consumers(target: str, algo: str, kv_cache: str = "none") -> tuple[str, ...]
 
 def target_findings(recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """(field, message) for every target the recipe's quantization cannot be written for."""
-    targets = list(recipe.get("output", {}).get("targets", DEFAULT_TARGETS))
+    targets = output_targets(recipe)
     quant = recipe["quantization"]
     algo, kv = quant["algo"], quant["kv_cache"]
     hf = [t for t in targets if t in HF_TARGETS]
@@ -87,7 +92,7 @@ def target_findings(recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def hf_targets(recipe: Mapping[str, Any]) -> list[str]:
-    return [t for t in recipe.get("output", {}).get("targets", DEFAULT_TARGETS) if t in HF_TARGETS]
+    return [t for t in output_targets(recipe) if t in HF_TARGETS]
 
 
 def _width_rules(target: str, algo: str, group_size: int, legacy: bool) -> list[tuple[int, str, str]]:
@@ -115,7 +120,7 @@ def model_findings(model, recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]
         return
     widths = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
               "num_attention_heads x head_dim": model.num_attention_heads * model.head_dim}
-    legacy = TRTLLM_CHECKPOINT in recipe.get("output", {}).get("targets", DEFAULT_TARGETS)
+    legacy = TRTLLM_CHECKPOINT in output_targets(recipe)
     for target in targets:
         for multiple, why, field in _width_rules(target, quant["algo"], quant["group_size"], legacy):
             for name, width in widths.items():

@@ -96,10 +96,10 @@ def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[F
 
 
 def quantization_findings(model: ModelConfig, recipe: Mapping[str, Any], source_dir: Path) -> list[Finding]:
-    from recipe_runner.hfexport.targets import DEFAULT_TARGETS, TRTLLM_CHECKPOINT, model_findings
+    from recipe_runner.hfexport.targets import TRTLLM_CHECKPOINT, model_findings, output_targets
 
     quant, mapping = recipe["quantization"], recipe["mapping"]
-    legacy = TRTLLM_CHECKPOINT in recipe.get("output", {}).get("targets", DEFAULT_TARGETS)
+    legacy = TRTLLM_CHECKPOINT in output_targets(recipe)
     return [*combination_findings(quant), *exclude_findings(model, quant, mapping["pp_size"], legacy),
             *(sharded_quantization_findings(model, quant, mapping["tp_size"]) if legacy else ()),
             *model_findings(model, recipe),
