@@ -1,7 +1,9 @@
 """Execute a plan: run each stage whose key is not cached, publish, write the lock file."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,9 +12,9 @@ from typing import Callable
 from recipe_runner.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
 from recipe_runner.hfexport.targets import EXPORT_STAGES
-from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions, write_lock
+from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.plan import Plan
-from recipe_runner.publish import publish_tree
+from recipe_runner.publish import Generation, OutputDir, check_output_location
 from recipe_runner.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.toolchain import require_toolchain
 
@@ -97,7 +99,7 @@ def stage_executor(name: str) -> Callable[[ResolvedPlan, dict[str, Entry], Path,
 
 
 def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,
-              locked: LockFile | None = None, echo: Echo = print) -> BuildResult:
+              locked: LockFile | None = None, force: bool = False, echo: Echo = print) -> BuildResult:
     """Run every stage of `plan` that is not cached, publish the outputs and the lock file.
 
     With `locked`, every stage runs again in a scratch store (the cache is not trusted) and the
@@ -106,18 +108,38 @@ def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, reha
     from recipe_runner.scheduler import InlineExecutor, run_builds
 
     report = run_builds([plan], store=store, executor=InlineExecutor(echo), workers=workers, rehash=rehash,
-                        locked={0: locked} if locked is not None else None, echo=echo)
+                        locked={0: locked} if locked is not None else None, force=force, echo=echo)
     report.raise_first_failure()
     return report.results[0]
 
 
-def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, echo: Echo) -> list[ResolvedPlan]:
-    """Refuse what cannot run and key every stage, before any stage runs."""
+def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, force: bool = False,
+            echo: Echo) -> list[ResolvedPlan]:
+    """Refuse what cannot run or publish and key every stage, before any stage runs."""
+    check_outputs(plans, store, force)
     toolchain = None
     if any(plan.stage("build-engine") is not None for plan in plans):  # fail at plan time
         toolchain = require_toolchain()
         echo(f"[build-engine] using {toolchain.describe()}")
     return [resolve(plan, store, rehash=rehash, toolchain=toolchain) for plan in plans]
+
+
+def check_outputs(plans: list[Plan], store: CacheStore, force: bool) -> None:
+    """Each plan publishes into an output directory of its own that it may write (see
+    publish.OutputDir), outside its source model and the cache."""
+    seen: dict[str, str] = {}
+    for plan in plans:
+        recipe = plan.recipe
+        out_dir = recipe.resolve_path("output.dir")
+        where = f"{recipe.location('output.dir')}: output.dir"
+        real = os.path.realpath(out_dir)
+        if real in seen:
+            raise UserError(f"{where}: {out_dir} is also the output of recipe {seen[real]!r} in this build; "
+                            "give each recipe its own output.dir (e.g. output.dir: build/{{ name }})")
+        seen[real] = recipe.name
+        check_output_location(out_dir, where, plan.source.directory, store.root)
+        names = {PUBLISHED[s.name] for s in plan.stages if s.name in PUBLISHED} | {LOCK_NAME}
+        OutputDir(out_dir, where).check(names, force)
 
 
 def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], store: CacheStore,
@@ -143,35 +165,68 @@ def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], 
 
 
 def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore, locked: LockFile | None,
-           trace: list[dict]) -> BuildResult:
-    """Check a locked rebuild, publish the outputs and the lock file, remember this build."""
-    outputs = published_outputs(entries)
+           trace: list[dict], force: bool = False, echo: Echo = print) -> BuildResult:
+    """Check a locked rebuild, publish the outputs and the lock file as one generation, remember
+    this build."""
+    recipe = resolved.plan.recipe
+    reports = recipe_reports(resolved, entries)
+    outputs = published_outputs(entries, reports)
     if locked is not None:
         differences = compare_outputs(locked.outputs, outputs)
         if differences:
             raise UserError("the rebuild is not bit-identical to the lock file:\n  " + "\n  ".join(differences))
-    out_dir = resolved.plan.recipe.resolve_path("output.dir")
-    lock_path = publish(resolved, entries, outputs, out_dir)
+    lock = make_lock(resolved, outputs)
+    generation = Generation(trees={PUBLISHED[s]: entries[s].path for s in PUBLISHED if s in entries},
+                            files={**reports, LOCK_NAME: lock.to_json().encode("utf-8")})
+    out_dir = recipe.resolve_path("output.dir")
+    output = OutputDir(out_dir, f"{recipe.location('output.dir')}: output.dir", warn=echo)
+    if output.is_current(generation):
+        output.tidy(generation.names)
+        echo(f"[publish] {out_dir} is up to date")
+    else:
+        for stage in PUBLISHED:
+            if stage in entries and store.get(entries[stage].key) is None:  # changed since it was read
+                raise UserError(f"the cache entry of stage {stage} changed during the build; run the build again")
+        started = time.monotonic()
+        stats = output.publish(generation, force)
+        echo(f"[publish] {out_dir}: {stats.files} files, {stats.bytes / 1e9:.2f} GB "
+             f"({stats.reflinked} reflinked) in {time.monotonic() - started:.1f} s")
     write_record(store, resolved)
-    return BuildResult(out_dir, lock_path, trace)
+    return BuildResult(out_dir, out_dir / LOCK_NAME, trace)
 
 
-def published_outputs(entries: dict[str, Entry]) -> dict[str, dict]:
-    """The output files as the lock lists them, from the cache manifests (no re-read)."""
+def recipe_reports(resolved: ResolvedPlan, entries: dict[str, Entry]) -> dict[str, bytes]:
+    """The verify reports as published: the cached ones (which name no recipe, so that recipes
+    sharing the verify key share its entry) with this recipe's name and hash filled in."""
+    if "verify" not in entries:
+        return {}
+    from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, name_recipe
+
+    recipe, folder = resolved.plan.recipe, PUBLISHED["verify"]
+    out = {}
+    for rel in sorted(r for r in entries["verify"].files if r.rsplit("/", 1)[-1] == JSON_NAME):
+        report, markdown = name_recipe((entries["verify"].path / rel).read_bytes(), recipe.name,
+                                       recipe.canonical_hash())
+        out[f"{folder}/{rel}"] = report
+        out[f"{folder}/{rel.removesuffix(JSON_NAME)}{MARKDOWN_NAME}"] = markdown
+    return out
+
+
+def published_outputs(entries: dict[str, Entry], written: dict[str, bytes] | None = None) -> dict[str, dict]:
+    """The output files as the lock lists them: the cache manifests' records (no re-read), and
+    the files publishing writes itself."""
     outputs = {}
     for stage, folder in PUBLISHED.items():
         if stage in entries:
             outputs.update({f"{folder}/{rel}": dict(meta) for rel, meta in entries[stage].files.items()})
+    for rel, data in (written or {}).items():
+        outputs[rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     return dict(sorted(outputs.items()))
 
 
-def publish(resolved: ResolvedPlan, entries: dict[str, Entry], outputs: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stage, folder in PUBLISHED.items():
-        if stage in entries:
-            publish_tree(entries[stage].path, out_dir / folder)
+def make_lock(resolved: ResolvedPlan, outputs: dict) -> LockFile:
     recipe = resolved.plan.recipe
-    lock = LockFile(
+    return LockFile(
         recipe_name=recipe.name,
         recipe_path=str(recipe.path),
         recipe_sha256=recipe.canonical_hash(),
@@ -180,9 +235,6 @@ def publish(resolved: ResolvedPlan, entries: dict[str, Entry], outputs: dict, ou
         stages=[{"name": s.stage.name, "key": s.key.digest} for s in resolved.statuses],
         outputs=outputs,
     )
-    lock_path = out_dir / LOCK_NAME
-    write_lock(lock_path, lock)
-    return lock_path
 
 
 def _toolchain_versions(resolved: ResolvedPlan) -> dict[str, str]:

@@ -1,21 +1,30 @@
 """The content-addressed store: one directory per cache key, complete or absent.
 
     <root>/entries/<key[:2]>/<key>/manifest.json   {"key", "stage", "files": {relpath: {size, sha256}}}
+                                   /seal.json       each file's fingerprint once sealed (fsutil.fingerprint)
                                    /info.json       created, last_used, recipes (bookkeeping, not content)
                                    /data/...        the payload; files are read-only
     <root>/tmp/<key>.<pid>.<random>/               entries being built (never trusted)
+    <root>/tmp/scratch.<pid>.<random>/             stores of locked rebuilds (held by a lease)
     <root>/locks/<key>.lock                          one builder per key at a time
+    <root>/leases/<pid>-<random>.json                keys a running build reads, flock()ed while it runs
+    <root>/logs/                                     logs of failed stages (kept until gc)
     <root>/quarantine/                               corrupt entries moved aside, for inspection
     <root>/state.sqlite3                             the source-hash memo (recipe_runner.hashing)
 
 An entry is built in a temp dir under the key's lock and renamed into place only when its
 manifest is written and synced, so a crash or a kill leaves a temp dir, never a half entry
-(design rule 5). `get` checks the manifest and file sizes; `verify` re-hashes everything.
+(design rule 5). Nothing outside the cache links to an entry's files (outputs are copies), so an
+entry changes only if someone edits the cache itself: `get` compares every file's fingerprint
+(one stat) with its seal and re-hashes any file that differs; a file whose sha256 no longer
+matches quarantines the entry, which is then rebuilt, never served. `verify` re-hashes everything.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -23,17 +32,18 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from filelock import FileLock, Timeout
 
 from recipe_runner.errors import UserError
-from recipe_runner.fsutil import atomic_write_text, fsync_dir, rmtree
+from recipe_runner.fsutil import atomic_write_text, changed_files, fingerprints, fsync_dir, rmtree, seal_tree
 from recipe_runner.hashing import HashMemo, sha256_file
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SEAL = "seal.json"
 INFO = "info.json"
 DATA = "data"
 _KEY_RE = re.compile(r"[0-9a-f]{8,128}")
@@ -111,13 +121,11 @@ class CacheStore:
             self._memo = HashMemo(self.root / "state.sqlite3")
         return self._memo
 
-    def scratch(self) -> "CacheStore":
-        """An empty store inside this one's tmp/ (for rebuilds that must not trust the cache);
-        the caller removes its root when done."""
-        (self.root / "tmp").mkdir(parents=True, exist_ok=True)
-        root = self.root / "tmp" / f"scratch.{os.getpid()}.{secrets.token_hex(4)}"
-        root.mkdir()
-        return CacheStore(root, self._warn)
+    def lease(self, keys: Iterable[str], scratch: bool = False) -> "Lease":
+        """Hold `keys` (and, with `scratch`, a new empty store in tmp/ for a rebuild that must not
+        trust the cache) against gc for as long as the lease is held."""
+        return Lease(self, sorted(set(keys)), scratch)
+
 
     # -- read ---------------------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class CacheStore:
             return None
         entry, problem = _load_entry(entry_dir, key)
         if problem is None:
-            problem = _missing_or_resized(entry)
+            problem = _missing_or_resized(entry) or _unsealed_change(entry)
         if problem is not None:
             self._quarantine(entry_dir, key, problem)
             return None
@@ -164,7 +172,8 @@ class CacheStore:
             now = time.time()
             _write_json(tmp / MANIFEST, manifest)
             _write_json(tmp / INFO, {"created": now, "last_used": now, "recipes": [recipe] if recipe else []})
-            _seal(tmp / DATA)
+            seal_tree(tmp / DATA)
+            _write_json(tmp / SEAL, fingerprints(tmp / DATA, files))
             final = self.entry_dir(key)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, final)  # atomic: the entry appears complete or not at all
@@ -204,26 +213,62 @@ class CacheStore:
                 problems.append((key, problem))
         return problems
 
-    def gc(self, max_size_bytes: int | None = None, older_than_days: float | None = None) -> list[str]:
+    def gc(self, max_size_bytes: int | None = None, older_than_days: float | None = None,
+           dry_run: bool = False) -> list[EntryInfo]:
         """Remove entries unused for `older_than_days`, then least-recently-used ones until the
-        store holds at most `max_size_bytes`; also stale temp dirs and the quarantine.
-        Entries whose lock is held (being built, or removed by another gc) are kept."""
-        self._remove_stale_tmp()
-        rmtree(self.root / "quarantine")
-        entries = self.ls()  # least recently used first
+        store holds at most `max_size_bytes`; also stale temp dirs, failure logs and the
+        quarantine. Entries a running build holds (its lease, or the key's build lock) and its
+        temp and scratch dirs are never removed. Returns the entries removed (with `dry_run`:
+        that would be removed; nothing is)."""
+        if older_than_days is not None and not (math.isfinite(older_than_days) and older_than_days >= 0):
+            raise UserError(f"--older-than {older_than_days}: give a number of days >= 0")
+        if max_size_bytes is not None and max_size_bytes < 0:
+            raise UserError(f"--max-size {max_size_bytes}: give a size >= 0")
+        held_keys, held_tmp = self._leased()
+        if not dry_run:
+            self._remove_stale_tmp(held_tmp)
+            rmtree(self.root / "quarantine")
+            rmtree(self.root / "logs")
+        every = self.ls()  # least recently used first
+        entries = [e for e in every if e.key not in held_keys]
         doomed: dict[str, EntryInfo] = {}
         if older_than_days is not None:
             cutoff = time.time() - older_than_days * 86400
             doomed = {e.key: e for e in entries if e.last_used < cutoff}
         if max_size_bytes is not None:
-            total = sum(e.size for e in entries if e.key not in doomed)
+            total = sum(e.size for e in every if e.key not in doomed)
             for e in entries:
                 if total <= max_size_bytes:
                     break
                 if e.key not in doomed:
                     doomed[e.key] = e
                     total -= e.size
-        return [key for key in doomed if self._remove_entry(key)]
+        if dry_run:
+            return list(doomed.values())
+        return [info for key, info in doomed.items() if self._remove_entry(key)]
+
+    def _leased(self) -> tuple[set[str], set[str]]:
+        """Keys and tmp/ names that running builds hold; leases of builds that are gone are removed."""
+        keys: set[str] = set()
+        tmp_names: set[str] = set()
+        for lease_file in sorted((self.root / "leases").glob("*.json")):
+            try:
+                fd = os.open(lease_file, os.O_RDONLY)
+            except OSError:
+                continue  # released meanwhile
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # held: its build is running
+                    data = _read_json(lease_file)
+                    if isinstance(data, dict):
+                        keys.update(k for k in data.get("keys", ()) if isinstance(k, str))
+                        tmp_names.update(n for n in data.get("tmp", ()) if isinstance(n, str))
+                    continue
+                lease_file.unlink(missing_ok=True)  # nobody holds it: its build died
+            finally:
+                os.close(fd)
+        return keys, tmp_names
 
     def _remove_entry(self, key: str) -> bool:
         try:
@@ -240,12 +285,15 @@ class CacheStore:
         except Timeout:
             return False
 
-    def _remove_stale_tmp(self) -> None:
-        """Temp dirs whose key is not locked belong to a build that died (or a gc that did)."""
+    def _remove_stale_tmp(self, held: set[str]) -> None:
+        """Temp dirs whose key is not locked, and scratch stores no lease holds, belong to a
+        build that died (or a gc that did)."""
         tmp_root = self.root / "tmp"
         if not tmp_root.is_dir():
             return
         for tmp in tmp_root.iterdir():
+            if tmp.name in held:
+                continue
             key = tmp.name.split(".", 1)[0]
             if not _KEY_RE.fullmatch(key):
                 rmtree(tmp)
@@ -276,6 +324,53 @@ class CacheStore:
         except OSError:
             pass
         self._warn(f"cache entry {key[:12]} is corrupt ({problem}); moved to {dest}, it will be rebuilt")
+
+
+def failure_log_path(data_dir: Path, stage: str) -> Path:
+    """Where the log of a stage that failed while filling `data_dir` is kept: <root>/logs/, since
+    its entry is never made (data_dir is <root>/tmp/<key>.<tag>.<random>/data; see _produce)."""
+    tmp = Path(data_dir).parent
+    return tmp.parent.parent / "logs" / f"{stage}-{tmp.name.split('.', 1)[0][:12]}.log"
+
+
+class Lease:
+    """A running build's claim on cache entries: a JSON file in <root>/leases/ naming its keys,
+    flock()ed for as long as the build runs, so gc sees it is live, and sees it is stale once the
+    build's process is gone, however it ended (the kernel drops the lock)."""
+
+    def __init__(self, store: CacheStore, keys: list[str], scratch: bool):
+        self.store = store
+        self.keys = keys
+        self.scratch_name = f"scratch.{os.getpid()}.{secrets.token_hex(4)}" if scratch else None
+        self.scratch: CacheStore | None = None
+        self._fd: int | None = None
+        self._path: Path | None = None
+
+    def __enter__(self) -> "Lease":
+        leases = self.store.root / "leases"
+        leases.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = leases / f"{name}.new"
+        self._fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # locked before gc can see it (it reads only *.json)
+        body = {"keys": self.keys, "tmp": [self.scratch_name] if self.scratch_name else [], "pid": os.getpid()}
+        os.write(self._fd, json.dumps(body, sort_keys=True).encode())
+        os.fsync(self._fd)
+        self._path = leases / f"{name}.json"
+        os.rename(tmp, self._path)
+        if self.scratch_name:
+            root = self.store.root / "tmp" / self.scratch_name
+            root.mkdir(parents=True)
+            self.scratch = CacheStore(root, self.store._warn)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.scratch is not None:
+            rmtree(self.scratch.root)
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 # -- entry files ------------------------------------------------------------------------
@@ -320,6 +415,24 @@ def _missing_or_resized(entry: Entry) -> str | None:
     return None
 
 
+def _unsealed_change(entry: Entry) -> str | None:
+    """Re-hash the files whose fingerprint is not the sealed one; a problem if any content changed.
+    Files that still match (a restored backup has new inodes and times) are sealed again."""
+    seal_path = entry.path.parent / SEAL
+    seal = _read_json(seal_path)
+    sealed = seal if isinstance(seal, dict) and set(seal) == set(entry.files) else dict.fromkeys(entry.files, [])
+    changed = changed_files(entry.path, sealed)
+    for name in changed:
+        if sha256_file(entry.path / name) != entry.files[name]["sha256"]:
+            return f"{name} was changed after the entry was sealed (its sha256 differs from the manifest)"
+    if changed:
+        try:
+            _write_json(seal_path, fingerprints(entry.path, entry.files))
+        except OSError as exc:  # a read-only cache: the next use hashes again, still correct
+            logger.debug("could not reseal cache entry %s: %s", entry.key, exc)
+    return None
+
+
 def _content_problem(entry: Entry) -> str | None:
     try:
         extra = sorted(set(_hash_tree(entry.path, hash_files=False)) - set(entry.files))
@@ -359,21 +472,6 @@ def _hash_tree(data: Path, hash_files: bool = True) -> dict[str, dict]:
                 raise ValueError(f"{rel}: only regular files can be cached (links and devices cannot be hashed)")
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path) if hash_files else ""}
     return dict(sorted(files.items()))
-
-
-def _seal(data: Path) -> None:
-    """fsync and chmod a-w every payload file: published hardlinks share these inodes."""
-    for dirpath, _dirnames, filenames in os.walk(data):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            mode = os.stat(path).st_mode
-            os.chmod(path, mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-        fsync_dir(Path(dirpath))
 
 
 def _read_json(path: Path) -> object | None:

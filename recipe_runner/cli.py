@@ -115,7 +115,7 @@ CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-run
 def _store(cache_dir: Optional[Path]):
     from recipe_runner.cache import CacheStore
 
-    return CacheStore(cache_dir)
+    return CacheStore(cache_dir, warn=lambda message: typer.echo(f"warning: {message}", err=True))
 
 
 def _optional_toolchain(the_plan):
@@ -177,6 +177,7 @@ def build(
     address: str = typer.Option("auto", "--address", help="Ray cluster: auto, local (start one here) or ray://host:port."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for stages running at once, e.g. 20G."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop starting stages after the first failure."),
+    force: bool = typer.Option(False, "--force", help="Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of them is changed or removed)."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
     from recipe_runner.cache import parse_size
@@ -190,7 +191,7 @@ def build(
     lock = {0: read_lock(locked)} if locked is not None else None
     report = run_builds(plans, store=_store(cache_dir), executor=make_executor(executor, jobs, address, typer.echo),
                         workers=workers, rehash=rehash, locked=lock, fail_fast=fail_fast,
-                        max_memory=parse_size(max_memory) if max_memory else None, echo=typer.echo)
+                        max_memory=parse_size(max_memory) if max_memory else None, force=force, echo=typer.echo)
     if len(plans) == 1:
         report.raise_first_failure()
         result = report.results[0]
@@ -278,16 +279,21 @@ def cache_verify(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", h
 @cache_app.command("gc")
 def cache_gc(
     max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove least recently used entries until the cache is at most this size (e.g. 500G)."),
-    older_than: Optional[float] = typer.Option(None, "--older-than", help="Remove entries not used for this many days."),
+    older_than: Optional[float] = typer.Option(None, "--older-than", help="Remove entries not used for this many days (>= 0)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
-    """Remove cache entries by size (LRU) and/or age, and stale temporary directories."""
+    """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
+    running build uses, and its temporary directories, are never removed."""
     from recipe_runner.cache import parse_size
 
     if max_size is None and older_than is None:
         raise UserError("give --max-size SIZE and/or --older-than DAYS")
-    removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than)
-    typer.echo(f"removed {len(removed)} entries")
+    removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for info in removed:
+        typer.echo(f"{verb} {info.key[:12]}  {info.stage:<12} {_size(info.size):>9}  {', '.join(info.recipes)}")
+    typer.echo(f"{verb} {len(removed)} entries, {_size(sum(i.size for i in removed))}")
 
 
 def _size(n: int) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from recipe_runner.recipe.model import canonical_json
 
 # Bump a stage's version whenever its code changes what it writes.
-STAGE_VERSIONS = {"convert": 1, "calibrate": 2, "quantize": 1, "shard": 1, "build-engine": 1, "verify": 3,
+STAGE_VERSIONS = {"convert": 1, "calibrate": 2, "quantize": 1, "shard": 1, "build-engine": 2, "verify": 4,
                   "export-hf-modelopt": 3, "export-hf-compressed-tensors": 3}
 
 

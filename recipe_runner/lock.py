@@ -145,10 +145,13 @@ def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> l
 
 
 def verify_lock(lock_path: Path | str) -> list[str]:
-    """Recheck the directory holding `lock_path` against the lock's outputs; [] when it matches."""
+    """Recheck the directory holding `lock_path` against the lock's outputs; [] when it matches.
+    `<output.dir>/recipe.lock` is a link into the current generation (recipe_runner.publish):
+    the files checked are that generation's."""
     lock_path = Path(lock_path)
     lock = read_lock(lock_path)
-    return compare_outputs(lock.outputs, hash_outputs(lock_path.parent, exclude=(lock_path.name,)))
+    real = Path(os.path.realpath(lock_path))
+    return compare_outputs(lock.outputs, hash_outputs(real.parent, exclude=(real.name,)))
 
 
 def tool_versions() -> dict[str, str]:

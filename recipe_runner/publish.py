@@ -1,92 +1,344 @@
-"""Publish a cache entry's payload as a user-visible directory.
+"""Publish a build's outputs as one generation of its output directory.
 
-The output is assembled next to its final place (same filesystem, so renames work), from
-hardlinks where possible: a 140 GB checkpoint publishes in milliseconds and takes no extra
-space. Cache payload files are read-only, so the shared inodes are not edited by accident.
-Where links are impossible (another filesystem, a filesystem without them, a link-count
-limit) files are copied. The finished tree replaces the old one by two renames; the old
-one is deleted only after the new one is in place, and a failure before that point leaves
-the previous output untouched.
+    <output.dir>/
+      checkpoint -> .recipe-runner/current/checkpoint   one relative symlink per artifact: engine,
+      recipe.lock -> .recipe-runner/current/recipe.lock  verify, hf-modelopt, hf-compressed-tensors
+      .recipe-runner/
+        output.json              ownership marker: the links recipe-runner made here
+        publish.lock             serialises publishes to this directory
+        current -> generations/<id>
+        generations/<id>/        checkpoint/ engine/ ... recipe.lock: copies of cache entries
+        generations/<id>.seal.json  the fingerprint of every file the generation was published with
+        staging/<pid>-<hex>/     a generation being assembled (never trusted, removed once its
+                                 process is gone)
+
+Everything a build publishes switches at once: the generation is assembled under staging/, moved
+into generations/ and made current by renaming one symlink. The old generation, with every
+artifact the new recipe no longer makes, goes with the switch; a kill at any step leaves either
+the old generation or the new one current, whole. Files are copies (reflinks where the filesystem
+shares blocks copy-on-write), never hardlinks into the cache: editing a published file changes
+neither the cache nor another output.
+
+Ownership: recipe-runner publishes only into a directory that does not exist, is empty, or holds
+its marker; it never replaces or deletes a file it did not write (a generation holding foreign
+files is kept, with a warning). `force` admits a non-empty directory without the marker, and
+still refuses to replace what is there.
 """
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
 import secrets
-import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Mapping
+
+from filelock import FileLock
 
 from recipe_runner.errors import UserError
-from recipe_runner.fsutil import fsync_dir, rmtree
+from recipe_runner.lock import LOCK_NAME
+from recipe_runner.fsutil import (CopyStats, atomic_write_text, changed_files, copy_tree, fingerprints, fsync_dir,
+                                  pid_alive, rmtree, seal_tree)
 
 logger = logging.getLogger(__name__)
 
-# os.link errors that mean "cannot link here", not "something is broken": copy instead.
-_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES,
-                   errno.ENOSYS}
-_COPY_CHUNK = 8 << 20
+META = ".recipe-runner"
+MARKER = "output.json"
+MARKER_FORMAT = "recipe-runner/output/1"
+_STAGING_RE = re.compile(r"(\d+)-[0-9a-f]+")
 
 
-def publish_tree(src_dir: Path | str, dest_dir: Path | str) -> None:
-    """Make `dest_dir` an exact copy of `src_dir` (hardlinks where possible), replacing it whole."""
-    src_dir, dest_dir = Path(src_dir), Path(dest_dir)
-    if not src_dir.is_dir():
-        raise FileNotFoundError(f"cannot publish {src_dir}: not a directory")
-    if dest_dir.is_symlink() or (dest_dir.exists() and not dest_dir.is_dir()):
-        raise UserError(f"output {dest_dir} exists and is not a directory; move it away or choose another output.dir")
-    dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(dest_dir)
-    staging = _sibling(dest_dir, "publish")
+@dataclass(frozen=True)
+class Generation:
+    """What one publish puts in the output directory: cache payload directories by folder name,
+    and small files written by the publish itself (the lock, reports naming the recipe)."""
+
+    trees: Mapping[str, Path]  # top-level folder -> directory to copy
+    files: Mapping[str, bytes]  # posix relpath -> bytes (may replace a file of a copied tree)
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.trees) | {rel.split("/", 1)[0] for rel in self.files}
+
+
+class OutputDir:
+    """One recipe's output directory; `where` locates output.dir in its recipe for messages."""
+
+    def __init__(self, path: Path, where: str = "output.dir", warn: Callable[[str], None] | None = None):
+        self.path = Path(os.path.abspath(path))
+        self.where = where
+        self.meta = self.path / META
+        self._warn = warn or logger.warning
+
+    # -- checks, before any stage runs ----------------------------------------------------
+
+    def check(self, names: set[str], force: bool = False) -> None:
+        """Refuse an output directory this build may not publish into (a UserError saying why)."""
+        path = self.path
+        if os.path.lexists(path) and not path.is_dir():
+            kind = "a broken symbolic link" if path.is_symlink() else "a file, not a directory"
+            raise self._error(f"{path} is {kind}; choose another output.dir or move it away")
+        if not path.exists():
+            self._check_creatable()
+            return
+        present = set(os.listdir(path))
+        ours = self.our_links() if self.marker() is not None else None
+        if ours is None:
+            if not present:
+                return
+            if not force:
+                listed = ", ".join(sorted(present)[:5]) + (", ..." if len(present) > 5 else "")
+                raise self._error(f"{path} is not empty and was not written by recipe-runner ({len(present)} "
+                                  f"entries: {listed}); choose an empty or new output.dir, or pass --force to "
+                                  "publish beside these files (none of them is changed or removed)")
+            ours = set()
+        taken = sorted(n for n in names if n in present and n not in ours)
+        if META in present and self.marker() is None:
+            taken.insert(0, META)  # a .recipe-runner that is not ours
+        if taken:
+            raise self._error(f"{path / taken[0]} exists and was not written by recipe-runner; it would be "
+                              "replaced by this build's output, so move it away (recipe-runner never replaces "
+                              "files it did not write)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise self._error(f"{path} is not writable by this user; fix its permissions or choose another output.dir")
+
+    def _check_creatable(self) -> None:
+        parent = self.path.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise self._error(f"cannot create {self.path}: {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise self._error(f"cannot create {self.path}: {parent} is not writable by this user")
+
+    def _error(self, message: str) -> UserError:
+        return UserError(f"{self.where}: {message}")
+
+    # -- reading ------------------------------------------------------------------------
+
+    def marker(self) -> dict | None:
+        try:
+            data = json.loads((self.meta / MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("links"), list):
+            return None
+        return data
+
+    def our_links(self) -> set[str]:
+        """Top-level names that are links recipe-runner made and that still point where it made them."""
+        marker = self.marker() or {"links": []}
+        return {name for name in marker["links"] if isinstance(name, str) and _is_our_link(self.path, name)}
+
+    def current(self) -> Path | None:
+        try:
+            target = os.readlink(self.meta / "current")
+        except OSError:
+            return None
+        return self.meta / target
+
+    def is_current(self, generation: Generation) -> bool:
+        """Whether the current generation already holds exactly this lock, intact: then publishing
+        again would copy the same bytes."""
+        current = self.current()
+        lock = generation.files.get(LOCK_NAME)
+        if current is None or lock is None:
+            return False
+        try:
+            if (current / LOCK_NAME).read_bytes() != lock:
+                return False
+        except OSError:
+            return False
+        seal = _read_seal(current)
+        if seal is None or changed_files(current, seal):
+            return False
+        return all(_is_our_link(self.path, name) for name in generation.names) and _listed(current) == set(seal)
+
+    # -- publishing ---------------------------------------------------------------------
+
+    def publish(self, generation: Generation, force: bool = False) -> CopyStats:
+        """Make `generation` the directory's current one; returns what was copied."""
+        names = generation.names
+        self.check(names, force)
+        try:
+            self._init_meta()
+            staging = self.meta / "staging" / f"{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                stats = self._assemble(generation, staging)
+                with FileLock(self.meta / "publish.lock"):
+                    self.check(names, force)  # again: another publish may have run meanwhile
+                    self._switch(staging, names)
+            finally:
+                rmtree(staging)
+        except OSError as exc:
+            raise _publish_error(exc, self.path) from None
+        return stats
+
+    def _init_meta(self) -> None:
+        """Create .recipe-runner whole (marker included) or not at all."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.meta.is_dir():
+            for sub in ("generations", "staging"):
+                (self.meta / sub).mkdir(exist_ok=True)
+            return
+        tmp = self.path / f".{META}.new-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            atomic_write_text(tmp / MARKER, _marker_text([]))
+            for sub in ("generations", "staging"):
+                (tmp / sub).mkdir()
+            os.rename(tmp, self.meta)
+        except OSError:
+            rmtree(tmp)
+            if not self.meta.is_dir():  # not a concurrent publish that won the race
+                raise
+        fsync_dir(self.path)
+
+    def _assemble(self, generation: Generation, staging: Path) -> CopyStats:
+        staging.mkdir(parents=True)
+        stats = CopyStats()
+        for folder, source in sorted(generation.trees.items()):
+            copied = copy_tree(source, staging / folder)
+            stats.files, stats.bytes = stats.files + copied.files, stats.bytes + copied.bytes
+            stats.reflinked += copied.reflinked
+        for rel, data in sorted(generation.files.items()):
+            path = staging / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)  # replaces a copied (read-only) file of the same name
+            atomic_write_text(path, data.decode("utf-8"))
+        for child in staging.iterdir():
+            seal_tree(child, directories=child.is_dir())  # the top folder stays writable: it is renamed
+        return stats
+
+    def _switch(self, staging: Path, names: set[str]) -> None:
+        generations = self.meta / "generations"
+        gen_id = f"{time.time_ns():x}-{secrets.token_hex(3)}"
+        seal = fingerprints(staging, _listed(staging))
+        atomic_write_text(generations / f"{gen_id}.seal.json", json.dumps(seal, sort_keys=True) + "\n")
+        os.rename(staging, generations / gen_id)
+        fsync_dir(generations)
+        old_links = self.our_links()
+        self._write_marker(old_links | names)  # before the links exist: a kill leaves them known as ours
+        for name in sorted(names - old_links):
+            _replace_symlink(self.path / name, f"{META}/current/{name}")
+        _replace_symlink(self.meta / "current", f"generations/{gen_id}")  # the switch: one rename
+        fsync_dir(self.meta)
+        self._tidy(names)
+
+    def tidy(self, names: set[str]) -> None:
+        """Finish what a killed publish left: links of artifacts the current generation lacks,
+        earlier generations, stale staging directories."""
+        with FileLock(self.meta / "publish.lock"):
+            self._tidy(names)
+
+    def _tidy(self, names: set[str]) -> None:
+        for name in sorted(self.our_links() - names):  # artifacts this recipe no longer makes
+            (self.path / name).unlink(missing_ok=True)
+        self._write_marker(names)
+        fsync_dir(self.path)
+        current = self.current()
+        if current is not None:
+            self._prune(current.name)
+
+    def _write_marker(self, links: set[str]) -> None:
+        atomic_write_text(self.meta / MARKER, _marker_text(sorted(links)))
+
+    def _prune(self, current_id: str) -> None:
+        """Remove earlier generations (unless they hold files recipe-runner did not write), and
+        staging directories of processes that are gone."""
+        generations = self.meta / "generations"
+        for gen in sorted(generations.iterdir()):
+            if not gen.is_dir() or gen.name == current_id:
+                continue
+            seal = _read_seal(gen) or {}
+            foreign = sorted(_listed(gen) - set(seal) - {LOCK_NAME})
+            if seal and foreign:
+                self._warn(f"kept the earlier output generation {gen}: it holds files recipe-runner did not "
+                           f"write ({', '.join(foreign[:3])}); move them out, then remove it")
+                continue
+            rmtree(gen)
+            (generations / f"{gen.name}.seal.json").unlink(missing_ok=True)
+        for seal_file in generations.glob("*.seal.json"):
+            if not (generations / seal_file.name.removesuffix(".seal.json")).exists():
+                seal_file.unlink(missing_ok=True)
+        for leftover in (self.meta / "staging").iterdir():
+            match = _STAGING_RE.fullmatch(leftover.name)
+            if match is None or not pid_alive(int(match.group(1))):
+                rmtree(leftover)
+        for leftover in self.path.glob(f".{META}.new-*"):
+            rmtree(leftover)
+
+
+def _is_our_link(root: Path, name: str) -> bool:
+    path = root / name
     try:
-        _populate(src_dir, staging)
-        fsync_dir(staging)
-        swap_into_place(staging, dest_dir)
+        return path.is_symlink() and os.readlink(path) == f"{META}/current/{name}"
+    except OSError:
+        return False
+
+
+def _replace_symlink(path: Path, target: str) -> None:
+    tmp = path.with_name(f".{path.name}.link-{os.getpid()}-{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
     except BaseException:
-        rmtree(staging)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _populate(src_dir: Path, staging: Path) -> None:
-    staging.mkdir()
-    for dirpath, dirnames, filenames in os.walk(src_dir):
-        rel = Path(dirpath).relative_to(src_dir)
-        dirnames.sort()
-        for name in dirnames:
-            src = Path(dirpath, name)
-            if src.is_symlink():  # os.walk does not descend into it; recreate the link itself
-                os.symlink(os.readlink(src), staging / rel / name)
-            else:
-                (staging / rel / name).mkdir()
-        for name in sorted(filenames):
-            src, dest = Path(dirpath, name), staging / rel / name
-            if src.is_symlink():
-                os.symlink(os.readlink(src), dest)
-            else:
-                link_or_copy(src, dest)
+def _marker_text(links: list[str]) -> str:
+    return json.dumps({"format": MARKER_FORMAT, "links": links}, indent=2) + "\n"
 
 
-def link_or_copy(src: Path, dest: Path) -> bool:
-    """Hardlink `src` at `dest`, or copy it (bytes, mode, times) where links are impossible.
-    Returns True when linked."""
+def _read_seal(generation: Path) -> dict | None:
     try:
-        os.link(src, dest)
-        return True
-    except OSError as exc:
-        if exc.errno not in _NO_LINK_ERRNOS:
-            raise
-        logger.debug("cannot hardlink %s (%s); copying", src, exc)
-    _copy_file(src, dest)
-    return False
+        seal = json.loads(generation.with_name(f"{generation.name}.seal.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return seal if isinstance(seal, dict) else None
 
 
-def _copy_file(src: Path, dest: Path) -> None:
-    with open(src, "rb") as fin, open(dest, "xb") as fout:
-        shutil.copyfileobj(fin, fout, _COPY_CHUNK)  # streams in 8 MiB pieces, never the whole file
-        fout.flush()
-        os.fsync(fout.fileno())
-    shutil.copystat(src, dest)
+def _listed(root: Path) -> set[str]:
+    """Every non-directory under `root`, as posix relpaths."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        out.update((rel / name).as_posix() for name in filenames)
+        out.update((rel / name).as_posix() for name in dirnames if os.path.islink(os.path.join(dirpath, name)))
+    return out
+
+
+def _publish_error(exc: OSError, out_dir: Path) -> UserError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+        return UserError(f"{what} while publishing to {out_dir}; the previous output is unchanged. Free space "
+                         "(`recipe cache gc` removes old cache entries) or choose an output.dir on another disk")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {exc.filename or out_dir}: {exc.strerror}; fix its permissions or choose "
+                         "another output.dir (the previous output is unchanged)")
+    return UserError(f"publishing to {out_dir} failed: {exc.strerror or exc} ({exc.filename or out_dir}); "
+                     "the previous output is unchanged")
+
+
+def check_output_location(out_dir: Path, where: str, source_dir: Path | None, cache_root: Path) -> None:
+    """output.dir may not be `/` or $HOME itself, nor overlap the source model or the cache."""
+    out = Path(os.path.realpath(out_dir))
+    home = Path(os.path.realpath(os.path.expanduser("~")))
+    if out == Path(out.anchor) or out == home:
+        raise UserError(f"{where}: {out_dir} is {'the filesystem root' if out == Path(out.anchor) else 'your home directory'}"
+                        "; publish into a directory of its own, e.g. build/<recipe-name>")
+    for other, what in ((source_dir, "the source model"), (cache_root, "the cache")):
+        if other is None:
+            continue
+        other = Path(os.path.realpath(other))
+        if out == other or other.is_relative_to(out) or out.is_relative_to(other):
+            relation = "is" if out == other else "contains" if other.is_relative_to(out) else "is inside"
+            raise UserError(f"{where}: {out_dir} {relation} {what} ({other}); choose an output.dir outside it")
 
 
 def swap_into_place(staging: Path, dest_dir: Path) -> None:
@@ -96,7 +348,7 @@ def swap_into_place(staging: Path, dest_dir: Path) -> None:
         os.rename(staging, dest_dir)
         fsync_dir(dest_dir.parent)
         return
-    old = _sibling(dest_dir, "old")
+    old = dest_dir.with_name(f".{dest_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
     os.rename(dest_dir, old)
     try:
         os.rename(staging, dest_dir)
@@ -105,29 +357,3 @@ def swap_into_place(staging: Path, dest_dir: Path) -> None:
         raise
     fsync_dir(dest_dir.parent)
     rmtree(old)
-
-
-def _sibling(dest_dir: Path, kind: str) -> Path:
-    # Hidden, beside dest (same filesystem), named by pid so a later publish can tell it is stale.
-    return dest_dir.with_name(f".{dest_dir.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _remove_leftovers(dest_dir: Path) -> None:
-    """Staging/old dirs left by a publish that was killed (its process is gone)."""
-    pattern = re.compile(rf"\.{re.escape(dest_dir.name)}\.(publish|old)-(\d+)-[0-9a-f]+")
-    for sibling in dest_dir.parent.iterdir():
-        match = pattern.fullmatch(sibling.name)
-        if match and not _pid_alive(int(match.group(2))):
-            rmtree(sibling)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True

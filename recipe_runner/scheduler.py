@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from recipe_runner.build import BuildResult, Echo, execute_stage, finish, prepare
 from recipe_runner.cache import CacheStore, Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
-from recipe_runner.fsutil import rmtree
 from recipe_runner.lock import LockFile
 from recipe_runner.plan import Plan
 from recipe_runner.progress import Progress
@@ -218,26 +217,28 @@ def build_graph(resolved: list[ResolvedPlan]) -> dict[str, Job]:
 
 def run_builds(plans: list[Plan], *, store: CacheStore, executor, workers: int | None = None,
                rehash: bool = False, locked: dict[int, LockFile] | None = None, fail_fast: bool = False,
-               max_memory: int | None = None, echo: Echo = print) -> BuildReport:
+               max_memory: int | None = None, force: bool = False, echo: Echo = print) -> BuildReport:
     """Build every plan, sharing equal stages; a failing stage stops only the plans that need it
-    (all of them with fail_fast). Each successful plan is published with its lock file."""
+    (all of them with fail_fast). Each successful plan is published with its lock file.
+    Every output directory is checked before any stage runs (`force`: see publish.OutputDir)."""
     from recipe_runner.build import check_lock_inputs
 
-    resolved = prepare(plans, store, rehash=rehash, echo=echo)
-    for index, lock in (locked or {}).items():
-        check_lock_inputs(resolved[index], lock)
-    run_store = store.scratch() if locked else store  # a locked rebuild trusts no cache entry
     try:
-        report = BuildReport(resolved, build_graph(resolved))
-        entries: list[dict[str, Entry]] = [{} for _ in resolved]
-        with Progress(run_store.root) as progress:
-            _drive(report, entries, run_store, executor, workers, fail_fast, max_memory, echo, progress)
-        _publish_all(report, entries, store, locked or {})
-        return report
+        resolved = prepare(plans, store, rehash=rehash, force=force, echo=echo)
+        for index, lock in (locked or {}).items():
+            check_lock_inputs(resolved[index], lock)
+        keys = {s.key.digest for plan in resolved for s in plan.statuses}
+        # The lease keeps gc off every entry this build reads and off its scratch store.
+        with store.lease(keys, scratch=bool(locked)) as lease:
+            run_store = lease.scratch or store  # a locked rebuild trusts no cache entry
+            report = BuildReport(resolved, build_graph(resolved))
+            entries: list[dict[str, Entry]] = [{} for _ in resolved]
+            with Progress(run_store.root) as progress:
+                _drive(report, entries, run_store, executor, workers, fail_fast, max_memory, echo, progress)
+            _publish_all(report, entries, store, locked or {}, force, echo)
+            return report
     finally:
         executor.close()
-        if run_store is not store:
-            rmtree(run_store.root)
 
 
 def _workers(plan: ResolvedPlan, workers: int | None) -> int:
@@ -295,7 +296,7 @@ def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheSto
 
 
 def _publish_all(report: BuildReport, entries: list[dict[str, Entry]], store: CacheStore,
-                 locked: dict[int, LockFile]) -> None:
+                 locked: dict[int, LockFile], force: bool, echo: Echo) -> None:
     for index, plan in enumerate(report.plans):
         mine = [report.jobs[s.key.digest] for s in plan.statuses]
         failed = next((j for j in mine if j.state == "failed"), None)
@@ -308,7 +309,7 @@ def _publish_all(report: BuildReport, entries: list[dict[str, Entry]], store: Ca
             continue
         trace = [report.jobs[s.key.digest].record for s in plan.statuses]
         try:
-            report.results[index] = finish(plan, entries[index], store, locked.get(index), trace)
+            report.results[index] = finish(plan, entries[index], store, locked.get(index), trace, force, echo)
         except RecipeRunnerError as exc:
             report.failures[index] = (exc.exit_code, exc)
 

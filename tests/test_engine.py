@@ -137,8 +137,8 @@ def test_failed_engine_build_reports_log_tail_and_caches_nothing(engine_recipe, 
     assert code == 1
     assert "trtllm-build failed with exit code 1; last lines of its log:" in err
     assert "FAKE failure: out of GPU memory while building rank 0" in err
-    log = tmp_path / "out" / "logs" / "build-engine.log"
-    assert f"full log: {log}" in err and "FAKE failure" in log.read_text()
+    logs = list((cache / "logs").glob("build-engine-*.log"))
+    assert len(logs) == 1 and f"full log: {logs[0]}" in err and "FAKE failure" in logs[0].read_text()
     stages = [json.loads(m.read_text())["stage"] for m in (cache / "entries").glob("*/*/manifest.json")]
     assert sorted(stages) == ["convert", "shard"]
     assert not list((cache / "tmp").glob("*")) and not (tmp_path / "out" / "recipe.lock").exists()
@@ -184,7 +184,7 @@ def test_engine_waits_for_verify_and_is_not_built_when_it_fails(tiny_model, tmp_
     code, out, err = _build(capsys, recipe, tmp_path / "cache")
     assert code == 1
     assert "max_abs_logit_error" in err
-    assert "[build-engine] running" not in out and not (tmp_path / "out" / "logs" / "build-engine.log").exists()
+    assert "[build-engine] running" not in out and not (tmp_path / "cache" / "logs").exists()
     recipe.write_text(recipe.read_text().replace("1.0e-12", "1.0"))
     code, out, err = _build(capsys, recipe, tmp_path / "cache")
     assert code == 0, err

@@ -1,9 +1,9 @@
 """Engine stage: run the real trtllm-build on the shard stage's checkpoint.
 
-trtllm-build's output is streamed to a log file (kept in the output directory even when the
-build fails, and copied into the engine artifact when it succeeds) with a live progress line
-on a terminal. A failed build raises StageFailed with the log's last lines; the cache keeps
-nothing of it.
+trtllm-build's output is streamed to a log file, which becomes the engine artifact's build.log
+(<output>/engine/build.log) when it succeeds, with a live progress line on a terminal. A failed
+build raises StageFailed with the log's last lines; the cache keeps no entry, and the log is kept
+in the cache's logs/ folder (until `recipe cache gc`).
 """
 from __future__ import annotations
 
@@ -26,31 +26,35 @@ LOG_NAME = "build.log"
 TAIL_LINES = 20
 
 
-def engine_log_path(resolved: "ResolvedPlan") -> Path:
-    return resolved.plan.recipe.resolve_path("output.dir") / "logs" / "build-engine.log"
-
-
 def run_engine(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
+    from recipe_runner.cache import failure_log_path
+
     toolchain = resolved.toolchain
     assert toolchain is not None, "the build checks for trtllm-build before any stage runs"
     engine = resolved.plan.recipe.data["engine"]
-    argv = [*toolchain.command, *engine_argv(engine, str(entries["shard"].path), str(data_dir), toolchain.version)]
-    log_path = engine_log_path(resolved)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    returncode, tail = _stream(argv, log_path, cwd=data_dir)
+    checkpoint = str(entries["shard"].path)
+    argv = [*toolchain.command, *engine_argv(engine, checkpoint, str(data_dir), toolchain.version)]
+    # The log is the entry's (engine/build.log once published), so its header names no path of
+    # this machine's cache: the same key, the same header.
+    header = " ".join(argv).replace(checkpoint, "<checkpoint>").replace(str(data_dir), "<engine>")
+    log_path = data_dir.parent / f"build-engine.{LOG_NAME}"  # beside the payload until it succeeds
+    returncode, tail = _stream(argv, header, log_path, cwd=data_dir)
     if returncode != 0:
+        kept = failure_log_path(data_dir, "build-engine")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(log_path, kept)
         lines = "\n    ".join(tail) or "(no output)"
         raise StageFailed(f"trtllm-build failed with exit code {returncode}; last lines of its log:\n    {lines}\n"
-                          f"full log: {log_path}\ncommand: {' '.join(argv)}")
-    shutil.copyfile(log_path, data_dir / LOG_NAME)
+                          f"full log: {kept}\ncommand: {' '.join(argv)}")
+    os.replace(log_path, data_dir / LOG_NAME)
 
 
-def _stream(argv: list[str], log_path: Path, cwd: Path) -> tuple[int, list[str]]:
+def _stream(argv: list[str], header: str, log_path: Path, cwd: Path) -> tuple[int, list[str]]:
     """Run argv, writing its output to log_path as it comes; (exit code, last lines)."""
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     live = sys.stderr.isatty()
     with open(log_path, "w", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(argv)}\n")
+        log.write(f"$ {header}\n")
         proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert proc.stdout is not None

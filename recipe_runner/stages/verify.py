@@ -36,7 +36,9 @@ def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: 
         result = verify_checkpoint(entries[stage].path, resolved.source_dir, prompts=list(spec["prompts"]),
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
                                    tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe")
-        context = ReportContext(recipe.name, recipe.canonical_hash(), resolved.status(stage).key.digest)
+        # No recipe identity here: recipes that share this key share these bytes. Publishing
+        # names the recipe (build.recipe_reports).
+        context = ReportContext(checkpoint_key=resolved.status(stage).key.digest)
         write_report(data_dir if i == 0 else data_dir / TARGET_OF[stage], result, context)
         if not result.passed:
             prefix = f"{TARGET_OF[stage]}: " if len(checked) > 1 else ""

@@ -81,9 +81,21 @@ def write_report(directory: Path, result: VerifyResult, ctx: ReportContext) -> t
     directory.mkdir(parents=True, exist_ok=True)
     report = report_dict(result, ctx)
     json_path, md_path = directory / JSON_NAME, directory / MARKDOWN_NAME
-    json_path.write_text(json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    json_path.write_bytes(_report_json(report))
     md_path.write_text(render_markdown(report), encoding="utf-8")
     return json_path, md_path
+
+
+def _report_json(report: dict) -> bytes:
+    return (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def name_recipe(report_json: bytes, recipe_name: str, recipe_sha256: str) -> tuple[bytes, bytes]:
+    """A build's cached verify.json (which names no recipe) as the recipe publishing it sees it:
+    (verify.json, verify.md) with the recipe's name and canonical hash filled in."""
+    report = json.loads(report_json)
+    report["recipe"] = {"name": recipe_name, "sha256": recipe_sha256}
+    return _report_json(report), render_markdown(report).encode("utf-8")
 
 
 def format_summary(result: VerifyResult) -> str:
