@@ -110,7 +110,8 @@ def load_recipe_at_revision(rev: str, file: Path, variables: dict | None = None)
     file = file.resolve()
     top = _git(file.parent, "rev-parse", "--show-toplevel").strip()
     relative = file.relative_to(Path(top).resolve())
-    archive = subprocess.run(["git", "-C", top, "archive", "--format=tar", rev], capture_output=True)
+    commit = _commit(top, rev)
+    archive = subprocess.run(["git", "-C", top, "archive", "--format=tar", commit], capture_output=True)
     if archive.returncode != 0:
         raise UserError(f"git archive {rev} failed in {top}: {archive.stderr.decode(errors='replace').strip()}")
     with tempfile.TemporaryDirectory(prefix="recipe-diff-") as tmp:
@@ -119,6 +120,18 @@ def load_recipe_at_revision(rev: str, file: Path, variables: dict | None = None)
         if not (Path(tmp) / relative).is_file():
             raise UserError(f"{relative} does not exist at revision {rev}")
         return load_recipe(Path(tmp) / relative, variables)
+
+
+def _commit(top: str, rev: str) -> str:
+    """The commit sha `rev` names. Anything else is refused before git sees it as an argument:
+    `--rev=--output=FILE` would otherwise be an option of `git archive` and overwrite FILE."""
+    if not rev or rev.startswith("-") or "\0" in rev:
+        raise UserError(f"--rev {rev!r} is not a git revision; give a commit, branch or tag (e.g. --rev HEAD~1)")
+    proc = subprocess.run(["git", "-C", top, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"--rev {rev!r} names no commit in {top}; give a commit, branch or tag (e.g. --rev HEAD~1)")
+    return proc.stdout.strip()
 
 
 def _git(cwd: Path, *args: str) -> str:
