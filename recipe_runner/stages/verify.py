@@ -35,7 +35,8 @@ def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: 
     for i, stage in enumerate(checked):
         result = verify_checkpoint(entries[stage].path, resolved.source_dir, prompts=list(spec["prompts"]),
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
-                                   tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe")
+                                   tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe",
+                                   trust_remote_code=recipe.data["source"]["trust_remote_code"])
         context = ReportContext(recipe.name, recipe.canonical_hash(), resolved.status(stage).key.digest)
         write_report(data_dir if i == 0 else data_dir / TARGET_OF[stage], result, context)
         if not result.passed:
