@@ -4,7 +4,7 @@ Layouts, in the order they are looked for:
   1. `model.safetensors.index.json` + shards          3. `pytorch_model.bin.index.json` + shards
   2. `model.safetensors`                                4. `pytorch_model.bin`
 
-Safetensors headers are parsed here (cheap, no tensor data) so names, dtypes and shapes are known
+Safetensors headers are parsed and checked first (hf.safetensors_header; cheap, no tensor data) so names, dtypes and shapes are known
 up front and a truncated file is reported before anything is converted. Data is read per request
 through `safe_open(...).get_slice(name)[index]` with the file opened only for that read: the
 memory map is dropped right after, so reading a whole model never keeps it resident.
