@@ -507,3 +507,16 @@ def test_trust_remote_code_lets_the_plan_through(remote_code_model, tmp_path, ca
     code, out, err = run_cli(capsys, "plan", str(recipe), "--cache-dir", str(tmp_path / "cache"))
     assert code == 0, err
     assert not marker.exists()  # planning runs no model code either
+
+
+def test_hub_cache_snapshot_whose_shards_link_to_its_blobs_is_fine(tiny_model, tmp_path, capsys):
+    # the Hugging Face hub cache keeps every file of a snapshot as a symlink to ../../blobs/<sha>
+    repo = tmp_path / "models--acme--tiny"
+    snapshot, blobs = repo / "snapshots" / ("0" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(tiny_model("sharded").iterdir())):
+        shutil.copy(f, blobs / f"blob{i}")
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    code, out, err = run_cli(capsys, "plan", str(recipe_for(tmp_path, snapshot)), "--cache-dir", str(tmp_path / "c"))
+    assert code == 0, err
