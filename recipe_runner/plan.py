@@ -163,21 +163,21 @@ def _cut(stages: list[Stage], until: str) -> list[Stage]:
 
 
 def refuse_remote_code(recipe: Recipe, source: SourceLocation) -> None:
-    """A config that asks for custom Python code (auto_map) runs only when the recipe allows it."""
-    import json
+    """A model whose JSON files ask for custom Python code (auto_map in config.json,
+    tokenizer_config.json, ...) is built only when the recipe allows that code to run."""
+    from recipe_runner.hf.remote_code import TRUST_FIELD, auto_maps, describe
 
-    config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
-    if config.get("auto_map") and not recipe.data["source"]["trust_remote_code"]:
-        field = "source.trust_remote_code"
-        raise RecipeError([Problem(recipe.location("source"), field,
-                                   f"{source.directory / 'config.json'} asks for custom code (auto_map: "
-                                   f"{sorted(config['auto_map'])}); review that code, then set "
-                                   "source.trust_remote_code: true to allow it")])
+    found = auto_maps(source.directory)
+    if found and not recipe.data["source"]["trust_remote_code"]:
+        raise RecipeError([Problem(recipe.location("source"), TRUST_FIELD,
+                                   f"{describe(found)}; review that code, then set {TRUST_FIELD}: true "
+                                   "to allow it")])
 
 
 def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     """The rules that need the source's config.json, reported at the recipe field they concern."""
     from recipe_runner.hf.config import read_model_config
+    from recipe_runner.hf.weights import check_source_weights
     from recipe_runner.trtllm.mapping import check_mapping
 
     refuse_remote_code(recipe, source)
@@ -190,3 +190,6 @@ def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     findings += quantization_findings(model, recipe.data, source.directory)
     if findings:
         raise RecipeError([Problem(recipe.location(f), f, m) for f, m in findings])
+    # then the weights themselves (recipe findings first: they only need config.json): safetensors
+    # headers, the index entries, the tensors and layer count against config.json
+    check_source_weights(source.directory, model)

@@ -123,7 +123,7 @@ def test_tiny_model_from_demo(tiny_model):
     ({"rope_scaling": {"rope_type": "longrope", "factor": 2.0}},
      "unsupported rope scaling type 'longrope'; supported: linear, dynamic, llama3, yarn"),
     ({"rope_scaling": {"type": "linear"}},
-     "rope scaling 'linear' needs a numeric 'factor', got None"),
+     "rope scaling 'linear' needs a finite 'factor' greater than 0, got None"),
 ])
 def test_bad_configs(tmp_path, change, message):
     with pytest.raises(SourceModelError) as e:

@@ -42,11 +42,15 @@ class RunnerOptions:
     spill_bytes: int = SPILL_BYTES
 
 
-def hf_config(model_dir: Path):
-    """The transformers config of the source, set up for an eager float32 CPU forward."""
+def hf_config(model_dir: Path, *, trust_remote_code: bool = False):
+    """The transformers config of the source, set up for an eager float32 CPU forward; custom config
+    code (auto_map) runs only with `trust_remote_code`, passed explicitly (None would ask on stdin)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    from recipe_runner.hf.remote_code import refuse_remote_code
+
+    refuse_remote_code(model_dir, trust_remote_code)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
     config._attn_implementation = "eager"
     return config
 
@@ -121,9 +125,9 @@ def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
 
 
 def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOptions = RunnerOptions(),
-                    log: Log = lambda _: None) -> CalibrationStats:
+                    log: Log = lambda _: None, *, trust_remote_code: bool = False) -> CalibrationStats:
     """Statistics of every decoder-layer linear over `batches`, computed one layer at a time."""
-    config = hf_config(model_dir)
+    config = hf_config(model_dir, trust_remote_code=trust_remote_code)
     layer_cls, rotary_cls = _decoder_classes(config)
     reader = SourceCheckpoint(model_dir)
     rotary = rotary_cls(config=config)

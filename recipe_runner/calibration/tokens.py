@@ -13,15 +13,21 @@ import torch
 
 from recipe_runner.errors import UserError
 from recipe_runner.hf.files import tokenizer_problem
+from recipe_runner.hf.remote_code import refuse_remote_code
 
-def load_tokenizer(model_dir: Path):
+
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
+    """The source's tokenizer; its own code (auto_map) runs only with `trust_remote_code` (the recipe's
+    source.trust_remote_code). Passed explicitly: left None, transformers asks on stdin."""
     problem = tokenizer_problem(model_dir)
     if problem:
         raise UserError(problem)
+    refuse_remote_code(model_dir, trust_remote_code)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
+                                             trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise UserError(f"{model_dir}: the tokenizer files cannot be loaded ({type(e).__name__}: {e}); fetch "
                         "them again") from None

@@ -7,6 +7,7 @@ holding rope_theta and the scaling, `dtype` instead of `torch_dtype`).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,28 @@ def _load_json(path: Path) -> dict[str, Any]:
             f"{path} not found: the source must be a Hugging Face model directory containing "
             "config.json and the weights (*.safetensors or pytorch_model*.bin)"
         )
+    from recipe_runner.hf.safetensors_header import loads_strict
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # strict: NaN / Infinity (which Python's json accepts) are not JSON, and a key given twice
+        # leaves which value is meant unknown
+        data = loads_strict(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise _error(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise _error(path, f"cannot be read ({e})") from None
+        raise _error(path, f"cannot be read ({e}); fetch it again") from None
+    except ValueError as e:
+        key = getattr(e, "key", None)
+        what = f"names '{key}' twice" if key else f"holds {e}, which is not JSON (write a finite number)"
+        raise _error(path, f"{what}; fix or fetch it again") from None
     if not isinstance(data, dict):
-        raise _error(path, "must hold a JSON object")
+        raise _error(path, f"must hold a JSON object, but holds a JSON {_json_kind(data)}; fetch the model's "
+                     "config.json again")
     return data
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def _int(raw: dict[str, Any], key: str, path: Path, default: int | None = None) -> int:
@@ -76,11 +90,17 @@ def _int(raw: dict[str, Any], key: str, path: Path, default: int | None = None) 
 
 
 def _float(raw: dict[str, Any], key: str, path: Path, default: float) -> float:
+    """A number that must be finite and > 0 (rms_norm_eps, rope_theta: 0 or NaN gives NaN logits)."""
     value = raw.get(key, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _error(path, f"'{key}' must be a number, got {value!r}")
+    return _positive_number(value, key, path)
+
+
+def _positive_number(value: Any, key: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
+        raise _error(path, f"'{key}' must be a finite number greater than 0, got {value!r}")
     return float(value)
 
 
@@ -104,8 +124,7 @@ def _rope(raw: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None
     else:
         theta = raw.get("rope_theta", 10000.0)
         scaling = raw.get("rope_scaling")
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise _error(path, f"'rope_theta' must be a number, got {theta!r}")
+    theta = _positive_number(theta, "rope_theta", path)
     if scaling is None:
         return float(theta), None
     if not isinstance(scaling, dict):
@@ -118,8 +137,9 @@ def _rope(raw: dict[str, Any], path: Path) -> tuple[float, dict[str, Any] | None
         raise _error(path, f"unsupported rope scaling type '{rope_type}'; supported: "
                      + ", ".join(SUPPORTED_ROPE_TYPES))
     factor = scaling.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-        raise _error(path, f"rope scaling '{rope_type}' needs a numeric 'factor', got {factor!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+            or factor <= 0:
+        raise _error(path, f"rope scaling '{rope_type}' needs a finite 'factor' greater than 0, got {factor!r}")
     return float(theta), dict(scaling)
 
 

@@ -4,18 +4,15 @@ Layouts, in the order they are looked for:
   1. `model.safetensors.index.json` + shards          3. `pytorch_model.bin.index.json` + shards
   2. `model.safetensors`                                4. `pytorch_model.bin`
 
-Safetensors headers are parsed here (cheap, no tensor data) so names, dtypes and shapes are known
+Safetensors headers are parsed and checked first (hf.safetensors_header; cheap, no tensor data) so names, dtypes and shapes are known
 up front and a truncated file is reported before anything is converted. Data is read per request
 through `safe_open(...).get_slice(name)[index]` with the file opened only for that read: the
 memory map is dropped right after, so reading a whole model never keeps it resident.
 """
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -28,11 +25,11 @@ from recipe_runner.hf.files import (  # noqa: F401  (re-exported names)
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
     _read_index,
+    map_index,
 )
-from recipe_runner.hf.names import expected_tensors
+from recipe_runner.hf.safetensors_header import parse_safetensors_header
+from recipe_runner.hf.weights import WeightFacts, check_weights
 from recipe_runner.trtllm.safetensors_writer import CODE_TO_DTYPE, FileRange
-
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -46,68 +43,12 @@ class TensorInfo:
     data_offset: int | None = None  # file offset of the first byte (safetensors only)
 
 
-def _truncated(path: Path, needed: int, actual: int) -> SourceModelError:
-    return SourceModelError(
-        f"{path} is truncated: its header describes {needed} bytes but the file has {actual}; "
-        "the download or copy is incomplete — fetch this file again"
-    )
-
-
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors file's header (no tensor data is read)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise _truncated(path, 8, size)
-            (n,) = struct.unpack("<Q", prefix)
-            if n > _MAX_HEADER:
-                raise SourceModelError(f"{path} is not a valid safetensors file (header length "
-                                       f"{n} is implausible); fetch this file again")
-            if 8 + n > size:
-                raise _truncated(path, 8 + n, size)
-            blob = f.read(n)
-    except OSError as e:
-        raise SourceModelError(f"{path} cannot be read: {e.strerror or e}") from None
-    try:
-        header = json.loads(blob)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise SourceModelError(f"{path} has a corrupt safetensors header; fetch this file again")
-    if not isinstance(header, dict):
-        raise SourceModelError(f"{path} has a corrupt safetensors header; fetch this file again")
-    infos: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        infos[name] = _tensor_info(path, name, entry, data_start=8 + n)
-        data_end = max(data_end, entry["data_offsets"][1])
-    if 8 + n + data_end > size:
-        raise _truncated(path, 8 + n + data_end, size)
-    return infos
-
-
-def _tensor_info(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
-    bad = SourceModelError(f"{path}: header entry for tensor '{name}' is malformed; "
-                           "fetch this file again")
-    if not isinstance(entry, dict):
-        raise bad
-    dtype = CODE_TO_DTYPE.get(entry.get("dtype"))
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if dtype is None:
-        raise SourceModelError(f"{path}: tensor '{name}' has unsupported dtype "
-                               f"{entry.get('dtype')!r}")
-    if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-            or not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)):
-        raise bad
-    numel = 1
-    for d in shape:
-        numel *= d
-    if offsets[1] - offsets[0] != numel * dtype.itemsize or offsets[0] < 0:
-        raise bad
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + offsets[0])
+    """Parse and check one safetensors file's header (no tensor data is read; the format's rules
+    are checked in hf.safetensors_header)."""
+    header = parse_safetensors_header(path)
+    return {name: TensorInfo(name, path, CODE_TO_DTYPE[e.dtype], e.shape, header.data_start + e.begin)
+            for name, e in header.tensors.items()}
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -170,20 +111,7 @@ class SourceCheckpoint:
 
     @staticmethod
     def _from_index(index_path: Path, read_file) -> dict[str, TensorInfo]:
-        weight_map = _read_index(index_path)
-        per_file: dict[Path, dict[str, TensorInfo]] = {}
-        infos: dict[str, TensorInfo] = {}
-        for name, shard in weight_map.items():
-            if shard not in per_file:
-                per_file[shard] = read_file(shard)
-            info = per_file[shard].get(name)
-            if info is None:
-                raise SourceModelError(
-                    f"{index_path} maps tensor '{name}' to {shard.name}, but that shard does "
-                    "not contain it; the shards do not match the index — fetch them again"
-                )
-            infos[name] = info
-        return infos
+        return map_index(index_path, read_file)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -207,26 +135,11 @@ class SourceCheckpoint:
         return self.info(name).dtype
 
     def validate(self, model_config: ModelConfig) -> None:
-        """Every tensor `model_config` implies is present with the right shape and a float dtype."""
-        for name, shape in expected_tensors(model_config).items():
-            if name not in self._infos:
-                where = ", ".join(p.name for p in self.files)
-                raise SourceModelError(
-                    f"{self.model_dir}: tensor '{name}' is missing from {where}, but config.json "
-                    f"describes a {model_config.architecture} that needs it; the weights do not "
-                    "match config.json"
-                )
-            info = self._infos[name]
-            if info.shape != shape:
-                raise SourceModelError(
-                    f"{info.file}: tensor '{name}' has shape {list(info.shape)} but config.json "
-                    f"implies {list(shape)}; the weights do not match config.json"
-                )
-            if not info.dtype.is_floating_point:
-                raise SourceModelError(
-                    f"{info.file}: tensor '{name}' has dtype {info.dtype}; only unquantized "
-                    "float16/bfloat16/float32 checkpoints can be converted"
-                )
+        """The decoder layers are exactly those config.json counts; every tensor `model_config` implies
+        is present with the right shape and a float dtype (hf.weights.check_weights)."""
+        facts = {n: WeightFacts(i.file, i.shape, str(i.dtype), i.dtype.is_floating_point)
+                 for n, i in self._infos.items()}
+        check_weights(self.model_dir, self.files, facts, model_config)
 
     # -- data --------------------------------------------------------------------------------
 

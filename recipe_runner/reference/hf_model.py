@@ -33,15 +33,20 @@ def _modules(architecture: str):
 class HFLayerwiseModel:
     """Logits of a HF LLaMA / Mistral model directory, computed layer by layer."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False):
         from transformers import AutoConfig
 
+        from recipe_runner.hf.remote_code import refuse_remote_code
+
         self.model_dir = Path(model_dir)
+        refuse_remote_code(self.model_dir, trust_remote_code)
         self.model_config = read_model_config(self.model_dir)  # validates the architecture
         self.source = SourceCheckpoint(self.model_dir)
         self.source.validate(self.model_config)
         try:
-            self.config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+            # explicit: left None, transformers would ask "[y/N]" on stdin for a config with auto_map
+            self.config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise SourceModelError(f"{self.model_dir}: transformers cannot read config.json ({e})") from None
         # eager attention with an explicit causal mask: the plain math, on every torch build

@@ -36,7 +36,7 @@ def settings_from_params(params: Mapping[str, Any], dataset_path: Path | None) -
 
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
-              log: Callable[[str], None] = lambda _: None) -> CalibrationStats:
+              log: Callable[[str], None] = lambda _: None, *, trust_remote_code: bool = False) -> CalibrationStats:
     """Statistics of `source_dir` over the calibration set; written to `out_dir` when given."""
     from recipe_runner.calibration.runner import RunnerOptions, run_calibration
     from recipe_runner.calibration.tokens import load_tokenizer, make_batches, tokenize
@@ -44,7 +44,7 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
 
     cfg = read_model_config(source_dir)
     files = locate_dataset(settings.dataset, settings.dataset_path, settings.split)
-    tokenizer = load_tokenizer(source_dir)
+    tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
     texts = sample_texts(read_texts(files, settings.text_field), settings.num_samples, settings.seed)
     sequences = tokenize(tokenizer, texts, settings.max_seq_len)
     if not sequences:
@@ -53,7 +53,7 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
     batches = make_batches(sequences, settings.batch_size, cfg.vocab_size)
     awq = "awq" in settings.statistics
     options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None)
-    stats = run_calibration(source_dir, batches, options, log)
+    stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code)
     # counts only: paths would make equal statistics differ in bytes between machines
     stats.meta = {"samples": len(sequences), "batches": len(batches), "tokens": sum(b.tokens for b in batches),
                   "statistics": list(settings.statistics), "awq_group_size": options.awq_group_size}
@@ -66,4 +66,5 @@ def run_calibrate(resolved, entries: dict, data_dir: Path, workers: int) -> None
     """Build executor: the stage's own params (exactly what its key holds) drive it."""
     params = dict(resolved.plan.stage("calibrate").params)
     dataset_path = resolved.plan.recipe.resolve_path("quantization.calibration.dataset")
-    calibrate(resolved.source_dir, settings_from_params(params, dataset_path), data_dir)
+    calibrate(resolved.source_dir, settings_from_params(params, dataset_path), data_dir,
+              trust_remote_code=resolved.plan.recipe.data["source"]["trust_remote_code"])

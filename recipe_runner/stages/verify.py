@@ -35,7 +35,8 @@ def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: 
     for i, stage in enumerate(checked):
         result = verify_checkpoint(entries[stage].path, resolved.source_dir, prompts=list(spec["prompts"]),
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
-                                   tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe")
+                                   tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe",
+                                   trust_remote_code=recipe.data["source"]["trust_remote_code"])
         # No recipe identity here: recipes that share this key share these bytes. Publishing
         # names the recipe (build.recipe_reports).
         context = ReportContext(checkpoint_key=resolved.status(stage).key.digest)

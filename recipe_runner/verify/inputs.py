@@ -34,7 +34,7 @@ def parse_token_ids(text: str) -> list[int]:
     return ids
 
 
-def _tokenize(source_dir: Path, prompts: Sequence[str]) -> list[list[int]]:
+def _tokenize(source_dir: Path, prompts: Sequence[str], trust_remote_code: bool) -> list[list[int]]:
     from recipe_runner.calibration.tokens import load_tokenizer
     from recipe_runner.hf.files import tokenizer_problem
 
@@ -42,18 +42,18 @@ def _tokenize(source_dir: Path, prompts: Sequence[str]) -> list[list[int]]:
         raise UserError(f"verify prompts are tokenized with the source model's tokenizer, but {source_dir} has none "
                         "(tokenizer.json, tokenizer.model or vocab.json); copy the tokenizer files there or give "
                         "token ids instead (verify.token_ids / --token-ids)")
-    tokenizer = load_tokenizer(source_dir)
+    tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
     return [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
 
 
 def prepare_inputs(source_dir: Path, prompts: Sequence[str], token_ids: Sequence[Sequence[int]],
-                   vocab_size: int) -> list[VerifyInput]:
+                   vocab_size: int, *, trust_remote_code: bool = False) -> list[VerifyInput]:
     """Prompts first, then token-id lists; every id must be inside the vocabulary."""
     if not prompts and not token_ids:
         raise UserError("verify needs inputs: give prompts (verify.prompts / --prompt) or token ids "
                         "(verify.token_ids / --token-ids)")
     inputs = [VerifyInput(f"prompt {i}", tuple(ids), text)
-              for i, (text, ids) in enumerate(zip(prompts, _tokenize(source_dir, prompts) if prompts else []), 1)]
+              for i, (text, ids) in enumerate(zip(prompts, _tokenize(source_dir, prompts, trust_remote_code) if prompts else []), 1)]
     inputs += [VerifyInput(f"token_ids {i}", tuple(ids)) for i, ids in enumerate(token_ids, 1)]
     for item in inputs:
         if not item.token_ids:

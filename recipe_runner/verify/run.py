@@ -64,7 +64,7 @@ def checkpoint_facts(cfg: CheckpointConfig) -> dict[str, object]:
 
 def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: Sequence[str] = (),
                       token_ids: Sequence[Sequence[int]] = (), tolerances: Mapping[str, float] | None = None,
-                      tolerances_from: str = "given") -> VerifyResult:
+                      tolerances_from: str = "given", trust_remote_code: bool = False) -> VerifyResult:
     """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint, or a quantized HF checkpoint in the
     hf-modelopt / hf-compressed-tensors formats this project writes) with the HF model in `source_dir`.
 
@@ -74,7 +74,7 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
     from recipe_runner.reference.hf_quantized import HFQuantizedModel, is_hf_checkpoint
 
     source_dir, ckpt_dir = Path(source_dir), Path(ckpt_dir)
-    hf_model = HFLayerwiseModel(source_dir)
+    hf_model = HFLayerwiseModel(source_dir, trust_remote_code=trust_remote_code)
     if is_hf_checkpoint(ckpt_dir):  # a (quantized) Hugging Face checkpoint: hf-modelopt, hf-compressed-tensors
         reference = HFQuantizedModel(ckpt_dir)  # reads only the configs and safetensors headers
         _check_same_hf_model(reference.model_config, hf_model.model_config, source_dir)
@@ -88,7 +88,7 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
         facts = checkpoint_facts(cfg)
         quant_algo, kv_algo = cfg.quant_algo, cfg.kv_cache_quant_algo
         vocab_size = cfg.vocab_size
-    inputs = prepare_inputs(source_dir, prompts, token_ids, vocab_size)
+    inputs = prepare_inputs(source_dir, prompts, token_ids, vocab_size, trust_remote_code=trust_remote_code)
     sequences = [list(i.token_ids) for i in inputs]
     expected = hf_model.logits(sequences)
     got = reference.logits(sequences)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from recipe_runner.errors import UserError
+from recipe_runner.hf.remote_code import TRUST_FIELD, refuse_remote_code
 from recipe_runner.verify.inputs import parse_token_ids
 from recipe_runner.verify.report import ReportContext, format_summary, write_report
 from recipe_runner.verify.run import verify_checkpoint
@@ -26,6 +27,9 @@ def run_standalone(checkpoint: Path, source: Path, *, prompts: Sequence[str], to
                    limits: Mapping[str, float | None], report_dir: Path | None,
                    echo: Callable[[str], None]) -> bool:
     """Verify, print the figures, write the report if asked; True when every figure is in tolerance."""
+    # before anything loads: verify has no recipe to allow a model's own code, so it never runs it
+    refuse_remote_code(source, False, remedy=f"`recipe verify` never runs a model's own code; to use it, build "
+                       f"from a recipe that sets {TRUST_FIELD}: true after reviewing that code")
     result = verify_checkpoint(checkpoint, source, prompts=prompts,
                                token_ids=[parse_token_ids(text) for text in token_ids],
                                tolerances=check_limits(limits), tolerances_from="command line")
