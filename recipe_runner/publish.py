@@ -50,6 +50,7 @@ META = ".recipe-runner"
 MARKER = "output.json"
 MARKER_FORMAT = "recipe-runner/output/1"
 _STAGING_RE = re.compile(r"(\d+)-[0-9a-f]+")
+_TRANSIENT_RE = re.compile(rf"\.({re.escape(META)}\.new|.+\.link)-(\d+)-[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class OutputDir:
         if not path.exists():
             self._check_creatable()
             return
-        present = set(os.listdir(path))
+        # leave out the names a concurrent publish uses for a moment (see _init_meta, _replace_symlink)
+        present = {name for name in os.listdir(path) if not _TRANSIENT_RE.fullmatch(name)}
         ours = self.our_links() if self.marker() is not None else None
         if ours is None:
             if not present:
@@ -269,8 +271,13 @@ class OutputDir:
             match = _STAGING_RE.fullmatch(leftover.name)
             if match is None or not pid_alive(int(match.group(1))):
                 rmtree(leftover)
-        for leftover in self.path.glob(f".{META}.new-*"):
-            rmtree(leftover)
+        for leftover in self.path.iterdir():
+            match = _TRANSIENT_RE.fullmatch(leftover.name)
+            if match and not pid_alive(int(match.group(2))):
+                if leftover.is_symlink():
+                    leftover.unlink(missing_ok=True)
+                else:
+                    rmtree(leftover)
 
 
 def _is_our_link(root: Path, name: str) -> bool:
