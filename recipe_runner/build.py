@@ -1,6 +1,7 @@
 """Execute a plan: run each stage whose key is not cached, publish, write the lock file."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.hfexport.targets import EXPORT_STAGES
 from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.plan import Plan
-from recipe_runner.publish import Generation, OutputDir, check_output_location
+from recipe_runner.publish import Generation, OutputDir, check_cache_location, check_output_location
 from recipe_runner.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.toolchain import require_toolchain
 
@@ -137,6 +138,7 @@ def check_outputs(plans: list[Plan], store: CacheStore, force: bool) -> None:
             raise UserError(f"{where}: {out_dir} is also the output of recipe {seen[real]!r} in this build; "
                             "give each recipe its own output.dir (e.g. output.dir: build/{{ name }})")
         seen[real] = recipe.name
+        check_cache_location(store.root, plan.source.directory)
         check_output_location(out_dir, where, plan.source.directory, store.root)
         names = {PUBLISHED[s.name] for s in plan.stages if s.name in PUBLISHED} | {LOCK_NAME}
         OutputDir(out_dir, where).check(names, force)
@@ -157,7 +159,15 @@ def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], 
         ran.append(True)
         stage_executor(name)(resolved, entries, data_dir, workers)
 
-    entries[name] = store.build(key.digest, name, produce, recipe=resolved.plan.recipe.name)
+    try:
+        entries[name] = store.build(key.digest, name, produce, recipe=resolved.plan.recipe.name)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # the environment, not a bug: one line naming where, what to do (the entry was not made)
+        raise UserError(f"[{name}] cannot write the cache entry in {store.root}: {exc.strerror} "
+                        f"({exc.filename or store.root}); free space (`recipe cache gc`), fix its permissions "
+                        "or choose another --cache-dir") from None
     if not ran:
         echo(f"[{name}] cached ({key.short})")
     return {"stage": name, "key": key.digest, "action": "ran" if ran else "cached",

@@ -334,18 +334,29 @@ def _publish_error(exc: OSError, out_dir: Path) -> UserError:
 
 def check_output_location(out_dir: Path, where: str, source_dir: Path | None, cache_root: Path) -> None:
     """output.dir may not be `/` or $HOME itself, nor overlap the source model or the cache."""
-    out = Path(os.path.realpath(out_dir))
+    _refuse_overlaps(out_dir, f"{where}: {out_dir}", "choose an output.dir outside it",
+                     ((source_dir, "the source model"), (cache_root, "the cache")))
+
+
+def check_cache_location(cache_root: Path, source_dir: Path | None) -> None:
+    """The cache may not be `/` or $HOME itself, nor overlap the source model (gc removes its files)."""
+    _refuse_overlaps(cache_root, f"cache directory {cache_root} (--cache-dir or $RECIPE_CACHE_DIR)",
+                     "choose a cache directory outside it", ((source_dir, "the source model"),))
+
+
+def _refuse_overlaps(path: Path, subject: str, remedy: str, others) -> None:
+    real = Path(os.path.realpath(path))
     home = Path(os.path.realpath(os.path.expanduser("~")))
-    if out == Path(out.anchor) or out == home:
-        raise UserError(f"{where}: {out_dir} is {'the filesystem root' if out == Path(out.anchor) else 'your home directory'}"
-                        "; publish into a directory of its own, e.g. build/<recipe-name>")
-    for other, what in ((source_dir, "the source model"), (cache_root, "the cache")):
+    if real == Path(real.anchor) or real == home:
+        what = "the filesystem root" if real == Path(real.anchor) else "your home directory"
+        raise UserError(f"{subject} is {what}; use a directory of its own, e.g. build/<recipe-name>")
+    for other, what in others:
         if other is None:
             continue
         other = Path(os.path.realpath(other))
-        if out == other or other.is_relative_to(out) or out.is_relative_to(other):
-            relation = "is" if out == other else "contains" if other.is_relative_to(out) else "is inside"
-            raise UserError(f"{where}: {out_dir} {relation} {what} ({other}); choose an output.dir outside it")
+        if real == other or other.is_relative_to(real) or real.is_relative_to(other):
+            relation = "is" if real == other else "contains" if other.is_relative_to(real) else "is inside"
+            raise UserError(f"{subject} {relation} {what} ({other}); {remedy}")
 
 
 def swap_into_place(staging: Path, dest_dir: Path) -> None:

@@ -161,6 +161,8 @@ def test_an_unchanged_rebuild_publishes_nothing(tiny_model, tmp_path, capsys):
     code, stdout, _ = build(capsys, r, cache)
     assert code == 0 and f"[publish] {out} is up to date" in stdout
     assert os.readlink(out / ".recipe-runner" / "current") == generation
+    (out / ".recipe.lock.4242.0a0b0c0d.tmp").write_text("{")  # a stray temp file trips nothing
+    lock_ok(capsys, out)
 
 
 def test_a_byte_flipped_in_a_published_file_touches_neither_cache_nor_other_outputs(tiny_model, tmp_path, capsys):
@@ -355,3 +357,35 @@ def test_copy_tree_copies_bytes_and_never_links(tmp_path, monkeypatch):
     os.symlink("a.bin", src / "link")
     with pytest.raises(ValueError, match="a symbolic link where only regular files may be"):
         copy_tree(src, tmp_path / "dest2")
+
+
+@pytest.mark.parametrize("case", ["home", "inside-source"])
+def test_a_cache_that_overlaps_home_or_the_source_is_refused(tiny_model, copy_model, tmp_path, capsys, monkeypatch,
+                                                             case):
+    model = copy_model(tiny_model())
+    if case == "home":
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        cache, expected = tmp_path / "home", "is your home directory"
+        cache.mkdir()
+    else:
+        cache, expected = model / "cache", f"is inside the source model ({model})"
+    before = tree_bytes(model)
+    code, _, err = build(capsys, recipe(tmp_path, model), cache)
+    line = one_line_error(err)
+    assert code == 2 and line.startswith(f"error: cache directory {cache} (--cache-dir or $RECIPE_CACHE_DIR) ")
+    assert expected in line and tree_bytes(model) == before and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_while_a_stage_runs_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
+    from recipe_runner import build as build_module
+
+    def full(resolved, entries, data_dir, workers):
+        raise OSError(errno.ENOSPC, "No space left on device", str(data_dir / "model.json"))
+
+    monkeypatch.setattr(build_module, "run_convert", full)
+    cache = tmp_path / "cache"
+    code, _, err = build(capsys, recipe(tmp_path, tiny_model()), cache)
+    line = one_line_error(err)
+    assert code == 2 and line.startswith(f"error: [convert] cannot write the cache entry in {cache}: No space left")
+    assert "free space (`recipe cache gc`)" in line
+    assert not list((cache / "tmp").iterdir()) and not (cache / "entries").exists()
