@@ -15,6 +15,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.hfexport.targets import EXPORT_STAGES
 from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.plan import Plan
+from recipe_runner.progress import format_size
 from recipe_runner.publish import Generation, OutputDir, check_cache_location, check_output_location
 from recipe_runner.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.toolchain import require_toolchain
@@ -199,8 +200,8 @@ def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore,
                 raise UserError(f"the cache entry of stage {stage} changed during the build; run the build again")
         started = time.monotonic()
         stats = output.publish(generation, force)
-        echo(f"[publish] {out_dir}: {stats.files} files, {stats.bytes / 1e9:.2f} GB "
-             f"({stats.reflinked} reflinked) in {time.monotonic() - started:.1f} s")
+        echo(f"[publish] {out_dir}: {stats.files} files, {format_size(stats.bytes)} copied "
+             f"({stats.reflinked} as reflinks) in {time.monotonic() - started:.1f} s")
     write_record(store, resolved)
     return BuildResult(out_dir, out_dir / LOCK_NAME, trace)
 

@@ -297,11 +297,9 @@ def cache_gc(
 
 
 def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+    from recipe_runner.progress import format_size
+
+    return format_size(n)
 
 
 @app.command()

@@ -32,7 +32,8 @@ def _written(tmp_root: Path, key: str) -> int:
     return total
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes for people: 512 B, 1.5 KiB, ... 13.0 GiB, 1.2 TiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -80,7 +81,7 @@ class Progress:
             written = _written(self.tmp_root, key)
             elapsed = max(time.monotonic() - job.started, 1e-3)
             rate = written / elapsed
-            text = f"{job.stage} {key[:8]}: {_size(written)}, {_size(rate)}/s"
+            text = f"{job.stage} {key[:8]}: {format_size(written)}, {format_size(rate)}/s"
             if job.expected and rate > 0 and written < job.expected:
                 text += f", ETA {(job.expected - written) / rate:.0f} s"
             parts.append(text)
