@@ -137,7 +137,7 @@ def check_outputs(plans: list[Plan], store: CacheStore, force: bool) -> None:
         real = os.path.realpath(out_dir)
         if real in seen:
             raise UserError(f"{where}: {out_dir} is also the output of recipe {seen[real]!r} in this build; "
-                            "give each recipe its own output.dir (e.g. output.dir: build/{{ name }})")
+                            "give each recipe its own output.dir")
         seen[real] = recipe.name
         check_cache_location(store.root, plan.source.directory)
         check_output_location(out_dir, where, plan.source.directory, store.root)
@@ -196,8 +196,10 @@ def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore,
         echo(f"[publish] {out_dir} is up to date")
     else:
         for stage in PUBLISHED:
-            if stage in entries and store.get(entries[stage].key) is None:  # changed since it was read
-                raise UserError(f"the cache entry of stage {stage} changed during the build; run the build again")
+            problem = entries[stage].problem() if stage in entries else None
+            if problem is not None:  # changed since the build read it: never publish it
+                raise UserError(f"the cache entry of stage {stage} changed during the build ({problem}); "
+                                "run the build again (it rebuilds the entry)")
         started = time.monotonic()
         stats = output.publish(generation, force)
         echo(f"[publish] {out_dir}: {stats.files} files, {format_size(stats.bytes)} copied "

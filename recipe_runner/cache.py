@@ -75,6 +75,10 @@ class Entry:
     def size(self) -> int:
         return sum(f["size"] for f in self.files.values())
 
+    def problem(self) -> str | None:
+        """What is wrong with the entry's files now (None: they are as sealed, or re-hash equal)."""
+        return _missing_or_resized(self) or _unsealed_change(self)
+
     def touch(self, recipe: str | None = None) -> None:
         """Record a use (for gc's least-recently-used order) and, optionally, by which recipe."""
         info = _read_json(self.path.parent / INFO)
@@ -136,7 +140,7 @@ class CacheStore:
             return None
         entry, problem = _load_entry(entry_dir, key)
         if problem is None:
-            problem = _missing_or_resized(entry) or _unsealed_change(entry)
+            problem = entry.problem()
         if problem is not None:
             self._quarantine(entry_dir, key, problem)
             return None

@@ -20,8 +20,9 @@ shares blocks copy-on-write), never hardlinks into the cache: editing a publishe
 neither the cache nor another output.
 
 Ownership: recipe-runner publishes only into a directory that does not exist, is empty, or holds
-its marker; it never replaces or deletes a file it did not write (a generation holding foreign
-files is kept, with a warning). `force` admits a non-empty directory without the marker, and
+its marker (or an earlier recipe-runner's publish, from before generations, which it adopts); it
+never replaces or deletes a file it did not write (a generation holding foreign files is kept,
+with a warning). `force` admits a non-empty directory without the marker, and
 still refuses to replace what is there.
 """
 from __future__ import annotations
@@ -88,16 +89,13 @@ class OutputDir:
             return
         # leave out the names a concurrent publish uses for a moment (see _init_meta, _replace_symlink)
         present = {name for name in os.listdir(path) if not _TRANSIENT_RE.fullmatch(name)}
-        ours = self.our_links() if self.marker() is not None else None
-        if ours is None:
-            if not present:
-                return
-            if not force:
-                listed = ", ".join(sorted(present)[:5]) + (", ..." if len(present) > 5 else "")
-                raise self._error(f"{path} is not empty and was not written by recipe-runner ({len(present)} "
-                                  f"entries: {listed}); choose an empty or new output.dir, or pass --force to "
-                                  "publish beside these files (none of them is changed or removed)")
-            ours = set()
+        ours = self.our_links() | legacy_publish(path)
+        foreign = present - ours
+        if self.marker() is None and foreign and not force:
+            listed = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise self._error(f"{path} is not empty and was not written by recipe-runner ({len(foreign)} "
+                              f"entries: {listed}); choose an empty or new output.dir, or pass --force to "
+                              "publish beside these files (none of them is changed or removed)")
         taken = sorted(n for n in names if n in present and n not in ours)
         if META in present and self.marker() is None:
             taken.insert(0, META)  # a .recipe-runner that is not ours
@@ -223,6 +221,7 @@ class OutputDir:
         atomic_write_text(generations / f"{gen_id}.seal.json", json.dumps(seal, sort_keys=True) + "\n")
         os.rename(staging, generations / gen_id)
         fsync_dir(generations)
+        self._adopt_legacy_publish()
         old_links = self.our_links()
         self._write_marker(old_links | names)  # before the links exist: a kill leaves them known as ours
         for name in sorted(names - old_links):
@@ -245,6 +244,19 @@ class OutputDir:
         current = self.current()
         if current is not None:
             self._prune(current.name)
+
+    def _adopt_legacy_publish(self) -> None:
+        """Move an earlier recipe-runner's publish (real directories, see legacy_publish) into a
+        generation of its own, which the prune then removes like any earlier generation."""
+        legacy = legacy_publish(self.path)
+        if not legacy:
+            return
+        gen = self.meta / "generations" / f"0-legacy-{secrets.token_hex(3)}"
+        gen.mkdir()
+        for name in sorted(legacy):
+            os.rename(self.path / name, gen / name)
+        seal = fingerprints(gen, _listed(gen))
+        atomic_write_text(gen.with_name(f"{gen.name}.seal.json"), json.dumps(seal, sort_keys=True) + "\n")
 
     def _write_marker(self, links: set[str]) -> None:
         atomic_write_text(self.meta / MARKER, _marker_text(sorted(links)))
@@ -278,6 +290,35 @@ class OutputDir:
                     leftover.unlink(missing_ok=True)
                 else:
                     rmtree(leftover)
+
+
+# What recipe-runner 0.1 published: real directories and a regular recipe.lock beside them, with
+# the engine's log in logs/ (not in the lock).
+LEGACY_FOLDERS = ("checkpoint", "engine", "verify", "hf-modelopt", "hf-compressed-tensors")
+LEGACY_LOG = "logs/build-engine.log"
+
+
+def legacy_publish(root: Path) -> set[str]:
+    """The top-level names of an earlier recipe-runner publish in `root`, from before generations:
+    only when its recipe.lock lists exactly the files (names and sizes) under those folders."""
+    from recipe_runner.lock import LockFile
+
+    lock_path = root / LOCK_NAME
+    if lock_path.is_symlink() or not lock_path.is_file():
+        return set()
+    try:
+        outputs = LockFile.from_json(lock_path.read_text(encoding="utf-8")).outputs
+    except (OSError, ValueError):
+        return set()
+    folders = {rel.split("/", 1)[0] for rel in outputs}
+    if not folders <= set(LEGACY_FOLDERS) or any((root / f).is_symlink() for f in folders):
+        return set()
+    present = {f"{folder}/{rel}" for folder in folders for rel in _listed(root / folder)}
+    if present != set(outputs) or any(os.path.getsize(root / rel) != f["size"] for rel, f in outputs.items()):
+        return set()
+    logs = root / "logs"
+    with_logs = logs.is_dir() and not logs.is_symlink() and _listed(logs) == {LEGACY_LOG.split("/", 1)[1]}
+    return folders | {LOCK_NAME} | ({"logs"} if with_logs else set())
 
 
 def _is_our_link(root: Path, name: str) -> bool:

@@ -389,3 +389,68 @@ def test_a_full_disk_while_a_stage_runs_is_one_line(tiny_model, tmp_path, capsys
     assert code == 2 and line.startswith(f"error: [convert] cannot write the cache entry in {cache}: No space left")
     assert "free space (`recipe cache gc`)" in line
     assert not list((cache / "tmp").iterdir()) and not (cache / "entries").exists()
+
+
+def test_a_locked_rebuild_publishes_from_its_scratch_store_with_an_empty_cache(tiny_model, tmp_path, capsys):
+    cache, r = tmp_path / "cache", recipe(tmp_path, tiny_model(), extra=VERIFY)
+    assert build(capsys, r, cache)[0] == 0
+    lock = tmp_path / "kept.lock"
+    lock.write_bytes((tmp_path / "out" / "recipe.lock").read_bytes())
+    code, stdout, _ = run_cli(capsys, "cache", "gc", "--max-size", "0", "--cache-dir", str(cache))
+    assert code == 0 and stdout.strip().splitlines()[-1].startswith("removed 3 entries")
+    (tmp_path / "out" / "checkpoint").unlink()  # our link: the next publish must make a new generation
+    code, stdout, err = build(capsys, r, cache, "--locked", str(lock))
+    assert code == 0, err
+    assert "bit-identical" in stdout and (tmp_path / "out" / "recipe.lock").read_bytes() == lock.read_bytes()
+    lock_ok(capsys, tmp_path / "out")
+
+
+def _legacy_output(out: Path, lock_outputs: dict[str, bytes]) -> None:
+    """An output directory as recipe-runner 0.1 published it: real folders, a recipe.lock, logs/."""
+    import hashlib
+
+    for rel, data in lock_outputs.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    (out / "logs").mkdir()
+    (out / "logs" / "build-engine.log").write_text("$ trtllm-build\n")
+    lock = {"lock_version": 1, "recipe": {"name": "tiny", "path": "r.yaml", "sha256": "0" * 64}, "tools": {},
+            "sources": {}, "stages": [], "outputs": {rel: {"size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                                                     for rel, d in lock_outputs.items()}}
+    (out / "recipe.lock").write_text(json.dumps(lock))
+
+
+def test_an_earlier_recipe_runner_publish_is_adopted_and_replaced(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    _legacy_output(out, {"checkpoint/config.json": b"{}", "checkpoint/rank0.safetensors": b"\x00" * 16,
+                         "verify/verify.json": b"{}"})
+    (out / "mine.txt").write_text("keep")  # a user's file beside it still needs --force
+    r = recipe(tmp_path, tiny_model())
+    code, _, err = build(capsys, r, tmp_path / "cache")
+    assert code == 2 and "(1 entries: mine.txt)" in one_line_error(err)
+    code, _, err = build(capsys, r, tmp_path / "cache", "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "checkpoint", "mine.txt", "recipe.lock"]
+    assert (out / "mine.txt").read_text() == "keep" and (out / "checkpoint").is_symlink()
+    assert len(os.listdir(out / ".recipe-runner" / "generations")) == 2  # the legacy one is gone
+    lock_ok(capsys, out)
+
+
+def test_a_legacy_looking_directory_with_an_unlisted_file_is_not_adopted(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    _legacy_output(out, {"checkpoint/config.json": b"{}", "checkpoint/rank0.safetensors": b"\x00" * 16})
+    (out / "checkpoint" / "notes.txt").write_text("mine")
+    code, _, err = build(capsys, recipe(tmp_path, tiny_model()), tmp_path / "cache", "--force")
+    line = one_line_error(err)
+    assert code == 2 and f"{out / 'checkpoint'} exists and was not written by recipe-runner" in line
+    assert (out / "checkpoint" / "notes.txt").read_text() == "mine"
+
+
+def test_a_pure_legacy_publish_needs_no_force(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    _legacy_output(out, {"checkpoint/config.json": b"{}", "checkpoint/rank1.safetensors": b"\x01" * 8})
+    code, _, err = build(capsys, recipe(tmp_path, tiny_model()), tmp_path / "cache")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "checkpoint", "recipe.lock"]
+    assert sorted(os.listdir(out / "checkpoint")) == ["config.json", "rank0.safetensors"]
+    lock_ok(capsys, out)
