@@ -80,9 +80,9 @@ def drop_page_cache() -> None:
 
 
 def publish_figures(work: Path, cache: Path) -> None:
-    from recipe_runner.cache import CacheStore
-    from recipe_runner.fsutil import copy_tree
-    from recipe_runner.hashing import sha256_file
+    from recipe_runner.store.cache import CacheStore
+    from recipe_runner.store.fsutil import copy_tree
+    from recipe_runner.store.hashing import sha256_file
 
     lock = json.loads((work / "out" / "recipe.lock").read_text())
     shard_key = next(s["key"] for s in lock["stages"] if s["name"] == "shard")

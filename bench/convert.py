@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from recipe_runner.trtllm.safetensors_writer import SafetensorsStreamWriter, TensorSpec
+from recipe_runner.io.safetensors_writer import SafetensorsStreamWriter, TensorSpec
 
 GiB = 1024**3
 SHAPES = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,

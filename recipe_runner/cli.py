@@ -113,14 +113,14 @@ CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-run
 
 
 def _store(cache_dir: Optional[Path]):
-    from recipe_runner.cache import CacheStore
+    from recipe_runner.store.cache import CacheStore
 
     return CacheStore(cache_dir, warn=lambda message: typer.echo(f"warning: {message}", err=True))
 
 
 def _optional_toolchain(the_plan):
     """trtllm-build for `plan` to key the engine stage with, or None (plan still shows the rest)."""
-    from recipe_runner.toolchain import require_toolchain
+    from recipe_runner.trtllm.toolchain import require_toolchain
 
     if the_plan.stage("build-engine") is None:
         return None
@@ -142,9 +142,9 @@ def plan(
 ) -> None:
     """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not;
     over several recipes, also the stages they share (built once)."""
-    from recipe_runner.plan import make_plan
-    from recipe_runner.report import format_plan, format_shared, plan_json, shared_stages
-    from recipe_runner.resolve import resolve
+    from recipe_runner.pipeline.plan import make_plan
+    from recipe_runner.pipeline.report import format_plan, format_shared, plan_json, shared_stages
+    from recipe_runner.pipeline.resolve import resolve
 
     if format not in ("text", "json"):
         raise UserError(f"--format {format}: choose text or json")
@@ -180,10 +180,10 @@ def build(
     force: bool = typer.Option(False, "--force", help="Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of them is changed or removed)."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
-    from recipe_runner.cache import parse_size
-    from recipe_runner.lock import read_lock
-    from recipe_runner.plan import make_plan
-    from recipe_runner.scheduler import format_summary, make_executor, run_builds
+    from recipe_runner.store.cache import parse_size
+    from recipe_runner.store.lock import read_lock
+    from recipe_runner.pipeline.plan import make_plan
+    from recipe_runner.pipeline.scheduler import format_summary, make_executor, run_builds
 
     plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
     if locked is not None and len(plans) != 1:
@@ -237,7 +237,7 @@ def verify_lock_command(
     lock_file: Path = typer.Argument(..., help="A recipe.lock inside a published output directory."),
 ) -> None:
     """Recheck a published output directory against its lock file (sizes and sha256 of every file)."""
-    from recipe_runner.lock import verify_lock
+    from recipe_runner.store.lock import verify_lock
 
     problems = verify_lock(lock_file)
     if problems:
@@ -285,7 +285,7 @@ def cache_gc(
 ) -> None:
     """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
     running build uses, and its temporary directories, are never removed."""
-    from recipe_runner.cache import parse_size
+    from recipe_runner.store.cache import parse_size
 
     if max_size is None and older_than is None:
         raise UserError("give --max-size SIZE and/or --older-than DAYS")
@@ -297,7 +297,7 @@ def cache_gc(
 
 
 def _size(n: int) -> str:
-    from recipe_runner.progress import format_size
+    from recipe_runner.pipeline.progress import format_size
 
     return format_size(n)
 
@@ -310,7 +310,7 @@ def diff(
     format: str = typer.Option("text", "--format", help="text or markdown (for pasting into a review)."),
 ) -> None:
     """Semantic difference of two normalized recipes, and which stages it makes rebuild."""
-    from recipe_runner.diff import format_diff, load_recipe_at_revision
+    from recipe_runner.pipeline.diff import format_diff, load_recipe_at_revision
 
     if format not in ("text", "markdown"):
         raise UserError(f"--format {format}: choose text or markdown")
@@ -345,9 +345,9 @@ def demo(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Generate a tiny seeded random LLaMA locally and build it with the shipped demo recipe."""
-    from recipe_runner.build import run_build
+    from recipe_runner.pipeline.build import run_build
     from recipe_runner.demo import make_tiny_llama
-    from recipe_runner.plan import make_plan
+    from recipe_runner.pipeline.plan import make_plan
     from recipe_runner.recipe import load_recipe
 
     if not recipe_file.is_file():

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from recipe_runner.cache import CacheStore, default_cache_root, parse_size
+from recipe_runner.store.cache import CacheStore, default_cache_root, parse_size
 from recipe_runner.errors import UserError
-from recipe_runner.fsutil import fingerprints
+from recipe_runner.store.fsutil import fingerprints
 
 
 def key(name: str) -> str:

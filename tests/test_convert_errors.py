@@ -136,7 +136,7 @@ def test_fp16_overflow_is_refused(tiny_model, copy_model, tmp_path):
 
 def _fail_writes_after(monkeypatch, n_ok: int) -> None:
     """The disk fills up after `n_ok` writes (user-space writes and kernel copies alike)."""
-    from recipe_runner.trtllm import safetensors_writer
+    from recipe_runner.io import safetensors_writer
 
     calls = {"n": 0}
 

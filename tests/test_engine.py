@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe_runner.engine_options import ENGINE_FIELD_OPTIONS, build_options, engine_argv
+from recipe_runner.trtllm.engine_options import ENGINE_FIELD_OPTIONS, build_options, engine_argv
 from tests.fake_trtllm import install_fake_toolchain
 from tests.fake_trtllm.trtllm_build import parser as fake_parser
 from tests.recipe_files import MINIMAL, run_cli, write

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe_runner import hashing
-from recipe_runner.hashing import FileDigest, HashMemo, sha256_file
+from recipe_runner.store import hashing
+from recipe_runner.store.hashing import FileDigest, HashMemo, sha256_file
 
 OLD = 1_600_000_000  # an mtime well outside the "racy" window, so hashes are memoized
 

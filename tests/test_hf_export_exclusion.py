@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_runner.build import run_build
-from recipe_runner.cache import CacheStore
-from recipe_runner.plan import make_plan
+from recipe_runner.pipeline.build import run_build
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe
 from recipe_runner.reference.hf_quantized import HFCheckpointError, detect_format
 from recipe_runner.verify.run import verify_checkpoint

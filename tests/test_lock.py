@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from recipe_runner.errors import UserError
-from recipe_runner.hashing import FileDigest
-from recipe_runner.lock import (LOCK_NAME, LockFile, compare_outputs, hash_outputs, read_lock, tool_versions,
+from recipe_runner.store.hashing import FileDigest
+from recipe_runner.store.lock import (LOCK_NAME, LockFile, compare_outputs, hash_outputs, read_lock, tool_versions,
                                 verify_lock, write_lock)
 
 OUTPUT = {"checkpoint/config.json": b'{"architecture": "LlamaForCausalLM"}',

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from recipe_runner.cache import CacheStore
-from recipe_runner.plan import make_plan
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipes
-from recipe_runner.scheduler import InlineExecutor, ProcessExecutor, run_builds
+from recipe_runner.pipeline.scheduler import InlineExecutor, ProcessExecutor, run_builds
 from tests.fake_trtllm import install_fake_toolchain
 from tests.recipe_files import run_cli, write
 
@@ -125,7 +125,7 @@ def test_memory_budget_still_builds_everything(tiny_model, tmp_path, monkeypatch
 def test_ray_executor_builds_the_same_matrix(tiny_model, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
     monkeypatch.chdir(tmp_path)
-    from recipe_runner.scheduler import RayExecutor
+    from recipe_runner.pipeline.scheduler import RayExecutor
 
     model = tiny_model("gqa")
     local = run_builds([make_plan(r) for r in load_recipes(matrix_recipe(tmp_path, model, out="local"))],

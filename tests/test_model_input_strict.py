@@ -211,7 +211,7 @@ def test_absurd_header_length_is_refused(model, tmp_path, capsys):
 
 def test_header_dtype_table_matches_the_readers(model):
     from recipe_runner.hf.safetensors_header import DTYPES
-    from recipe_runner.trtllm.safetensors_writer import CODE_TO_DTYPE
+    from recipe_runner.io.safetensors_writer import CODE_TO_DTYPE
 
     assert {code: (dt.itemsize, str(dt)) for code, dt in CODE_TO_DTYPE.items()} == DTYPES
 

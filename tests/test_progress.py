@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from recipe_runner.progress import Progress
+from recipe_runner.pipeline.progress import Progress
 
 
 class FakeTerminal(io.StringIO):

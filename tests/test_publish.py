@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from recipe_runner import fsutil, publish
-from recipe_runner.fsutil import copy_tree
-from recipe_runner.lock import verify_lock
+from recipe_runner.store import fsutil, publish
+from recipe_runner.store.fsutil import copy_tree
+from recipe_runner.store.lock import verify_lock
 from tests.fake_trtllm import install_fake_toolchain
 from tests.recipe_files import run_cli
 
@@ -229,10 +229,10 @@ KILL_POINTS = [("copy_tree", 1), ("_replace_symlink", 1), ("_replace_symlink", 2
 
 
 # A child process runs the build and dies (no cleanup at all, like SIGKILL) at the nth call of a
-# function of recipe_runner.publish.
+# function of recipe_runner.store.publish.
 KILLED_BUILD = """
 import os, sys
-from recipe_runner import publish
+from recipe_runner.store import publish
 from recipe_runner.cli import main
 point, nth = sys.argv[1], int(sys.argv[2])
 owner, _, attr = point.rpartition(".")
@@ -377,7 +377,7 @@ def test_a_cache_that_overlaps_home_or_the_source_is_refused(tiny_model, copy_mo
 
 
 def test_a_full_disk_while_a_stage_runs_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
-    from recipe_runner import build as build_module
+    from recipe_runner.pipeline import execute as build_module
 
     def full(resolved, entries, data_dir, workers):
         raise OSError(errno.ENOSPC, "No space left on device", str(data_dir / "model.json"))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from recipe_runner.errors import RecipeError
-from recipe_runner.plan import STAGE_ORDER
+from recipe_runner.pipeline.plan import STAGE_ORDER
 from recipe_runner.recipe import load_recipe
 from tests.recipe_files import MINIMAL, REPO, run_cli, write
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from recipe_runner.recipe import load_recipe
-from recipe_runner.sources import locate_source
+from recipe_runner.hf.sources import locate_source
 from tests.recipe_files import run_cli, write
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

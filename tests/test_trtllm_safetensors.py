@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from recipe_runner.trtllm.safetensors_writer import (
+from recipe_runner.io.safetensors_writer import (
     FileRange,
     SafetensorsStreamWriter,
     TensorSpec,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from recipe_runner.api import convert
-from recipe_runner.build import run_build
-from recipe_runner.cache import CacheStore
-from recipe_runner.lock import read_lock
-from recipe_runner.plan import make_plan
+from recipe_runner.pipeline.build import run_build
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.lock import read_lock
+from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe
 from tests.recipe_files import run_cli
 from tests.test_build_quantized import write_recipe as write_quantized_recipe

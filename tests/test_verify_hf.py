@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from recipe_runner.build import run_build
-from recipe_runner.cache import CacheStore
-from recipe_runner.plan import make_plan
+from recipe_runner.pipeline.build import run_build
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe
 from recipe_runner.verify.run import verify_checkpoint
 from tests.recipe_files import run_cli

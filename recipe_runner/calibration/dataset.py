@@ -33,7 +33,7 @@ def looks_like_path(value: str) -> bool:
 
 
 def hf_datasets_cache() -> Path:
-    from recipe_runner.sources import hf_hub_cache  # datasets live in the same hub cache as models
+    from recipe_runner.hf.sources import hf_hub_cache  # datasets live in the same hub cache as models
 
     return hf_hub_cache()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from recipe_runner.errors import UserError
-from recipe_runner.trtllm.safetensors_writer import write_safetensors
+from recipe_runner.io.safetensors_writer import write_safetensors
 
 STATS_FILE = "statistics.safetensors"
 META_FILE = "calibration.json"

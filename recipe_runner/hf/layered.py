@@ -12,7 +12,7 @@ import torch
 
 from recipe_runner.hf.config import ModelConfig
 from recipe_runner.hf.reader import SourceCheckpoint, TensorInfo
-from recipe_runner.trtllm.safetensors_writer import FileRange
+from recipe_runner.io.safetensors_writer import FileRange
 
 CheckpointDirs = Union[str, Path, Sequence[Union[str, Path]]]
 

@@ -29,7 +29,7 @@ from recipe_runner.hf.files import (  # noqa: F401  (re-exported names)
 )
 from recipe_runner.hf.safetensors_header import parse_safetensors_header
 from recipe_runner.hf.weights import WeightFacts, check_weights
-from recipe_runner.trtllm.safetensors_writer import CODE_TO_DTYPE, FileRange
+from recipe_runner.io.safetensors_writer import CODE_TO_DTYPE, FileRange
 
 
 @dataclass(frozen=True)

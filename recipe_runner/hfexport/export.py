@@ -32,7 +32,7 @@ from recipe_runner.quant.chunks import row_slices
 from recipe_runner.quant.fp8 import E4M3_MAX, MIN_AMAX, quantize_fp8
 from recipe_runner.quant.reductions import absmax
 from recipe_runner.quant.packing import pack_int4_rows
-from recipe_runner.trtllm.safetensors_writer import Block, SafetensorsStreamWriter, TensorSpec
+from recipe_runner.io.safetensors_writer import Block, SafetensorsStreamWriter, TensorSpec
 
 MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (spec §1.2)
 INDEX_FILE = "model.safetensors.index.json"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
-from recipe_runner.engine_options import check_extra_arg
+from recipe_runner.trtllm.engine_options import check_extra_arg
 
 Finding = tuple[str, str]
 Rule = Callable[[Mapping[str, Any]], Iterator[Finding]]

@@ -15,19 +15,19 @@ from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recipe_runner.engine_options import engine_argv
+from recipe_runner.trtllm.engine_options import engine_argv
 from recipe_runner.errors import StageFailed
 
 if TYPE_CHECKING:
-    from recipe_runner.cache import Entry
-    from recipe_runner.resolve import ResolvedPlan
+    from recipe_runner.store.cache import Entry
+    from recipe_runner.pipeline.resolve import ResolvedPlan
 
 LOG_NAME = "build.log"
 TAIL_LINES = 20
 
 
 def run_engine(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
-    from recipe_runner.cache import failure_log_path
+    from recipe_runner.store.cache import failure_log_path
 
     toolchain = resolved.toolchain
     assert toolchain is not None, "the build checks for trtllm-build before any stage runs"

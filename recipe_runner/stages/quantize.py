@@ -40,7 +40,7 @@ from recipe_runner.recipe.rules import CALIBRATED_ALGOS
 from recipe_runner.stages.manifest import SourceTensor
 from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
 from recipe_runner.trtllm import quant as tq
-from recipe_runner.trtllm.safetensors_writer import write_safetensors
+from recipe_runner.io.safetensors_writer import write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"  # makes the artifact readable by SourceCheckpoint
 MODEL_FILE = "model.json"  # the convert stage's record of the model and the checkpoint dtype

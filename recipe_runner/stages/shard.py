@@ -26,7 +26,7 @@ import torch
 from recipe_runner.errors import SourceModelError, UserError
 from recipe_runner.hf.layered import CheckpointDirs, open_checkpoint
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.publish import swap_into_place
+from recipe_runner.store.publish import swap_into_place
 from recipe_runner.stages.manifest import (
     Concat,
     ConvertManifest,
@@ -39,7 +39,7 @@ from recipe_runner.stages.manifest import (
     source_tensors_of,
 )
 from recipe_runner.trtllm.config import config_json_bytes
-from recipe_runner.trtllm.safetensors_writer import (
+from recipe_runner.io.safetensors_writer import (
     Block,
     FileRange,
     SafetensorsStreamWriter,

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from recipe_runner.errors import StageFailed
 
 if TYPE_CHECKING:
-    from recipe_runner.cache import Entry
-    from recipe_runner.resolve import ResolvedPlan
+    from recipe_runner.store.cache import Entry
+    from recipe_runner.pipeline.resolve import ResolvedPlan
 
 # the published folder of each verified stage's output (build.PUBLISHED), as the report names it
 TARGET_OF = {"shard": "trtllm-checkpoint", "export-hf-modelopt": "hf-modelopt",
@@ -24,7 +24,7 @@ TARGET_OF = {"shard": "trtllm-checkpoint", "export-hf-modelopt": "hf-modelopt",
 
 
 def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
-    from recipe_runner.plan import VERIFIED_STAGES
+    from recipe_runner.pipeline.plan import VERIFIED_STAGES
     from recipe_runner.verify.report import ReportContext, write_report
     from recipe_runner.verify.run import failure_summary, verify_checkpoint
 

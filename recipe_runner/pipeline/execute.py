@@ -1,4 +1,6 @@
-"""Execute a plan: run each stage whose key is not cached, publish, write the lock file."""
+"""The steps of a build that the scheduler drives: refuse what cannot run or publish (prepare), build
+one stage's cache entry (execute_stage), publish a finished plan as one generation with its lock
+file (finish). recipe_runner.pipeline.build runs one plan through them."""
 from __future__ import annotations
 
 import errno
@@ -10,15 +12,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from recipe_runner.cache import CacheStore, Entry
+from recipe_runner.store.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
 from recipe_runner.hfexport.targets import EXPORT_STAGES
-from recipe_runner.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
-from recipe_runner.plan import Plan
-from recipe_runner.progress import format_size
-from recipe_runner.publish import Generation, OutputDir, check_cache_location, check_output_location
-from recipe_runner.resolve import ResolvedPlan, resolve, write_record
-from recipe_runner.toolchain import require_toolchain
+from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
+from recipe_runner.pipeline.plan import Plan
+from recipe_runner.pipeline.progress import format_size
+from recipe_runner.store.publish import Generation, OutputDir, check_cache_location, check_output_location
+from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
+from recipe_runner.trtllm.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
 
@@ -98,21 +100,6 @@ def stage_executor(name: str) -> Callable[[ResolvedPlan, dict[str, Entry], Path,
         return make_executor(target, name)
     module, function = _EXECUTOR_MODULES[name].split(":")
     return getattr(importlib.import_module(module), function)
-
-
-def run_build(plan: Plan, *, store: CacheStore, workers: int | None = None, rehash: bool = False,
-              locked: LockFile | None = None, force: bool = False, echo: Echo = print) -> BuildResult:
-    """Run every stage of `plan` that is not cached, publish the outputs and the lock file.
-
-    With `locked`, every stage runs again in a scratch store (the cache is not trusted) and the
-    build fails unless the outputs are bit-identical to the lock's.
-    """
-    from recipe_runner.scheduler import InlineExecutor, run_builds
-
-    report = run_builds([plan], store=store, executor=InlineExecutor(echo), workers=workers, rehash=rehash,
-                        locked={0: locked} if locked is not None else None, force=force, echo=echo)
-    report.raise_first_failure()
-    return report.results[0]
 
 
 def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, force: bool = False,

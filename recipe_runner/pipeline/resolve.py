@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from recipe_runner.cache import CacheStore
-from recipe_runner.fsutil import atomic_write_text
-from recipe_runner.hashing import FileDigest
-from recipe_runner.keys import CacheKey, digest_of_files, explain_change, make_key
-from recipe_runner.lock import tool_versions
-from recipe_runner.plan import Plan, Stage
-from recipe_runner.sources import require_source
-from recipe_runner.toolchain import Toolchain
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.fsutil import atomic_write_text
+from recipe_runner.store.hashing import FileDigest
+from recipe_runner.pipeline.keys import CacheKey, digest_of_files, explain_change, make_key
+from recipe_runner.store.lock import tool_versions
+from recipe_runner.pipeline.plan import Plan, Stage
+from recipe_runner.hf.sources import require_source
+from recipe_runner.trtllm.toolchain import Toolchain
 
 # Tools whose versions enter every key; the engine stage adds TensorRT-LLM and the GPU.
 KEY_TOOLS = ("recipe_runner", "safetensors", "torch", "transformers")

@@ -12,7 +12,7 @@ from recipe_runner.recipe.model import thaw
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
 from recipe_runner.hfexport.targets import (EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT, output_targets,
                                            target_notes)
-from recipe_runner.sources import SourceLocation, locate_source
+from recipe_runner.hf.sources import SourceLocation, locate_source
 
 # verify runs before the engine: a checkpoint is proven on CPU before GPU hours go into it
 STAGE_ORDER = ("convert", "calibrate", "quantize", "export-hf-modelopt", "export-hf-compressed-tensors", "shard",

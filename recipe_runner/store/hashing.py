@@ -57,12 +57,8 @@ def _identity(st: os.stat_result) -> tuple[int, int, int]:
 class HashMemo:
     """sha256 of files, memoized by (absolute path, size, mtime_ns, inode) in sqlite."""
 
-    def __init__(self, db_path: Path | str | None = None):
-        if db_path is None:
-            from recipe_runner.cache import default_cache_root  # lazy: cache imports this module
-
-            db_path = default_cache_root() / "state.sqlite3"
-        self.db_path = Path(db_path)
+    def __init__(self, db_path: Path | str):
+        self.db_path = Path(db_path)  # the cache's state.sqlite3 (CacheStore.hash_memo)
         self._conn: sqlite3.Connection | None = None
         self._conn_pid = -1  # a connection must not cross fork(); reopen in a child
         self._disabled = False

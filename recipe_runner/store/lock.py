@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from recipe_runner.errors import UserError
-from recipe_runner.fsutil import atomic_write_text
-from recipe_runner.hashing import FileDigest, sha256_file
+from recipe_runner.store.fsutil import atomic_write_text
+from recipe_runner.store.hashing import FileDigest, sha256_file
 
 LOCK_VERSION = 1
 LOCK_NAME = "recipe.lock"
@@ -146,7 +146,7 @@ def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> l
 
 def verify_lock(lock_path: Path | str) -> list[str]:
     """Recheck the directory holding `lock_path` against the lock's outputs; [] when it matches.
-    `<output.dir>/recipe.lock` is a link into the current generation (recipe_runner.publish):
+    `<output.dir>/recipe.lock` is a link into the current generation (recipe_runner.store.publish):
     the files checked are that generation's."""
     lock_path = Path(lock_path)
     lock = read_lock(lock_path)

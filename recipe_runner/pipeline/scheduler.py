@@ -12,13 +12,13 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from recipe_runner.build import BuildResult, Echo, execute_stage, finish, prepare
-from recipe_runner.cache import CacheStore, Entry
+from recipe_runner.pipeline.execute import BuildResult, Echo, check_lock_inputs, execute_stage, finish, prepare
+from recipe_runner.store.cache import CacheStore, Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
-from recipe_runner.lock import LockFile
-from recipe_runner.plan import Plan
-from recipe_runner.progress import Progress
-from recipe_runner.resolve import ResolvedPlan
+from recipe_runner.store.lock import LockFile
+from recipe_runner.pipeline.plan import Plan
+from recipe_runner.pipeline.progress import Progress
+from recipe_runner.pipeline.resolve import ResolvedPlan
 
 GiB = 1024**3
 
@@ -85,10 +85,10 @@ class StageTask:
 def run_stage_task(task: StageTask) -> dict:
     """Worker side: reload the recipe, check the key is the driver's, build the stage's entry.
     Errors come back as data (exception objects with custom constructors do not pickle)."""
-    from recipe_runner.plan import make_plan
+    from recipe_runner.pipeline.plan import make_plan
     from recipe_runner.recipe import load_recipes
-    from recipe_runner.resolve import resolve
-    from recipe_runner.toolchain import require_toolchain
+    from recipe_runner.pipeline.resolve import resolve
+    from recipe_runner.trtllm.toolchain import require_toolchain
 
     try:
         os.chdir(task.cwd)
@@ -221,8 +221,6 @@ def run_builds(plans: list[Plan], *, store: CacheStore, executor, workers: int |
     """Build every plan, sharing equal stages; a failing stage stops only the plans that need it
     (all of them with fail_fast). Each successful plan is published with its lock file.
     Every output directory is checked before any stage runs (`force`: see publish.OutputDir)."""
-    from recipe_runner.build import check_lock_inputs
-
     try:
         resolved = prepare(plans, store, rehash=rehash, force=force, echo=echo)
         for index, lock in (locked or {}).items():

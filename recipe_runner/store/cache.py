@@ -10,7 +10,7 @@
     <root>/leases/<pid>-<random>.json                keys a running build reads, flock()ed while it runs
     <root>/logs/                                     logs of failed stages (kept until gc)
     <root>/quarantine/                               corrupt entries moved aside, for inspection
-    <root>/state.sqlite3                             the source-hash memo (recipe_runner.hashing)
+    <root>/state.sqlite3                             the source-hash memo (recipe_runner.store.hashing)
 
 An entry is built in a temp dir under the key's lock and renamed into place only when its
 manifest is written and synced, so a crash or a kill leaves a temp dir, never a half entry
@@ -37,8 +37,8 @@ from typing import Callable, Iterable, Iterator
 from filelock import FileLock, Timeout
 
 from recipe_runner.errors import UserError
-from recipe_runner.fsutil import atomic_write_text, changed_files, fingerprints, fsync_dir, rmtree, seal_tree
-from recipe_runner.hashing import HashMemo, sha256_file
+from recipe_runner.store.fsutil import atomic_write_text, changed_files, fingerprints, fsync_dir, rmtree, seal_tree
+from recipe_runner.store.hashing import HashMemo, sha256_file
 
 logger = logging.getLogger(__name__)
 

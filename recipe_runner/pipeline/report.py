@@ -5,8 +5,8 @@ import json
 import textwrap
 from typing import Any
 
-from recipe_runner.plan import Plan
-from recipe_runner.resolve import ResolvedPlan
+from recipe_runner.pipeline.plan import Plan
+from recipe_runner.pipeline.resolve import ResolvedPlan
 
 
 def _value(value: Any) -> str:

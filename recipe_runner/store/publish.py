@@ -41,8 +41,8 @@ from typing import Callable, Mapping
 from filelock import FileLock
 
 from recipe_runner.errors import UserError
-from recipe_runner.lock import LOCK_NAME
-from recipe_runner.fsutil import (CopyStats, atomic_write_text, changed_files, copy_tree, fingerprints, fsync_dir,
+from recipe_runner.store.lock import LOCK_NAME
+from recipe_runner.store.fsutil import (CopyStats, atomic_write_text, changed_files, copy_tree, fingerprints, fsync_dir,
                                   pid_alive, rmtree, seal_tree)
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ LEGACY_LOG = "logs/build-engine.log"
 def legacy_publish(root: Path) -> set[str]:
     """The top-level names of an earlier recipe-runner publish in `root`, from before generations:
     only when its recipe.lock lists exactly the files (names and sizes) under those folders."""
-    from recipe_runner.lock import LockFile
+    from recipe_runner.store.lock import LockFile
 
     lock_path = root / LOCK_NAME
     if lock_path.is_symlink() or not lock_path.is_file():

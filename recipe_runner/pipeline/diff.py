@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import UserError
-from recipe_runner.plan import recipe_stages
+from recipe_runner.pipeline.plan import recipe_stages
 from recipe_runner.recipe import Recipe, load_recipe
 from recipe_runner.recipe.model import canonical_json, thaw
 

@@ -1,0 +1,1 @@
+"""Format-neutral file I/O below hf/ and trtllm/: streaming safetensors writing."""
