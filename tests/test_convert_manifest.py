@@ -14,8 +14,14 @@ from recipe_runner.stages.convert import (
     Zeros,
     plan_convert,
 )
-from recipe_runner.stages.shard import materialize
+from recipe_runner.stages.shard import iter_output_blocks
 from recipe_runner.trtllm.sharding import pad_vocab, shard_qkv, split
+
+
+def materialize(plan, reader, max_block_bytes):
+    """The planned tensor, whole: the shard stage's converted row blocks (no zero-copy ranges) joined."""
+    blocks = list(iter_output_blocks(plan, reader, max_block_bytes, zero_copy=False))
+    return torch.cat(blocks, dim=0).reshape(plan.shape)
 
 
 def test_json_round_trip_and_determinism(tiny_model):

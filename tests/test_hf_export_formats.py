@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_runner.hfexport.export import ExportSettings, export_checkpoint, unpack_int32
+from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
 from recipe_runner.quant import nvfp4
 from tests.conftest import load_hf_tensors
+from tests.dequantize import unpack_int32
 
 H, I, D, G = 128, 256, 16, 64
 OUT = {"self_attn.q_proj": 8 * D, "self_attn.k_proj": 2 * D, "self_attn.v_proj": 2 * D, "self_attn.o_proj": H,

@@ -218,14 +218,6 @@ def _pack_quantized(w: torch.Tensor, bits: int, group: int | None, dtype: torch.
             "weight_shape": torch.tensor([out_dim, in_dim], dtype=torch.int64)}
 
 
-def unpack_int32(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of the pack-quantized packing: signed codes [out, in] (int8)."""
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    u = (words.to(torch.int64)[:, :, None] >> shifts) & ((1 << bits) - 1)
-    return (u - (1 << (bits - 1))).reshape(words.shape[0], -1).to(torch.int8)
-
-
 # ---- planning the files --------------------------------------------------------------------------
 
 def _projection_specs(settings: ExportSettings, layer: int, projection: str, shape: tuple[int, int],

@@ -13,7 +13,6 @@ from typing import Any, Iterator, Mapping
 TRTLLM_CHECKPOINT = "trtllm-checkpoint"
 HF_MODELOPT = "hf-modelopt"
 HF_COMPRESSED_TENSORS = "hf-compressed-tensors"
-TARGETS = (TRTLLM_CHECKPOINT, HF_MODELOPT, HF_COMPRESSED_TENSORS)
 HF_TARGETS = (HF_MODELOPT, HF_COMPRESSED_TENSORS)
 DEFAULT_TARGETS = (TRTLLM_CHECKPOINT,)
 # the stage that writes each HF target, and the folder of the output directory it is published at

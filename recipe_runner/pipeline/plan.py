@@ -14,9 +14,6 @@ from recipe_runner.hfexport.targets import (EXPORT_STAGES, HF_TARGETS, TRTLLM_CH
                                            target_notes)
 from recipe_runner.hf.sources import SourceLocation, locate_source
 
-# verify runs before the engine: a checkpoint is proven on CPU before GPU hours go into it
-STAGE_ORDER = ("convert", "calibrate", "quantize", "export-hf-modelopt", "export-hf-compressed-tensors", "shard",
-               "verify", "build-engine")
 # The stages whose outputs the verify stage checks, in this order; the first one's report is
 # <output>/verify/verify.{json,md}, the others' <output>/verify/<target>/verify.{json,md}.
 VERIFIED_STAGES = ("shard", "export-hf-modelopt", "export-hf-compressed-tensors")

@@ -22,7 +22,3 @@ def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn codes (round to nearest even, saturated at ±448)."""
     scaled = weight.float() / scale.float().reshape(())
     return scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return codes.float() * scale.float().reshape(())

@@ -81,11 +81,6 @@ def quantize_int8_per_tensor(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(_to_int8(w, scale), scale)
 
 
-def dequantize_int8(weight: Int8Weight) -> torch.Tensor:
-    scale = weight.scale if weight.scale.numel() == 1 else weight.scale[:, None]
-    return weight.codes.float() * scale
-
-
 @dataclass(frozen=True)
 class StaticScales:
     """Per-tensor activation scales of a static (not per-token) SmoothQuant GEMM."""

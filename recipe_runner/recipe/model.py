@@ -13,8 +13,6 @@ from recipe_runner.errors import Location
 from recipe_runner.recipe.schema import recipe_schema
 from recipe_runner.recipe.yaml_positions import Positions
 
-RECIPE_VERSION = 1
-
 
 def fill_defaults(data: Any, schema: Mapping) -> Any:
     """Add schema defaults for absent keys and put keys in schema order.

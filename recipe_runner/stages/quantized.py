@@ -30,13 +30,12 @@ from recipe_runner.trtllm.sharding import kv_heads_for_rank, q_heads_for_rank, s
 
 ARTIFACT_FILE = "quantized.json"
 FORMAT = "recipe-runner/quantized/1"
-SPLITS = ("none", "out", "in")
 
 
 @dataclass(frozen=True)
 class TensorRule:
     suffix: str
-    split: str
+    split: str  # "none", "out" or "in"
     sources: tuple[tuple[str, str], ...]  # (HF projection, artifact tensor); projection "" for none
     pack: int = 1
     in_group: int = 1

@@ -141,15 +141,6 @@ def _convert_block(block: torch.Tensor, dtype: torch.dtype, name: str) -> torch.
     return out
 
 
-def materialize(plan: TensorPlan, reader: SourceCheckpoint,
-                max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> torch.Tensor:
-    """The planned tensor, whole (for tests and stages that need full tensors)."""
-    dtype = getattr(torch, plan.dtype)
-    blocks = [_convert_block(b, dtype, plan.name)
-              for b in iter_source_blocks(plan.source, reader, dtype, max_block_bytes)]
-    return torch.cat(blocks, dim=0).reshape(plan.shape)
-
-
 # ---- writing one rank --------------------------------------------------------------------------
 
 

@@ -16,7 +16,6 @@ if TYPE_CHECKING:  # keep this module importable without torch / the HF reader
 # Recipe field paths the planner attaches line/col to.
 TP_FIELD = "mapping.tp_size"
 PP_FIELD = "mapping.pp_size"
-PARALLEL_EMBEDDING_FIELD = "mapping.use_parallel_embedding"
 EMBEDDING_DIM_FIELD = "mapping.embedding_sharding_dim"
 
 
@@ -52,14 +51,6 @@ def pp_layers(num_layers: int, pp_size: int, pp_rank: int) -> list[int]:
     start = pp_rank * base + min(pp_rank, extra)
     count = base + (1 if pp_rank < extra else 0)
     return list(range(start, start + count))
-
-
-def is_first_pp_rank(pp_rank: int) -> bool:
-    return pp_rank == 0
-
-
-def is_last_pp_rank(pp_rank: int, pp_size: int) -> bool:
-    return pp_rank == pp_size - 1
 
 
 def kv_heads_compatible(num_kv_heads: int, tp_size: int) -> bool:

@@ -58,7 +58,6 @@ LINEARS = (
     LinearModule("mlp.gate", ("mlp.up_proj",), "column"),
     LinearModule("mlp.proj", ("mlp.down_proj",), "row"),
 )
-LINEAR_BY_NAME = {lin.name: lin for lin in LINEARS}
 LINEAR_OF_PROJECTION = {p: lin for lin in LINEARS for p in lin.projections}
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from recipe_runner.errors import UserError
 
-SUPPORTED_RANGE = ("0.12", "1.2")  # releases that still ship trtllm-build
 INSTALL_HINT = (
     "install TensorRT-LLM on a machine with an NVIDIA GPU (e.g. `pip install tensorrt-llm==0.14.0 "
     "--extra-index-url https://pypi.nvidia.com`, releases 0.12 to 1.2 ship trtllm-build), or stop at "

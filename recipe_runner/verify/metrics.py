@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-FIGURES = ("max_abs_logit_error", "mean_abs_logit_error", "mean_kl", "top1_agreement")
-
 
 @dataclass(frozen=True)
 class Figures:
