@@ -48,12 +48,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipe_runner.build import run_build
-from recipe_runner.cache import CacheStore
-from recipe_runner.lock import read_lock
-from recipe_runner.plan import make_plan
+from recipe_runner.pipeline.build import run_build
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.lock import read_lock
+from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe, load_recipes
-from recipe_runner.scheduler import InlineExecutor, run_builds
+from recipe_runner.pipeline.scheduler import InlineExecutor, run_builds
 from tests.fake_trtllm import install_fake_toolchain
 from tests.recipe_files import write
 from tests.test_build import write_recipe as write_plain_recipe
