@@ -34,9 +34,11 @@ def run_engine(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: 
     engine = resolved.plan.recipe.data["engine"]
     checkpoint = str(entries["shard"].path)
     argv = [*toolchain.command, *engine_argv(engine, checkpoint, str(data_dir), toolchain.version)]
-    # The log is the entry's (engine/build.log once published), so its header names no path of
-    # this machine's cache: the same key, the same header.
-    header = " ".join(argv).replace(checkpoint, "<checkpoint>").replace(str(data_dir), "<engine>")
+    # The log is the entry's (engine/build.log once published), so its header names no path of this
+    # machine (the cache, where trtllm-build is installed): the same key, the same header.
+    command = [os.path.basename(part) for part in toolchain.command]  # where it is installed is no key
+    header = " ".join([*command, *argv[len(command):]]).replace(checkpoint, "<checkpoint>").replace(
+        str(data_dir), "<engine>")
     log_path = data_dir.parent / f"build-engine.{LOG_NAME}"  # beside the payload until it succeeds
     returncode, tail = _stream(argv, header, log_path, cwd=data_dir)
     if returncode != 0:
