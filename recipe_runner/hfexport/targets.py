@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
+from recipe_runner.stages.registry import STAGES
+
 TRTLLM_CHECKPOINT = "trtllm-checkpoint"
 HF_MODELOPT = "hf-modelopt"
 HF_COMPRESSED_TENSORS = "hf-compressed-tensors"
 HF_TARGETS = (HF_MODELOPT, HF_COMPRESSED_TENSORS)
 DEFAULT_TARGETS = (TRTLLM_CHECKPOINT,)
-# the stage that writes each HF target, and the folder of the output directory it is published at
-EXPORT_STAGES = {HF_MODELOPT: "export-hf-modelopt", HF_COMPRESSED_TENSORS: "export-hf-compressed-tensors"}
+# the stage that writes each HF target (stages/registry.py)
+EXPORT_STAGES = {spec.target: name for name, spec in STAGES.items() if spec.target in HF_TARGETS}
 
 TRTLLM_PYTORCH = "TensorRT-LLM's PyTorch backend"
 VLLM = "vLLM"

@@ -8,26 +8,22 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from recipe_runner.store.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
-from recipe_runner.hfexport.targets import EXPORT_STAGES
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.store.publish import Generation, OutputDir, check_cache_location, check_output_location
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
+from recipe_runner.stages.registry import PUBLISHED, stage_executor
 from recipe_runner.trtllm.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
 
-# Which stage's entry is published where in the output directory.
-PUBLISHED = {"shard": "checkpoint", "build-engine": "engine", "verify": "verify",
-             "export-hf-modelopt": "hf-modelopt", "export-hf-compressed-tensors": "hf-compressed-tensors"}
-MODEL_FILE = "model.json"
 
 
 @dataclass
@@ -35,71 +31,6 @@ class BuildResult:
     output_dir: Path
     lock_path: Path
     trace: list[dict] = field(default_factory=list)  # one {"stage", "key", "action", "seconds"} per stage
-
-
-# ---- stage executors: each fills `data_dir` from its inputs; pure in its key -------------------
-
-def run_convert(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path, workers: int) -> None:
-    """Validate the source against its config.json and fix the checkpoint dtype (no tensors read)."""
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.hf.reader import SourceCheckpoint
-    from recipe_runner.trtllm.config import resolve_dtype
-
-    model = read_model_config(resolved.source_dir)
-    source = SourceCheckpoint(resolved.source_dir)
-    source.validate(model)
-    dtype = resolve_dtype(resolved.plan.recipe.get("source.dtype"), model.torch_dtype)
-    tensors = {n: {"dtype": str(source.dtype(n)).removeprefix("torch."), "shape": list(source.shape(n))}
-               for n in source.names()}
-    text = json.dumps({"model_config": asdict(model), "dtype": dtype, "tensors": tensors}, sort_keys=True, indent=1)
-    (data_dir / MODEL_FILE).write_text(text + "\n", encoding="utf-8")
-
-
-def run_shard(resolved: ResolvedPlan, entries: dict[str, Entry], data_dir: Path, workers: int) -> None:
-    """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.hf.reader import SourceCheckpoint
-    from recipe_runner.stages.convert import plan_tensors
-    from recipe_runner.stages.shard import write_checkpoint
-
-    mapping = resolved.plan.recipe.data["mapping"]
-    if "quantize" in entries:  # quantized tensors and scales (read beside the source) and their config
-        from recipe_runner.hf.layered import open_checkpoint
-        from recipe_runner.stages.quantized import read_artifact
-
-        quantized = read_artifact(entries["quantize"].path)
-        dirs: tuple[Path, ...] | Path = (entries["quantize"].path, resolved.source_dir)
-        dtype, reader = quantized.dtype, open_checkpoint(dirs)
-    else:
-        quantized, dirs, reader = None, resolved.source_dir, SourceCheckpoint(resolved.source_dir)
-        dtype = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
-    manifest = plan_tensors(read_model_config(resolved.source_dir), reader,
-                            tp_size=mapping["tp_size"], pp_size=mapping["pp_size"], dtype=dtype,
-                            use_parallel_embedding=mapping["use_parallel_embedding"],
-                            embedding_sharding_dim=mapping["embedding_sharding_dim"], quantized=quantized)
-    write_checkpoint(manifest, dirs, data_dir, workers=workers)
-
-
-# Imported when a stage runs: most import torch, which a warm no-op build never needs.
-_EXECUTOR_MODULES = {"calibrate": "recipe_runner.stages.calibrate:run_calibrate",
-                     "quantize": "recipe_runner.stages.quantize:run_quantize",
-                     "build-engine": "recipe_runner.stages.engine:run_engine",
-                     "verify": "recipe_runner.stages.verify:run_verify"}
-
-
-def stage_executor(name: str) -> Callable[[ResolvedPlan, dict[str, Entry], Path, int], None]:
-    """The function that fills a stage's cache entry."""
-    import importlib
-
-    if name in ("convert", "shard"):
-        return {"convert": run_convert, "shard": run_shard}[name]
-    target = next((t for t, stage in EXPORT_STAGES.items() if stage == name), None)
-    if target is not None:
-        from recipe_runner.hfexport.export import make_executor
-
-        return make_executor(target, name)
-    module, function = _EXECUTOR_MODULES[name].split(":")
-    return getattr(importlib.import_module(module), function)
 
 
 def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, force: bool = False,

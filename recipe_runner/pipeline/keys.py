@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from recipe_runner.recipe.model import canonical_json
+from recipe_runner.stages.registry import STAGES
 
-# Bump a stage's version whenever its code changes what it writes.
-STAGE_VERSIONS = {"convert": 1, "calibrate": 2, "quantize": 1, "shard": 1, "build-engine": 2, "verify": 4,
-                  "export-hf-modelopt": 3, "export-hf-compressed-tensors": 3}
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,7 @@ class CacheKey:
 def make_key(stage: str, params: Mapping[str, Any], inputs: Mapping[str, str], tools: Mapping[str, str]) -> CacheKey:
     material = {
         "stage": stage,
-        "version": STAGE_VERSIONS[stage],
+        "version": STAGES[stage].version,
         "params": dict(params),
         "inputs": dict(inputs),
         "tools": dict(tools),

@@ -13,12 +13,9 @@ from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
 from recipe_runner.hfexport.targets import (EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT, output_targets,
                                            target_notes)
 from recipe_runner.hf.sources import SourceLocation, locate_source
+# `build --until` takes a stage name or an alias (`checkpoint` = everything up to the rank files)
+from recipe_runner.stages.registry import UNTIL_ALIASES, VERIFIED_STAGES
 
-# The stages whose outputs the verify stage checks, in this order; the first one's report is
-# <output>/verify/verify.{json,md}, the others' <output>/verify/<target>/verify.{json,md}.
-VERIFIED_STAGES = ("shard", "export-hf-modelopt", "export-hf-compressed-tensors")
-# `build --until` targets: a stage name, or `checkpoint` = everything up to the rank files.
-UNTIL_ALIASES = {"checkpoint": "shard", "engine": "build-engine"}
 
 
 @dataclass(frozen=True)

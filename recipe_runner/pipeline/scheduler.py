@@ -19,8 +19,8 @@ from recipe_runner.store.lock import LockFile
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.pipeline.progress import Progress
 from recipe_runner.pipeline.resolve import ResolvedPlan
+from recipe_runner.stages.registry import STAGES
 
-GiB = 1024**3
 
 
 @dataclass
@@ -175,14 +175,7 @@ def estimate_memory(resolved: ResolvedPlan, stage: str, workers: int) -> int:
     """A stage's peak memory, roughly, from the model's shapes (for the --max-memory budget)."""
     from recipe_runner.hf.config import read_model_config
 
-    model = read_model_config(resolved.source_dir)
-    item = 4  # float32 while converting, the worst case
-    largest = max(model.vocab_size * model.hidden_size, model.intermediate_size * model.hidden_size) * item
-    layer = (4 * model.hidden_size * model.hidden_size + 3 * model.intermediate_size * model.hidden_size) * item
-    per_stage = {"convert": GiB // 2, "shard": workers * (2 * largest + GiB),
-                 "calibrate": layer + 2 * GiB, "quantize": layer + 2 * GiB,
-                 "export-hf-modelopt": 2 * largest + GiB, "export-hf-compressed-tensors": 2 * largest + GiB, "verify": layer + largest + GiB}
-    return per_stage.get(stage, 1 << 62)  # build-engine: unknown, so it runs alone
+    return STAGES[stage].memory(read_model_config(resolved.source_dir), workers)
 
 
 def expected_bytes(resolved: ResolvedPlan, stage: str) -> int | None:

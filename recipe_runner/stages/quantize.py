@@ -36,6 +36,7 @@ from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.quant import awq, fp8, kv, smoothquant as sq, weight_only
 from recipe_runner.quant.packing import pack_int4_rows
 from recipe_runner.quant.reductions import absmax
+from recipe_runner.stages.model_facts import MODEL_FILE
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS
 from recipe_runner.stages.manifest import SourceTensor
 from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
@@ -43,7 +44,6 @@ from recipe_runner.trtllm import quant as tq
 from recipe_runner.io.safetensors_writer import write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"  # makes the artifact readable by SourceCheckpoint
-MODEL_FILE = "model.json"  # the convert stage's record of the model and the checkpoint dtype
 
 
 @dataclass(frozen=True)

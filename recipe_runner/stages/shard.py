@@ -13,13 +13,14 @@ done. On any failure the temp dir is removed and an existing `out_dir` is left u
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import shutil
 import sys
 import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
@@ -45,6 +46,10 @@ from recipe_runner.io.safetensors_writer import (
     SafetensorsStreamWriter,
     TensorSpec,
 )
+
+if TYPE_CHECKING:
+    from recipe_runner.pipeline.resolve import ResolvedPlan
+    from recipe_runner.store.cache import Entry
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
 CONFIG_FILE = "config.json"
@@ -304,3 +309,26 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def run_shard(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
+    """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
+    from recipe_runner.hf.config import read_model_config
+    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.model_facts import MODEL_FILE
+
+    mapping = resolved.plan.recipe.data["mapping"]
+    if "quantize" in entries:  # quantized tensors and scales (read beside the source) and their config
+        from recipe_runner.stages.quantized import read_artifact
+
+        quantized = read_artifact(entries["quantize"].path)
+        dirs: tuple[Path, ...] | Path = (entries["quantize"].path, resolved.source_dir)
+        dtype, reader = quantized.dtype, open_checkpoint(dirs)
+    else:
+        quantized, dirs, reader = None, resolved.source_dir, SourceCheckpoint(resolved.source_dir)
+        dtype = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
+    manifest = plan_tensors(read_model_config(resolved.source_dir), reader,
+                            tp_size=mapping["tp_size"], pp_size=mapping["pp_size"], dtype=dtype,
+                            use_parallel_embedding=mapping["use_parallel_embedding"],
+                            embedding_sharding_dim=mapping["embedding_sharding_dim"], quantized=quantized)
+    write_checkpoint(manifest, dirs, data_dir, workers=workers)

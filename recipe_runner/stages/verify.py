@@ -1,6 +1,6 @@
 """Verify stage: prove every checkpoint the recipe writes numerically, on CPU, before any engine is
 built: the shard stage's TensorRT-LLM checkpoint and each HF export (hf-modelopt,
-hf-compressed-tensors), in plan.VERIFIED_STAGES order.
+hf-compressed-tensors), in stages/registry.py order (VERIFIED_STAGES).
 
 Writes verify.json and verify.md into the stage's entry (published at <output>/verify/) for the
 first checkpoint, and into <target>/ beneath it for each further one. A checkpoint out of
@@ -18,13 +18,10 @@ if TYPE_CHECKING:
     from recipe_runner.store.cache import Entry
     from recipe_runner.pipeline.resolve import ResolvedPlan
 
-# the published folder of each verified stage's output (build.PUBLISHED), as the report names it
-TARGET_OF = {"shard": "trtllm-checkpoint", "export-hf-modelopt": "hf-modelopt",
-             "export-hf-compressed-tensors": "hf-compressed-tensors"}
 
 
 def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
-    from recipe_runner.pipeline.plan import VERIFIED_STAGES
+    from recipe_runner.stages.registry import STAGES, VERIFIED_STAGES
     from recipe_runner.verify.report import ReportContext, write_report
     from recipe_runner.verify.run import failure_summary, verify_checkpoint
 
@@ -40,9 +37,9 @@ def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: 
         # No recipe identity here: recipes that share this key share these bytes. Publishing
         # names the recipe (build.recipe_reports).
         context = ReportContext(checkpoint_key=resolved.status(stage).key.digest)
-        write_report(data_dir if i == 0 else data_dir / TARGET_OF[stage], result, context)
+        write_report(data_dir if i == 0 else data_dir / STAGES[stage].target, result, context)
         if not result.passed:
-            prefix = f"{TARGET_OF[stage]}: " if len(checked) > 1 else ""
+            prefix = f"{STAGES[stage].target}: " if len(checked) > 1 else ""
             failed.append(prefix + failure_summary(result))
     if failed:
         raise StageFailed("verify: " + "\n".join(failed) + "\n"

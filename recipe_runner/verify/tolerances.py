@@ -38,7 +38,7 @@ class Tolerances:
 
 
 # Weight formats, keyed by family (see `weight_family`). Changing a default changes what verify
-# decides for an unchanged checkpoint: bump keys.STAGE_VERSIONS["verify"] with it.
+# decides for an unchanged checkpoint: bump the verify stage's version (stages/registry.py) with it.
 DEFAULTS: dict[str, Tolerances] = {
     # same dtype: 1e-6 / 2e-7 / 1e-14 / 1.0; fp16 -> bf16 rounding: 0.012 / 0.0019 / 3e-6 / 1.0
     "none": Tolerances(0.1, 0.01, 1e-4, 0.98),
