@@ -274,3 +274,22 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(UserError, match="e.g. 1024, 500M, 20G"):
         parse_size(text)
+
+
+def test_gc_removes_leases_of_builds_that_died_and_keeps_live_ones(store):
+    store.build(key("held"), "convert", writer({"x": b"1"}))
+    store.build(key("free"), "convert", writer({"y": b"2"}))
+    leases = store.root / "leases"
+    leases.mkdir(parents=True, exist_ok=True)
+    (leases / "999999-dead.json").write_text(json.dumps({"keys": [key("free")], "tmp": []}))  # nobody holds it
+    old_half = leases / "999999-half.new"
+    old_half.write_text("")
+    os.utime(old_half, (time.time() - 120, time.time() - 120))
+    fresh_half = leases / "999999-fresh.new"
+    fresh_half.write_text("")  # may be a lease being written right now
+    with store.lease([key("held")]):
+        assert gc_keys(store, max_size_bytes=0) == [key("free")]
+        assert sorted(p.name for p in leases.iterdir() if p.suffix == ".new") == ["999999-fresh.new"]
+        assert not (leases / "999999-dead.json").exists() and len(list(leases.glob("*.json"))) == 1
+    assert gc_keys(store, max_size_bytes=0) == [key("held")]
+    assert not list(leases.glob("*.json"))

@@ -255,7 +255,10 @@ class CacheStore:
         """Keys and tmp/ names that running builds hold; leases of builds that are gone are removed."""
         keys: set[str] = set()
         tmp_names: set[str] = set()
-        for lease_file in sorted((self.root / "leases").glob("*.json")):
+        leases = self.root / "leases"
+        # a .new lease is unlocked for a moment between its creation and its flock: only old ones are stale
+        half_written = [p for p in leases.glob("*.new") if _age_seconds(p) > 60]
+        for lease_file in sorted([*leases.glob("*.json"), *half_written]):
             try:
                 fd = os.open(lease_file, os.O_RDONLY)
             except OSError:
@@ -264,12 +267,14 @@ class CacheStore:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # held: its build is running
+                    if lease_file.suffix == ".new":
+                        continue  # being written; it is renamed to .json before the build reads anything
                     data = _read_json(lease_file)
                     if isinstance(data, dict):
                         keys.update(k for k in data.get("keys", ()) if isinstance(k, str))
                         tmp_names.update(n for n in data.get("tmp", ()) if isinstance(n, str))
                     continue
-                lease_file.unlink(missing_ok=True)  # nobody holds it: its build died
+                lease_file.unlink(missing_ok=True)  # nobody holds it: its build died (or died writing it)
             finally:
                 os.close(fd)
         return keys, tmp_names
@@ -378,6 +383,13 @@ class Lease:
 
 
 # -- entry files ------------------------------------------------------------------------
+
+
+def _age_seconds(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _check_key(key: str) -> None:
