@@ -60,8 +60,10 @@ else:
     from recipe_runner.stages.convert import plan_tensors
     from recipe_runner.stages.quantized import read_artifact
     from recipe_runner.stages.shard import write_checkpoint
+    from recipe_runner.trtllm.mapping import ParallelMapping
     dirs = (Path(args["quant"]), src)
-    manifest = plan_tensors(read_model_config(src), open_checkpoint(dirs), tp_size=args["tp"], dtype="bfloat16",
+    manifest = plan_tensors(read_model_config(src), open_checkpoint(dirs), mapping=ParallelMapping(args["tp"]),
+                            dtype="bfloat16",
                             quantized=read_artifact(Path(args["quant"])))
     write_checkpoint(manifest, dirs, Path(args["out"]))
 wall = time.perf_counter() - t

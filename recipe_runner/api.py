@@ -5,6 +5,7 @@ from pathlib import Path
 
 from recipe_runner.stages.convert import plan_convert
 from recipe_runner.stages.shard import write_checkpoint
+from recipe_runner.trtllm.mapping import ParallelMapping
 
 
 def convert(
@@ -23,7 +24,7 @@ def convert(
     dtype "auto" keeps the model's torch_dtype (float32 when config.json has none). Raises
     UserError (SourceModelError for problems with the source) with an actionable message.
     """
-    manifest = plan_convert(model_dir, tp_size=tp_size, pp_size=pp_size, dtype=dtype,
-                            use_parallel_embedding=use_parallel_embedding,
-                            embedding_sharding_dim=embedding_sharding_dim)
+    # the documented keyword signature stays; inside, the mapping travels as one value
+    mapping = ParallelMapping(tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
+    manifest = plan_convert(model_dir, mapping=mapping, dtype=dtype)
     return write_checkpoint(manifest, model_dir, out_dir, workers=workers)

@@ -98,10 +98,12 @@ def test_checkpoint_holds_exactly_the_spec_tensor_set(artifacts, quant_model, tm
     from recipe_runner.hf.layered import open_checkpoint
     from recipe_runner.stages.convert import plan_tensors
     from recipe_runner.stages.shard import write_checkpoint
+    from recipe_runner.trtllm.mapping import ParallelMapping
 
     directory, artifact = artifacts[(algo, kv)]
     dirs = (directory, quant_model)
-    manifest = plan_tensors(read_model_config(quant_model), open_checkpoint(dirs), tp_size=tp, quantized=artifact)
+    manifest = plan_tensors(read_model_config(quant_model), open_checkpoint(dirs), mapping=ParallelMapping(tp),
+                            quantized=artifact)
     write_checkpoint(manifest, dirs, tmp_path / "ckpt")
     expected_layer = expected_layer_tensors(algo, kv, tp)
     for rank in range(tp):
@@ -129,13 +131,15 @@ def test_sharded_tensors_reassemble_to_the_unsharded_ones(artifacts, quant_model
     from recipe_runner.hf.layered import open_checkpoint
     from recipe_runner.stages.convert import plan_tensors
     from recipe_runner.stages.shard import write_checkpoint
+    from recipe_runner.trtllm.mapping import ParallelMapping
     from tests.conftest import load_ranks
 
     for algo in ("w4a16_awq", "w8a8_sq_per_channel_per_token"):
         directory, artifact = artifacts[(algo, "none")]
         dirs = (directory, quant_model)
         for tp in (1, 2):
-            m = plan_tensors(read_model_config(quant_model), open_checkpoint(dirs), tp_size=tp, quantized=artifact)
+            m = plan_tensors(read_model_config(quant_model), open_checkpoint(dirs), mapping=ParallelMapping(tp),
+                             quantized=artifact)
             write_checkpoint(m, dirs, tmp_path / f"{algo}-{tp}")
         _, (whole,) = load_ranks(tmp_path / f"{algo}-1")
         _, parts = load_ranks(tmp_path / f"{algo}-2")

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 
 from recipe_runner.api import convert
+from recipe_runner.trtllm.mapping import ParallelMapping
 
 GRID = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2)]
 
@@ -238,7 +239,7 @@ def test_kernel_copies_and_small_blocks_give_same_bytes(variant, tiny_model, tmp
     from recipe_runner.stages.shard import write_checkpoint
 
     model = tiny_model(variant)
-    manifest = plan_convert(model, tp_size=2, pp_size=2, use_parallel_embedding=True)
+    manifest = plan_convert(model, mapping=ParallelMapping(tp_size=2, pp_size=2, use_parallel_embedding=True))
     fast = write_checkpoint(manifest, model, tmp_path / "fast")
     whole = write_checkpoint(manifest, model, tmp_path / "whole", zero_copy=False)
     small = write_checkpoint(manifest, model, tmp_path / "small", max_block_bytes=100,

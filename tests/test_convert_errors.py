@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from recipe_runner.api import convert
 from recipe_runner.errors import SourceModelError, UserError
+from recipe_runner.trtllm.mapping import ParallelMapping
 
 
 def test_missing_config_json(tiny_model, copy_model, tmp_path):
@@ -188,7 +189,7 @@ def test_source_changed_after_planning(tiny_model, copy_model, tmp_path):
     from recipe_runner.stages.shard import write_checkpoint
 
     model = copy_model(tiny_model("gqa"))
-    manifest = plan_convert(model, tp_size=2)
+    manifest = plan_convert(model, mapping=ParallelMapping(tp_size=2))
     tensors = load_file(model / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].float()
     save_file(tensors, model / "model.safetensors")
@@ -205,7 +206,7 @@ def test_worker_failure_propagates(tiny_model, copy_model, tmp_path):
     from recipe_runner.stages.shard import write_checkpoint
 
     model = copy_model(tiny_model("gqa"))
-    manifest = plan_convert(model, tp_size=2)
+    manifest = plan_convert(model, mapping=ParallelMapping(tp_size=2))
     tensors = load_file(model / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].float()
     save_file(tensors, model / "model.safetensors")

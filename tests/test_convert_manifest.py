@@ -15,6 +15,7 @@ from recipe_runner.stages.convert import (
     plan_convert,
 )
 from recipe_runner.stages.shard import iter_output_blocks
+from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.sharding import pad_vocab, shard_qkv, split
 
 
@@ -26,16 +27,17 @@ def materialize(plan, reader, max_block_bytes):
 
 def test_json_round_trip_and_determinism(tiny_model):
     model = tiny_model("gqa")
-    m = plan_convert(model, tp_size=4, pp_size=2, use_parallel_embedding=True)
+    mapping = ParallelMapping(tp_size=4, pp_size=2, use_parallel_embedding=True)
+    m = plan_convert(model, mapping=mapping)
     text = m.to_json()
     assert ConvertManifest.from_json(text) == m
-    assert plan_convert(model, tp_size=4, pp_size=2, use_parallel_embedding=True).to_json() == text
+    assert plan_convert(model, mapping=mapping).to_json() == text
     assert str(model) not in text  # the artifact does not depend on where the source lives
     assert m.world_size == 8 and m.config["mapping"]["world_size"] == 8
 
 
 def test_manifest_describes_reads_not_data(tiny_model):
-    m = plan_convert(tiny_model("gqa"), tp_size=4, pp_size=2)
+    m = plan_convert(tiny_model("gqa"), mapping=ParallelMapping(tp_size=4, pp_size=2))
     r6 = m.ranks[6]  # pp_rank 1, tp_rank 2
     assert (r6.rank, r6.tp_rank, r6.pp_rank, r6.layers) == (6, 2, 1, (2, 3))
     qkv = next(t for t in r6.tensors if t.name == "transformer.layers.0.attention.qkv.weight")
@@ -64,7 +66,7 @@ def test_executed_manifest_equals_reference_functions(tp, tiny_model, hf_tensors
     model = tiny_model("gqa")
     ref = hf_tensors(model)
     reader = SourceCheckpoint(model)
-    m = plan_convert(model, tp_size=tp)
+    m = plan_convert(model, mapping=ParallelMapping(tp_size=tp))
     for plan in m.ranks:
         got = {t.name: materialize(t, reader, max_block_bytes=256) for t in plan.tensors}
         p = "model.layers.3.self_attn."
@@ -79,7 +81,7 @@ def test_executed_manifest_equals_reference_functions(tp, tiny_model, hf_tensors
 
 
 def test_manifest_json_is_plain_data(tiny_model):
-    data = json.loads(plan_convert(tiny_model("tied"), tp_size=2).to_json())
+    data = json.loads(plan_convert(tiny_model("tied"), mapping=ParallelMapping(tp_size=2)).to_json())
     assert data["format"] == "recipe-runner/convert-manifest/1"
     lm = [t for t in data["ranks"][1]["tensors"] if t["name"] == "lm_head.weight"][0]
     assert lm["source"] == {"op": "concat", "parts": [

@@ -7,6 +7,7 @@ import pytest
 
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig
+from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.config import (
     build_checkpoint_config,
     config_json_bytes,
@@ -45,7 +46,7 @@ SPEC_EXAMPLE = {
 
 
 def test_matches_spec_example():
-    cfg = build_checkpoint_config(LLAMA31_8B, dtype="float16", tp_size=2, pp_size=1)
+    cfg = build_checkpoint_config(LLAMA31_8B, dtype="float16", mapping=ParallelMapping(2, 1))
     assert {k: cfg[k] for k in SPEC_EXAMPLE} == SPEC_EXAMPLE
     # the remaining keys are LLaMAConfig fields at their neutral values
     assert {k: cfg[k] for k in set(cfg) - set(SPEC_EXAMPLE)} == {
@@ -57,14 +58,14 @@ def test_matches_spec_example():
 
 
 def test_rotary_scaling_is_a_copy():
-    cfg = build_checkpoint_config(LLAMA31_8B, dtype="bfloat16", tp_size=1, pp_size=1)
+    cfg = build_checkpoint_config(LLAMA31_8B, dtype="bfloat16", mapping=ParallelMapping(1, 1))
     cfg["rotary_scaling"]["factor"] = 1.0
     assert LLAMA31_8B.rope_scaling["factor"] == 8.0
 
 
 def test_quantization_section_can_be_filled_by_later_stages():
     q = quant_config(quant_algo="W8A16", exclude_modules=["*lm_head"])
-    cfg = build_checkpoint_config(LLAMA31_8B, dtype="float16", tp_size=1, pp_size=1,
+    cfg = build_checkpoint_config(LLAMA31_8B, dtype="float16", mapping=ParallelMapping(1, 1),
                                   quantization=q)
     assert cfg["quantization"]["quant_algo"] == "W8A16"
     assert cfg["quantization"]["group_size"] == 128
@@ -83,7 +84,7 @@ def test_resolve_dtype():
 
 
 def test_serialization_is_deterministic_json():
-    cfg = build_checkpoint_config(LLAMA31_8B, dtype="float16", tp_size=2, pp_size=2)
+    cfg = build_checkpoint_config(LLAMA31_8B, dtype="float16", mapping=ParallelMapping(2, 2))
     raw = config_json_bytes(cfg)
     assert raw == config_json_bytes(json.loads(raw))
     assert raw.endswith(b"}\n") and json.loads(raw)["mapping"]["world_size"] == 4

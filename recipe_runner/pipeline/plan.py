@@ -172,16 +172,15 @@ def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     """The rules that need the source's config.json, reported at the recipe field they concern."""
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.weights import check_source_weights
-    from recipe_runner.trtllm.mapping import check_mapping
+    from recipe_runner.trtllm.mapping import ParallelMapping
 
     refuse_remote_code(recipe, source)
     model = read_model_config(source.directory)
-    mapping = recipe.data["mapping"]
-    findings = list(check_mapping(model, mapping["tp_size"], mapping["pp_size"],
-                                  mapping["use_parallel_embedding"], mapping["embedding_sharding_dim"]))
+    mapping = ParallelMapping.from_recipe(recipe.data["mapping"])
+    findings = mapping.check(model)
     from recipe_runner.quant.rules import quantization_findings
 
-    findings += quantization_findings(model, recipe.data, source.directory)
+    findings += quantization_findings(model, recipe.data, mapping, source.directory)
     if findings:
         raise RecipeError([Problem(recipe.location(f), f, m) for f, m in findings])
     # then the weights themselves (recipe findings first: they only need config.json): safetensors

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Mapping
 from recipe_runner.hf.config import ModelConfig
 from recipe_runner.recipe.rules import SMOOTHQUANT_ALGOS
 from recipe_runner.trtllm import quant as tq
-from recipe_runner.trtllm.mapping import pp_layers
+from recipe_runner.trtllm.mapping import ParallelMapping, pp_layers
 
 Finding = tuple[str, str]
 
@@ -95,12 +95,14 @@ def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[F
             yield "quantization.calibration", problem
 
 
-def quantization_findings(model: ModelConfig, recipe: Mapping[str, Any], source_dir: Path) -> list[Finding]:
+def quantization_findings(model: ModelConfig, recipe: Mapping[str, Any], mapping: ParallelMapping,
+                          source_dir: Path) -> list[Finding]:
+    """`mapping` is the recipe's, built once by the caller (plan.check_against_model)."""
     from recipe_runner.hfexport.targets import TRTLLM_CHECKPOINT, model_findings, output_targets
 
-    quant, mapping = recipe["quantization"], recipe["mapping"]
+    quant = recipe["quantization"]
     legacy = TRTLLM_CHECKPOINT in output_targets(recipe)
-    return [*combination_findings(quant), *exclude_findings(model, quant, mapping["pp_size"], legacy),
-            *(sharded_quantization_findings(model, quant, mapping["tp_size"]) if legacy else ()),
+    return [*combination_findings(quant), *exclude_findings(model, quant, mapping.pp_size, legacy),
+            *(sharded_quantization_findings(model, quant, mapping.tp_size) if legacy else ()),
             *model_findings(model, recipe),
             *tokenizer_findings(source_dir, quant)]

@@ -10,6 +10,7 @@ import re
 from typing import Any, Callable, Iterator, Mapping
 
 from recipe_runner.trtllm.engine_options import check_extra_arg
+from recipe_runner.trtllm.mapping import ParallelMapping
 
 Finding = tuple[str, str]
 Rule = Callable[[Mapping[str, Any]], Iterator[Finding]]
@@ -51,8 +52,8 @@ def calibration_when_needed(recipe: Mapping[str, Any]) -> Iterator[Finding]:
 
 
 def embedding_dim_needs_parallel_embedding(recipe: Mapping[str, Any]) -> Iterator[Finding]:
-    mapping = recipe["mapping"]
-    if mapping["embedding_sharding_dim"] == 1 and not mapping["use_parallel_embedding"]:
+    mapping = ParallelMapping.from_recipe(recipe["mapping"])
+    if mapping.embedding_sharding_dim == 1 and not mapping.use_parallel_embedding:
         yield "mapping.embedding_sharding_dim", "applies only with mapping.use_parallel_embedding: true"
 
 

@@ -36,7 +36,7 @@ from recipe_runner.stages.manifest import (  # noqa: F401  (re-exported for call
 )
 from recipe_runner.trtllm import names as tl
 from recipe_runner.trtllm.config import build_checkpoint_config, quant_config, resolve_dtype
-from recipe_runner.trtllm.mapping import all_ranks, check_mapping, pp_layers
+from recipe_runner.trtllm.mapping import ParallelMapping, all_ranks, pp_layers
 from recipe_runner.trtllm.sharding import (
     kv_heads_for_rank,
     q_heads_for_rank,
@@ -64,11 +64,13 @@ class TensorSource(Protocol):
 class _Ctx:
     cfg: ModelConfig
     dtype: str
-    tp: int
+    mapping: ParallelMapping
     tp_rank: int
-    use_parallel_embedding: bool
-    embedding_sharding_dim: int
     quantized: "QuantizedArtifact | None" = None
+
+    @property
+    def tp(self) -> int:
+        return self.mapping.tp_size
 
 
 def _rows(tensor: str, start: int, stop: int) -> Read:
@@ -91,9 +93,9 @@ def _padded_vocab_rows(c: _Ctx, tensor: str) -> tuple[Source, str]:
 
 def _embedding(c: _Ctx) -> TensorPlan:
     V, H = c.cfg.vocab_size, c.cfg.hidden_size
-    if not c.use_parallel_embedding:
+    if not c.mapping.use_parallel_embedding:
         return TensorPlan(tl.VOCAB_EMBEDDING, (V, H), c.dtype, Read(hf.EMBED_TOKENS))
-    if c.embedding_sharding_dim == 0:
+    if c.mapping.embedding_sharding_dim == 0:
         src, note = _padded_vocab_rows(c, hf.EMBED_TOKENS)
         rows = vocab_rows_for_rank(V, c.tp, c.tp_rank).total
         return TensorPlan(tl.VOCAB_EMBEDDING, (rows, H), c.dtype, src, note)
@@ -187,9 +189,8 @@ def _rank_tensors(c: _Ctx, pp_rank: int, pp_size: int, layers: list[int]) -> lis
     return plans
 
 
-def require_valid_mapping(model_config: ModelConfig, tp_size: int, pp_size: int, use_parallel_embedding: bool,
-                          embedding_sharding_dim: int) -> None:
-    problems = check_mapping(model_config, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
+def require_valid_mapping(model_config: ModelConfig, mapping: ParallelMapping) -> None:
+    problems = mapping.check(model_config)
     if problems:
         raise UserError("\n".join(f"{path}: {msg}" for path, msg in problems))
 
@@ -198,11 +199,8 @@ def plan_tensors(
     model_config: ModelConfig,
     source: TensorSource,
     *,
-    tp_size: int = 1,
-    pp_size: int = 1,
+    mapping: ParallelMapping,
     dtype: str = "auto",
-    use_parallel_embedding: bool = False,
-    embedding_sharding_dim: int = 0,
     quantized: "QuantizedArtifact | None" = None,
 ) -> ConvertManifest:
     """Plan every rank's tensors (no tensor data is read).
@@ -214,23 +212,29 @@ def plan_tensors(
     Raises UserError for an invalid mapping or dtype, SourceModelError when `source` does not
     hold the tensors `model_config` implies (checked here with `source.validate`).
     """
-    require_valid_mapping(model_config, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
+    # The one mapping check for callers that come straight here (the shard stage, whose recipe
+    # may not have been checked against the model at plan time; scripts); plan_convert checks
+    # earlier itself and calls _plan_checked.
+    require_valid_mapping(model_config, mapping)
+    return _plan_checked(model_config, source, mapping, dtype, quantized)
+
+
+def _plan_checked(model_config: ModelConfig, source: TensorSource, mapping: ParallelMapping, dtype: str,
+                  quantized: "QuantizedArtifact | None") -> ConvertManifest:
+    """plan_tensors once `mapping` is known to be valid for `model_config`."""
     out_dtype = resolve_dtype(dtype, model_config.torch_dtype)
     source.validate(model_config)
     config = build_checkpoint_config(
-        model_config, dtype=out_dtype, tp_size=tp_size, pp_size=pp_size,
-        use_parallel_embedding=use_parallel_embedding,
-        embedding_sharding_dim=embedding_sharding_dim,
+        model_config, dtype=out_dtype, mapping=mapping,
         # rebuilt through quant_config(): QuantConfig's field order, whatever order the artifact kept
         quantization=quant_config(**quantized.quant_config) if quantized is not None else None,
     )
     ranks = []
     used: dict[str, SourceTensor] = {}
-    for coords in all_ranks(tp_size, pp_size):
-        ctx = _Ctx(model_config, out_dtype, tp_size, coords.tp_rank, use_parallel_embedding,
-                   embedding_sharding_dim, quantized)
-        layers = pp_layers(model_config.num_hidden_layers, pp_size, coords.pp_rank)
-        tensors = _rank_tensors(ctx, coords.pp_rank, pp_size, layers)
+    for coords in all_ranks(mapping.tp_size, mapping.pp_size):
+        ctx = _Ctx(model_config, out_dtype, mapping, coords.tp_rank, quantized)
+        layers = pp_layers(model_config.num_hidden_layers, mapping.pp_size, coords.pp_rank)
+        tensors = _rank_tensors(ctx, coords.pp_rank, mapping.pp_size, layers)
         for t in tensors:
             _check_plan(t, source, used)
         ranks.append(RankPlan(coords.rank, coords.tp_rank, coords.pp_rank, tuple(layers),
@@ -257,19 +261,9 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
 
-def plan_convert(
-    model_dir: str | Path,
-    *,
-    tp_size: int = 1,
-    pp_size: int = 1,
-    dtype: str = "auto",
-    use_parallel_embedding: bool = False,
-    embedding_sharding_dim: int = 0,
-) -> ConvertManifest:
+def plan_convert(model_dir: str | Path, *, mapping: ParallelMapping, dtype: str = "auto") -> ConvertManifest:
     """Read config.json, open and validate the weights, and plan the conversion."""
     cfg = read_model_config(model_dir)
-    # mapping problems are reported before the weights are even opened
-    require_valid_mapping(cfg, tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
-    return plan_tensors(cfg, SourceCheckpoint(model_dir), tp_size=tp_size, pp_size=pp_size,
-                        dtype=dtype, use_parallel_embedding=use_parallel_embedding,
-                        embedding_sharding_dim=embedding_sharding_dim)
+    # mapping problems are reported before the weights are even opened (the only check here)
+    require_valid_mapping(cfg, mapping)
+    return _plan_checked(cfg, SourceCheckpoint(model_dir), mapping, dtype, None)

@@ -316,8 +316,9 @@ def run_shard(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: P
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.stages.convert import plan_tensors
     from recipe_runner.stages.model_facts import MODEL_FILE
+    from recipe_runner.trtllm.mapping import ParallelMapping
 
-    mapping = resolved.plan.recipe.data["mapping"]
+    mapping = ParallelMapping.from_recipe(resolved.plan.recipe.data["mapping"])
     if "quantize" in entries:  # quantized tensors and scales (read beside the source) and their config
         from recipe_runner.stages.quantized import read_artifact
 
@@ -327,8 +328,6 @@ def run_shard(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: P
     else:
         quantized, dirs, reader = None, resolved.source_dir, SourceCheckpoint(resolved.source_dir)
         dtype = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
-    manifest = plan_tensors(read_model_config(resolved.source_dir), reader,
-                            tp_size=mapping["tp_size"], pp_size=mapping["pp_size"], dtype=dtype,
-                            use_parallel_embedding=mapping["use_parallel_embedding"],
-                            embedding_sharding_dim=mapping["embedding_sharding_dim"], quantized=quantized)
+    manifest = plan_tensors(read_model_config(resolved.source_dir), reader, mapping=mapping, dtype=dtype,
+                            quantized=quantized)
     write_checkpoint(manifest, dirs, data_dir, workers=workers)

@@ -14,6 +14,7 @@ from recipe_runner.errors import UserError
 
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
+    from recipe_runner.trtllm.mapping import ParallelMapping
 
 CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32")
 
@@ -57,19 +58,16 @@ def quant_config(**overrides: Any) -> dict[str, Any]:
     return out
 
 
-def mapping_config(tp_size: int, pp_size: int) -> dict[str, int]:
+def mapping_config(mapping: "ParallelMapping") -> dict[str, int]:
     """Only the keys every Mapping(**d) accepts; the rest keep their defaults at build time."""
-    return {"world_size": tp_size * pp_size, "tp_size": tp_size, "pp_size": pp_size}
+    return {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size}
 
 
 def build_checkpoint_config(
     model_config: "ModelConfig",
     *,
     dtype: str,
-    tp_size: int,
-    pp_size: int,
-    use_parallel_embedding: bool = False,
-    embedding_sharding_dim: int = 0,
+    mapping: "ParallelMapping",
     quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.json for a LLaMA-family checkpoint; `dtype` must already be resolved."""
@@ -93,8 +91,8 @@ def build_checkpoint_config(
         "position_embedding_type": "rope_gpt_neox",
         "rotary_base": m.rope_theta,
         "rotary_scaling": copy.deepcopy(m.rope_scaling),
-        "use_parallel_embedding": use_parallel_embedding,
-        "embedding_sharding_dim": embedding_sharding_dim,
+        "use_parallel_embedding": mapping.use_parallel_embedding,
+        "embedding_sharding_dim": mapping.embedding_sharding_dim,
         # lm_head is always written; 0.15+ drops it at load when it equals the embedding.
         "share_embedding_table": False,
         "qk_layernorm": False,
@@ -114,7 +112,7 @@ def build_checkpoint_config(
         "output_multiplier_scale": 1.0,
         # `moe` is omitted on purpose: LLaMAConfig builds a dense default when it is absent,
         # which is safer than guessing MoeConfig's version-dependent field list.
-        "mapping": mapping_config(tp_size, pp_size),
+        "mapping": mapping_config(mapping),
         "quantization": quantization if quantization is not None else quant_config(),
     }
 

@@ -8,7 +8,7 @@ L % pp stages get one extra layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # keep this module importable without torch / the HF reader
     from recipe_runner.hf.config import ModelConfig
@@ -90,46 +90,69 @@ def _fmt_allowed(values: list[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def check_mapping(
-    model_config: "ModelConfig",
-    tp_size: int,
-    pp_size: int,
-    use_parallel_embedding: bool = False,
-    embedding_sharding_dim: int = 0,
-) -> list[tuple[str, str]]:
-    """All reasons this mapping cannot shard this model, as (recipe field path, message).
+@dataclass(frozen=True)
+class ParallelMapping:
+    """How a checkpoint is split across ranks: the recipe's `mapping` section, built once and
+    passed whole, so tp/pp and the embedding split cannot drift apart between stages.
 
-    An empty list means the mapping is valid. Messages say what is wrong and which values work.
+    Values are kept as given (no coercion): `check` reports a bad tp_size/pp_size in the
+    recipe's own words, so the object may hold an invalid mapping until it is checked.
     """
-    problems: list[tuple[str, str]] = []
-    cfg = model_config
-    dim_ok = embedding_sharding_dim in (0, 1)
-    if not dim_ok:
-        problems.append(
-            (EMBEDDING_DIM_FIELD, f"embedding_sharding_dim={embedding_sharding_dim} is not "
-             "allowed (allowed: 0 = split the vocabulary rows, 1 = split the hidden dimension)")
-        )
-    parallel_dim1 = use_parallel_embedding and embedding_sharding_dim == 1
-    if not isinstance(tp_size, int) or tp_size < 1:
-        problems.append((TP_FIELD, f"tp_size={tp_size} must be an integer >= 1"))
-    else:
-        reasons = _tp_problems(cfg, tp_size, parallel_dim1=False)
+
+    tp_size: int = 1
+    pp_size: int = 1
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+
+    @classmethod
+    def from_recipe(cls, section: Mapping[str, Any]) -> "ParallelMapping":
+        """From a normalized recipe's `mapping` section (the schema fills every default)."""
+        return cls(section["tp_size"], section["pp_size"], section["use_parallel_embedding"],
+                   section["embedding_sharding_dim"])
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    def check(self, model_config: "ModelConfig") -> list[tuple[str, str]]:
+        """All reasons this mapping cannot shard this model, as (recipe field path, message).
+
+        An empty list means the mapping is valid. Messages say what is wrong and which values work.
+        """
+        problems = self._embedding_dim_findings()
+        problems += self._tp_findings(model_config)
+        problems += self._pp_findings(model_config)
+        return problems
+
+    def _embedding_dim_findings(self) -> list[tuple[str, str]]:
+        if self.embedding_sharding_dim in (0, 1):
+            return []
+        return [(EMBEDDING_DIM_FIELD, f"embedding_sharding_dim={self.embedding_sharding_dim} is not "
+                 "allowed (allowed: 0 = split the vocabulary rows, 1 = split the hidden dimension)")]
+
+    def _tp_findings(self, cfg: "ModelConfig") -> list[tuple[str, str]]:
+        tp = self.tp_size
+        if not isinstance(tp, int) or tp < 1:
+            return [(TP_FIELD, f"tp_size={tp} must be an integer >= 1")]
+        reasons = _tp_problems(cfg, tp, parallel_dim1=False)
         allowed = _fmt_allowed(allowed_tp_sizes(cfg))
-        for reason in reasons:
-            problems.append((TP_FIELD, f"tp_size={tp_size} {reason} (allowed: {allowed})"))
-        if not reasons and parallel_dim1 and cfg.hidden_size % tp_size:
+        problems = [(TP_FIELD, f"tp_size={tp} {reason} (allowed: {allowed})") for reason in reasons]
+        parallel_dim1 = self.use_parallel_embedding and self.embedding_sharding_dim == 1
+        if not reasons and parallel_dim1 and cfg.hidden_size % tp:
             problems.append(
                 (EMBEDDING_DIM_FIELD, f"embedding_sharding_dim=1 splits hidden_size="
-                 f"{cfg.hidden_size} across tp_size={tp_size}, which does not divide it; use "
+                 f"{cfg.hidden_size} across tp_size={tp}, which does not divide it; use "
                  "embedding_sharding_dim: 0 (vocabulary rows, padded as needed) or a tp_size "
                  f"from: {_fmt_allowed(allowed_tp_sizes(cfg, parallel_dim1=True))}")
             )
-    if not isinstance(pp_size, int) or pp_size < 1:
-        problems.append((PP_FIELD, f"pp_size={pp_size} must be an integer >= 1"))
-    elif pp_size > cfg.num_hidden_layers:
-        problems.append(
-            (PP_FIELD, f"pp_size={pp_size} exceeds num_hidden_layers={cfg.num_hidden_layers}; "
-             f"every pipeline stage needs at least one layer (allowed: 1 to "
-             f"{cfg.num_hidden_layers})")
-        )
-    return problems
+        return problems
+
+    def _pp_findings(self, cfg: "ModelConfig") -> list[tuple[str, str]]:
+        pp = self.pp_size
+        if not isinstance(pp, int) or pp < 1:
+            return [(PP_FIELD, f"pp_size={pp} must be an integer >= 1")]
+        if pp > cfg.num_hidden_layers:
+            return [(PP_FIELD, f"pp_size={pp} exceeds num_hidden_layers={cfg.num_hidden_layers}; "
+                     f"every pipeline stage needs at least one layer (allowed: 1 to "
+                     f"{cfg.num_hidden_layers})")]
+        return []
