@@ -257,12 +257,14 @@ def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=
     """List cache entries, least recently used first."""
     import datetime
 
+    from recipe_runner.pipeline.progress import format_size
+
     store = _store(cache_dir)
     entries = store.ls()
     for info in entries:
         used = datetime.datetime.fromtimestamp(info.last_used).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{info.key[:12]}  {info.stage:<12} {_size(info.size):>9}  used {used}  {', '.join(info.recipes)}")
-    typer.echo(f"{len(entries)} entries, {_size(sum(i.size for i in entries))} in {store.root}")
+        typer.echo(f"{info.key[:12]}  {info.stage:<12} {format_size(info.size):>9}  used {used}  {', '.join(info.recipes)}")
+    typer.echo(f"{len(entries)} entries, {format_size(sum(i.size for i in entries))} in {store.root}")
 
 
 @cache_app.command("verify")
@@ -285,6 +287,7 @@ def cache_gc(
 ) -> None:
     """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
     running build uses, and its temporary directories, are never removed."""
+    from recipe_runner.pipeline.progress import format_size
     from recipe_runner.store.cache import parse_size
 
     if max_size is None and older_than is None:
@@ -292,14 +295,10 @@ def cache_gc(
     removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for info in removed:
-        typer.echo(f"{verb} {info.key[:12]}  {info.stage:<12} {_size(info.size):>9}  {', '.join(info.recipes)}")
-    typer.echo(f"{verb} {len(removed)} entries, {_size(sum(i.size for i in removed))}")
+        typer.echo(f"{verb} {info.key[:12]}  {info.stage:<12} {format_size(info.size):>9}  {', '.join(info.recipes)}")
+    typer.echo(f"{verb} {len(removed)} entries, {format_size(sum(i.size for i in removed))}")
 
 
-def _size(n: int) -> str:
-    from recipe_runner.pipeline.progress import format_size
-
-    return format_size(n)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from recipe_runner.store.cache import CacheStore, Entry
 from recipe_runner.errors import UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan
+from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.store.publish import Generation, OutputDir, check_cache_location, check_output_location
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
@@ -49,18 +50,21 @@ def check_outputs(plans: list[Plan], store: CacheStore, force: bool) -> None:
     publish.OutputDir), outside its source model and the cache."""
     seen: dict[str, str] = {}
     for plan in plans:
-        recipe = plan.recipe
-        out_dir = recipe.resolve_path("output.dir")
-        where = f"{recipe.location('output.dir')}: output.dir"
-        real = os.path.realpath(out_dir)
+        output = output_dir_of(plan.recipe)
+        real = os.path.realpath(output.path)
         if real in seen:
-            raise UserError(f"{where}: {out_dir} is also the output of recipe {seen[real]!r} in this build; "
-                            "give each recipe its own output.dir")
-        seen[real] = recipe.name
+            raise UserError(f"{output.where}: {output.path} is also the output of recipe {seen[real]!r} in this "
+                            "build; give each recipe its own output.dir")
+        seen[real] = plan.recipe.name
         check_cache_location(store.root, plan.source.directory)
-        check_output_location(out_dir, where, plan.source.directory, store.root)
+        check_output_location(output.path, output.where, plan.source.directory, store.root)
         names = {PUBLISHED[s.name] for s in plan.stages if s.name in PUBLISHED} | {LOCK_NAME}
-        OutputDir(out_dir, where).check(names, force)
+        output.check(names, force)
+
+
+def output_dir_of(recipe: Recipe, echo: Echo | None = None) -> OutputDir:
+    """The recipe's output directory, located at its output.dir field for messages."""
+    return OutputDir(recipe.resolve_path("output.dir"), f"{recipe.location('output.dir')}: output.dir", warn=echo)
 
 
 def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], store: CacheStore,
@@ -107,8 +111,8 @@ def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore,
     lock = make_lock(resolved, outputs)
     generation = Generation(trees={PUBLISHED[s]: entries[s].path for s in PUBLISHED if s in entries},
                             files={**reports, LOCK_NAME: lock.to_json().encode("utf-8")})
-    out_dir = recipe.resolve_path("output.dir")
-    output = OutputDir(out_dir, f"{recipe.location('output.dir')}: output.dir", warn=echo)
+    output = output_dir_of(recipe, echo)
+    out_dir = output.path
     if output.is_current(generation):
         output.tidy(generation.names)
         echo(f"[publish] {out_dir} is up to date")

@@ -91,16 +91,20 @@ def copy_tree(src: Path, dest: Path, threads: int | None = None) -> CopyStats:
     times kept); symlinks are refused: cache entries hold only regular files."""
     stats = CopyStats()
     ranges: list[tuple[Path, Path, int, int]] = []
+    copied: list[tuple[Path, Path]] = []
     dest.mkdir()
+    dirs = [dest]
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
         dirnames.sort()
         for name in dirnames:
             _refuse_link(Path(dirpath, name))
             (dest / rel / name).mkdir()
+            dirs.append(dest / rel / name)
         for name in sorted(filenames):
             source, target = Path(dirpath, name), dest / rel / name
             _refuse_link(source)
+            copied.append((source, target))
             size = source.stat().st_size
             stats.files += 1
             stats.bytes += size
@@ -114,17 +118,15 @@ def copy_tree(src: Path, dest: Path, threads: int | None = None) -> CopyStats:
         workers = max(1, min(threads or min(8, 2 * (os.cpu_count() or 1)), len(ranges)))
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(lambda r: _copy_range(*r), ranges))  # list(): re-raise the first error
-    for dirpath, _dirnames, filenames in os.walk(src):
-        rel = Path(dirpath).relative_to(src)
-        for name in filenames:
-            target = dest / rel / name
-            fd = os.open(target, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            shutil.copystat(Path(dirpath, name), target)
-        fsync_dir(dest / rel)
+    for source, target in copied:
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        shutil.copystat(source, target)
+    for directory in dirs:
+        fsync_dir(directory)
     return stats
 
 
