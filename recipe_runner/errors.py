@@ -62,6 +62,11 @@ class SourceModelError(UserError):
 
 
 class StageFailed(RecipeRunnerError):
-    """A stage's tool failed at run time (not a user-input problem)."""
+    """A stage's tool failed at run time (not a user-input problem). `field`: the recipe field whose
+    location the build adds to the message (a stage sees no recipe, only its params)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

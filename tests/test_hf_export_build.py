@@ -38,7 +38,7 @@ def test_two_hf_targets_and_the_trtllm_checkpoint_share_one_calibration(quant_mo
     recipe = write_recipe(tmp_path, quant_model, calib_file,
                           targets="[trtllm-checkpoint, hf-modelopt, hf-compressed-tensors]")
     plan = make_plan(load_recipe(recipe))
-    assert plan.stage("export-hf-modelopt").inputs == ("convert", "calibrate")
+    assert plan.stage("export-hf-modelopt").inputs == ("convert", "calibrate", "source")
     result = run_build(plan, store=CacheStore(tmp_path / "cache"), echo=lambda _: None)
     stages = [t["stage"] for t in result.trace]
     assert stages.count("calibrate") == 1

@@ -379,8 +379,8 @@ def test_a_cache_that_overlaps_home_or_the_source_is_refused(tiny_model, copy_mo
 def test_a_full_disk_while_a_stage_runs_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
     from recipe_runner.stages import model_facts
 
-    def full(resolved, entries, data_dir, workers):
-        raise OSError(errno.ENOSPC, "No space left on device", str(data_dir / "model.json"))
+    def full(job):
+        raise OSError(errno.ENOSPC, "No space left on device", str(job.out_dir / "model.json"))
 
     monkeypatch.setattr(model_facts, "run_convert", full)
     cache = tmp_path / "cache"

@@ -374,19 +374,3 @@ def settings_from_params(target: str, params: dict) -> ExportSettings:
                           params.get("smoothquant_alpha", defaults.smoothquant_alpha),
                           tuple(params.get("exclude_modules", defaults.exclude_modules)))
 
-
-def make_executor(target: str, stage: str):
-    def run_export(resolved, entries: dict, data_dir: Path, workers: int) -> None:
-        from recipe_runner.calibration.stats import read_stats
-        from recipe_runner.stages.model_facts import MODEL_FILE
-
-        settings = settings_from_params(target, dict(resolved.plan.stage(stage).params))
-        model = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))
-        stats = read_stats(entries["calibrate"].path) if "calibrate" in entries else None
-        export_checkpoint(resolved.source_dir, stats, settings, model["dtype"], data_dir)
-    return run_export
-
-
-# The export stages' executors (stages/registry.py names them)
-run_export_hf_modelopt = make_executor(HF_MODELOPT, "export-hf-modelopt")
-run_export_hf_compressed_tensors = make_executor(HF_COMPRESSED_TENSORS, "export-hf-compressed-tensors")

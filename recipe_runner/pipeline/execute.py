@@ -10,17 +10,18 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable
 
 from recipe_runner.store.cache import CacheStore, Entry
-from recipe_runner.errors import UserError
+from recipe_runner.errors import StageFailed, UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.store.publish import Generation, OutputDir, check_cache_location, check_output_location
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
-from recipe_runner.stages.registry import PUBLISHED, stage_executor
+from recipe_runner.stages.registry import PUBLISHED, StageJob, stage_executor
 from recipe_runner.trtllm.toolchain import require_toolchain
 
 Echo = Callable[[str], None]
@@ -80,10 +81,15 @@ def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], 
         # Announced here, not before store.build: a concurrent build may finish this key first.
         echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons) or 'forced'}")
         ran.append(True)
-        stage_executor(name)(resolved, entries, data_dir, workers)
+        stage_executor(name)(stage_job(resolved, name, entries, data_dir, workers))
 
+    recipe = resolved.plan.recipe
     try:
-        entries[name] = store.build(key.digest, name, produce, recipe=resolved.plan.recipe.name)
+        entries[name] = store.build(key.digest, name, produce, recipe=recipe.name)
+    except StageFailed as exc:
+        if exc.field is None:
+            raise
+        raise StageFailed(f"{exc}\n{recipe.location(exc.field)}: {exc.field} is here") from None
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
             raise
@@ -95,6 +101,24 @@ def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], 
         echo(f"[{name}] cached ({key.short})")
     return {"stage": name, "key": key.digest, "action": "ran" if ran else "cached",
             "seconds": round(time.monotonic() - started, 3)}
+
+
+def stage_job(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], out_dir: Path, workers: int) -> StageJob:
+    """What stage `name` runs from: its key's params and one path per input of its key, no more."""
+    material = resolved.status(name).key.material
+    inputs = {n: input_path(resolved, n, entries) for n in material["inputs"]}
+    return StageJob(name, StageJob.frozen_params(material["params"]), MappingProxyType(inputs),
+                    MappingProxyType(dict(material["inputs"])), out_dir, workers,
+                    resolved.toolchain if name == "build-engine" else None)
+
+
+def input_path(resolved: ResolvedPlan, name: str, entries: dict[str, Entry]) -> Path:
+    """Where a stage reads input `name`: the tokenizer files sit in the source model's directory."""
+    if name in ("source", "tokenizer"):
+        return resolved.source_dir
+    if name == "calibration-data":  # a local file, or a dataset id that calibration looks up in the HF cache
+        return resolved.plan.recipe.resolve_path("quantization.calibration.dataset")
+    return entries[name].path
 
 
 def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore, locked: LockFile | None,

@@ -75,26 +75,30 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
         calib["statistics"] = _statistics_family(quant)
         if quant["algo"] == "w4a16_awq":  # AWQ's scale search quantizes with the group size
             calib["group_size"] = quant["group_size"]
+        calib["trust_remote_code"] = d["source"]["trust_remote_code"]  # the tokenizer may be the model's code
         # the tokenizer turns the calibration texts into the tokens the statistics come from
         specs.append(("calibrate", ("source", "calibration-data", "tokenizer"), calib))
     targets = output_targets(d)
+    # the stages that quantize read the source weights, beside the model facts and statistics
+    upstream = ("convert", "calibrate", "source") if calibrated else ("convert", "source")
     legacy = TRTLLM_CHECKPOINT in targets
     if quantized and legacy:
-        specs.append(("quantize", ("convert", "calibrate") if calibrated else ("convert",),
+        specs.append(("quantize", upstream,
                       _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
     # HF targets quantize for their own consumers from the shared convert + calibrate outputs
     for target in (t for t in HF_TARGETS if t in targets):
-        specs.append((EXPORT_STAGES[target], ("convert", "calibrate") if calibrated else ("convert",),
+        specs.append((EXPORT_STAGES[target], upstream,
                       _pick(quant, "algo", "kv_cache", *_export_knobs(quant["algo"]), "exclude_modules")))
     if legacy:
-        specs.append(("shard", ("quantize" if quantized else "convert",), thaw(d["mapping"])))
+        specs.append(("shard", ("quantize" if quantized else "convert", "source"), thaw(d["mapping"])))
     verified = "verify" in d and d["verify"]["enabled"]
     if verified:
         # every checkpoint the recipe writes: the rank files, then each HF export (see VERIFIED_STAGES)
         checked = tuple(s for s in VERIFIED_STAGES if s in {name for name, _, _ in specs})
         # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
         verify_inputs = checked + (("source", "tokenizer") if d["verify"]["prompts"] else ("source",))
-        specs.append(("verify", verify_inputs, _pick(d["verify"], "prompts", "token_ids", "tolerances")))
+        specs.append(("verify", verify_inputs, {**_pick(d["verify"], "prompts", "token_ids", "tolerances"),
+                                                **_pick(d["source"], "trust_remote_code")}))
     if "engine" in d and legacy:
         specs.append(("build-engine", ("shard",), thaw(d["engine"])))
     stages = [Stage(name, inputs, params) for name, inputs, params in specs]

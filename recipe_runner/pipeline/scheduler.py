@@ -187,8 +187,8 @@ def expected_bytes(resolved: ResolvedPlan, stage: str) -> int | None:
     from recipe_runner.trtllm.mapping import ParallelMapping
 
     model = read_model_config(resolved.source_dir)
-    item = {"float32": 4}.get(resolved.plan.recipe.get("source.dtype"), 2)
-    mapping = ParallelMapping.from_recipe(resolved.plan.recipe.data["mapping"])
+    item = {"float32": 4}.get(resolved.status("convert").stage.params["dtype"], 2)
+    mapping = ParallelMapping.from_recipe(resolved.status("shard").stage.params)
     embedding_copies = 0 if mapping.use_parallel_embedding else mapping.tp_size - 1
     params = sum(d.size for n, d in resolved.sources.items() if not n.endswith(".json")) // 2
     return (params + embedding_copies * model.vocab_size * model.hidden_size) * item

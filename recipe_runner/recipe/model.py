@@ -59,11 +59,12 @@ def canonical_json(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _freeze(value: Any) -> Any:
+def freeze(value: Any) -> Any:
+    """A deeply read-only view of JSON-like data (dicts → mapping proxies, lists → tuples)."""
     if isinstance(value, dict):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
+        return tuple(freeze(v) for v in value)
     return value
 
 
@@ -94,7 +95,7 @@ class Recipe:
                variant: int | None = None) -> "Recipe":
         normalized = fill_defaults(data, recipe_schema())
         normalized.setdefault("output", {}).setdefault("dir", f"build/{normalized['name']}")
-        return cls(path, _freeze(normalized), positions, MappingProxyType(dict(file_dirs)), files,
+        return cls(path, freeze(normalized), positions, MappingProxyType(dict(file_dirs)), files,
                    MappingProxyType(dict(variables or {})), variant)
 
     @property

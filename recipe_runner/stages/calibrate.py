@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 from recipe_runner.calibration.dataset import locate_dataset, read_texts, sample_texts
 from recipe_runner.calibration.stats import CalibrationStats, write_stats
 from recipe_runner.errors import UserError
+from recipe_runner.stages.registry import StageJob
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,7 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
     return stats
 
 
-def run_calibrate(resolved, entries: dict, data_dir: Path, workers: int) -> None:
+def run_calibrate(job: StageJob) -> None:
     """Build executor: the stage's own params (exactly what its key holds) drive it."""
-    params = dict(resolved.plan.stage("calibrate").params)
-    dataset_path = resolved.plan.recipe.resolve_path("quantization.calibration.dataset")
-    calibrate(resolved.source_dir, settings_from_params(params, dataset_path), data_dir,
-              trust_remote_code=resolved.plan.recipe.data["source"]["trust_remote_code"])
+    calibrate(job.inputs["source"], settings_from_params(job.params, job.inputs["calibration-data"]), job.out_dir,
+              trust_remote_code=job.params["trust_remote_code"])

@@ -19,20 +19,19 @@ from recipe_runner.trtllm.engine_options import engine_argv
 from recipe_runner.errors import StageFailed
 
 if TYPE_CHECKING:
-    from recipe_runner.store.cache import Entry
-    from recipe_runner.pipeline.resolve import ResolvedPlan
+    from recipe_runner.stages.registry import StageJob
 
 LOG_NAME = "build.log"
 TAIL_LINES = 20
 
 
-def run_engine(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
+def run_engine(job: "StageJob") -> None:
     from recipe_runner.store.cache import failure_log_path
 
-    toolchain = resolved.toolchain
+    toolchain, data_dir = job.toolchain, job.out_dir
     assert toolchain is not None, "the build checks for trtllm-build before any stage runs"
-    engine = resolved.plan.recipe.data["engine"]
-    checkpoint = str(entries["shard"].path)
+    engine = job.params
+    checkpoint = str(job.inputs["shard"])
     argv = [*toolchain.command, *engine_argv(engine, checkpoint, str(data_dir), toolchain.version)]
     # The log is the entry's (engine/build.log once published), so its header names no path of this
     # machine (the cache, where trtllm-build is installed): the same key, the same header.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -39,6 +39,7 @@ from recipe_runner.quant.reductions import absmax
 from recipe_runner.stages.model_facts import MODEL_FILE
 from recipe_runner.recipe.rules import CALIBRATED_ALGOS
 from recipe_runner.stages.manifest import SourceTensor
+from recipe_runner.stages.registry import StageJob
 from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
 from recipe_runner.trtllm import quant as tq
 from recipe_runner.io.safetensors_writer import write_safetensors
@@ -368,14 +369,14 @@ def quantize_checkpoint(source_dir: Path, stats: CalibrationStats | None, settin
     return artifact
 
 
-def settings_from_params(params: dict) -> QuantSettings:
+def settings_from_params(params: Mapping) -> QuantSettings:
     return QuantSettings(params["algo"], params["kv_cache"], params["group_size"], params["smoothquant_alpha"],
                          tuple(params["exclude_modules"]))
 
 
-def run_quantize(resolved, entries: dict, data_dir: Path, workers: int) -> None:
+def run_quantize(job: StageJob) -> None:
     """Build executor: quantize the source with the calibrate stage's statistics (if any)."""
-    settings = settings_from_params(dict(resolved.plan.stage("quantize").params))
-    model = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))
-    stats = read_stats(entries["calibrate"].path) if "calibrate" in entries else None
-    quantize_checkpoint(resolved.source_dir, stats, settings, model["dtype"], data_dir)
+    settings = settings_from_params(job.params)
+    model = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))
+    stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None
+    quantize_checkpoint(job.inputs["source"], stats, settings, model["dtype"], job.out_dir)

@@ -7,11 +7,16 @@ them import torch, which a warm no-op build never needs.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from recipe_runner.recipe.model import freeze
 
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
+    from recipe_runner.trtllm.toolchain import Toolchain
 
 GiB = 1 << 30
 
@@ -28,7 +33,7 @@ def _layer(m: "ModelConfig") -> int:  # one decoder layer's linears in float32
 class StageSpec:
     name: str
     version: int  # enters the stage's key: bump it whenever its code changes what it writes
-    run: str  # "module:function" filling the entry: f(resolved, entries, data_dir, workers)
+    run: str  # "module:function" filling the entry: f(job: StageJob)
     memory: Callable[["ModelConfig", int], int]  # peak bytes, roughly (model, workers), for --max-memory
     publishes: str | None = None  # the folder of the output directory its entry is published as
     target: str | None = None  # the output target (output.targets) it writes, as verify names it
@@ -43,9 +48,9 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("quantize", 1, "recipe_runner.stages.quantize:run_quantize", lambda m, w: _layer(m) + 2 * GiB),
     StageSpec("shard", 1, "recipe_runner.stages.shard:run_shard", lambda m, w: w * (2 * _largest(m) + GiB),
               publishes="checkpoint", target="trtllm-checkpoint", until_alias="checkpoint"),
-    StageSpec("export-hf-modelopt", 3, "recipe_runner.hfexport.export:run_export_hf_modelopt",
+    StageSpec("export-hf-modelopt", 3, "recipe_runner.stages.export_hf:run_export_hf",
               lambda m, w: 2 * _largest(m) + GiB, publishes="hf-modelopt", target="hf-modelopt"),
-    StageSpec("export-hf-compressed-tensors", 3, "recipe_runner.hfexport.export:run_export_hf_compressed_tensors",
+    StageSpec("export-hf-compressed-tensors", 3, "recipe_runner.stages.export_hf:run_export_hf",
               lambda m, w: 2 * _largest(m) + GiB, publishes="hf-compressed-tensors", target="hf-compressed-tensors"),
     StageSpec("verify", 4, "recipe_runner.stages.verify:run_verify", lambda m, w: _layer(m) + _largest(m) + GiB,
               publishes="verify"),
@@ -59,7 +64,27 @@ VERIFIED_STAGES = tuple(name for name, spec in STAGES.items() if spec.target)
 UNTIL_ALIASES = {spec.until_alias: name for name, spec in STAGES.items() if spec.until_alias}
 
 
-def stage_executor(name: str) -> Callable:
+@dataclass(frozen=True)
+class StageJob:
+    """All that a stage's run function receives. Nothing here names the recipe: params are exactly the
+    key's params (as hashed), each input is what the key hashed for it, so a stage cannot read a field
+    its key lacks (tests/test_stage_isolation.py runs every stage from a job alone)."""
+
+    stage: str
+    params: Mapping[str, Any]  # read-only, exactly the key's "params"
+    inputs: Mapping[str, Path]  # the key's "inputs" by name: an upstream entry, the source dir, the calibration file
+    input_keys: Mapping[str, str]  # the same names → the digests the key hashed
+    out_dir: Path  # the entry's payload directory, empty
+    workers: int = 1  # threads and processes; never changes the bytes
+    toolchain: "Toolchain | None" = None  # build-engine only: its versions are in the key's tools
+
+    @staticmethod
+    def frozen_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`params` as the key hashes them (through JSON), deeply read-only."""
+        return freeze(json.loads(json.dumps(params, sort_keys=True)))
+
+
+def stage_executor(name: str) -> Callable[[StageJob], None]:
     """The function that fills stage `name`'s cache entry (imported now)."""
     import importlib
 

@@ -48,8 +48,7 @@ from recipe_runner.io.safetensors_writer import (
 )
 
 if TYPE_CHECKING:
-    from recipe_runner.pipeline.resolve import ResolvedPlan
-    from recipe_runner.store.cache import Entry
+    from recipe_runner.stages.registry import StageJob
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
 CONFIG_FILE = "config.json"
@@ -311,23 +310,23 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
     return out_dir
 
 
-def run_shard(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
+def run_shard(job: "StageJob") -> None:
     """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.stages.convert import plan_tensors
     from recipe_runner.stages.model_facts import MODEL_FILE
     from recipe_runner.trtllm.mapping import ParallelMapping
 
-    mapping = ParallelMapping.from_recipe(resolved.plan.recipe.data["mapping"])
-    if "quantize" in entries:  # quantized tensors and scales (read beside the source) and their config
+    mapping = ParallelMapping.from_recipe(job.params)
+    source = job.inputs["source"]
+    if "quantize" in job.inputs:  # quantized tensors and scales (read beside the source) and their config
         from recipe_runner.stages.quantized import read_artifact
 
-        quantized = read_artifact(entries["quantize"].path)
-        dirs: tuple[Path, ...] | Path = (entries["quantize"].path, resolved.source_dir)
+        quantized = read_artifact(job.inputs["quantize"])
+        dirs: tuple[Path, ...] | Path = (job.inputs["quantize"], source)
         dtype, reader = quantized.dtype, open_checkpoint(dirs)
     else:
-        quantized, dirs, reader = None, resolved.source_dir, SourceCheckpoint(resolved.source_dir)
-        dtype = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
-    manifest = plan_tensors(read_model_config(resolved.source_dir), reader, mapping=mapping, dtype=dtype,
-                            quantized=quantized)
-    write_checkpoint(manifest, dirs, data_dir, workers=workers)
+        quantized, dirs, reader = None, source, SourceCheckpoint(source)
+        dtype = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
+    manifest = plan_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized)
+    write_checkpoint(manifest, dirs, job.out_dir, workers=job.workers)

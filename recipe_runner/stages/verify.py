@@ -13,35 +13,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recipe_runner.errors import StageFailed
+from recipe_runner.recipe.model import thaw
 
 if TYPE_CHECKING:
-    from recipe_runner.store.cache import Entry
-    from recipe_runner.pipeline.resolve import ResolvedPlan
+    from recipe_runner.stages.registry import StageJob
 
 
-
-def run_verify(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
+def run_verify(job: "StageJob") -> None:
     from recipe_runner.stages.registry import STAGES, VERIFIED_STAGES
     from recipe_runner.verify.report import ReportContext, write_report
     from recipe_runner.verify.run import failure_summary, verify_checkpoint
 
-    recipe = resolved.plan.recipe
-    spec = recipe.data["verify"]
-    checked = [s for s in VERIFIED_STAGES if s in entries]
+    spec = job.params
+    checked = [s for s in VERIFIED_STAGES if s in job.inputs]
     failed = []
     for i, stage in enumerate(checked):
-        result = verify_checkpoint(entries[stage].path, resolved.source_dir, prompts=list(spec["prompts"]),
+        result = verify_checkpoint(job.inputs[stage], job.inputs["source"], prompts=list(spec["prompts"]),
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
-                                   tolerances=dict(spec.get("tolerances") or {}), tolerances_from="recipe",
-                                   trust_remote_code=recipe.data["source"]["trust_remote_code"])
+                                   tolerances=thaw(spec.get("tolerances") or {}), tolerances_from="recipe",
+                                   trust_remote_code=spec["trust_remote_code"])
         # No recipe identity here: recipes that share this key share these bytes. Publishing
-        # names the recipe (build.recipe_reports).
-        context = ReportContext(checkpoint_key=resolved.status(stage).key.digest)
-        write_report(data_dir if i == 0 else data_dir / STAGES[stage].target, result, context)
+        # names the recipe (execute.recipe_reports).
+        context = ReportContext(checkpoint_key=job.input_keys[stage])
+        write_report(job.out_dir if i == 0 else job.out_dir / STAGES[stage].target, result, context)
         if not result.passed:
             prefix = f"{STAGES[stage].target}: " if len(checked) > 1 else ""
             failed.append(prefix + failure_summary(result))
-    if failed:
+    if failed:  # the build names where verify.tolerances goes in the recipe (execute.execute_stage)
         raise StageFailed("verify: " + "\n".join(failed) + "\n"
-                          f"set verify.tolerances (at {recipe.location('verify')}) only if these figures are "
-                          "acceptable for this model; `--no-verify` skips the check")
+                          "set verify.tolerances only if these figures are acceptable for this model; "
+                          "`--no-verify` skips the check", field="verify")

@@ -1,0 +1,19 @@
+"""The HF export stages (export-hf-modelopt, export-hf-compressed-tensors): one quantized Hugging Face
+checkpoint each, from the source weights, the convert stage's dtype and the calibrate stage's
+statistics. The formats themselves live in hfexport/; the stage's registry entry names its target."""
+from __future__ import annotations
+
+import json
+
+from recipe_runner.stages.registry import STAGES, StageJob
+
+
+def run_export_hf(job: StageJob) -> None:
+    from recipe_runner.calibration.stats import read_stats
+    from recipe_runner.hfexport.export import export_checkpoint, settings_from_params
+    from recipe_runner.stages.model_facts import MODEL_FILE
+
+    settings = settings_from_params(STAGES[job.stage].target, job.params)
+    model = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))
+    stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None
+    export_checkpoint(job.inputs["source"], stats, settings, model["dtype"], job.out_dir)
