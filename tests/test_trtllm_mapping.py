@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from recipe_runner.hf.config import ModelConfig
+from recipe_runner.checks.mapping import mapping_findings
 from recipe_runner.trtllm.mapping import (
     ParallelMapping,
     all_ranks,
@@ -43,8 +44,8 @@ def test_rank_order_is_tp_fastest():
 def test_valid_mappings_have_no_problems():
     for tp in (1, 2, 4, 8):
         for pp in (1, 2, 3, 4):
-            assert ParallelMapping(tp, pp).check(TINY) == []
-    assert ParallelMapping(8, 2, True, 1).check(LLAMA70B) == []
+            assert mapping_findings(ParallelMapping(tp, pp), TINY) == []
+    assert mapping_findings(ParallelMapping(8, 2, True, 1), LLAMA70B) == []
 
 
 def test_allowed_tp_sizes():
@@ -56,7 +57,7 @@ def test_allowed_tp_sizes():
 
 
 def test_tp_not_dividing_heads():
-    assert ParallelMapping(3, 1).check(LLAMA70B) == [
+    assert mapping_findings(ParallelMapping(3, 1), LLAMA70B) == [
         ("mapping.tp_size", "tp_size=3 does not divide num_attention_heads=64 "
                             "(allowed: 1, 2, 4, 8, 16, 32, 64)"),
         ("mapping.tp_size", "tp_size=3 does not divide intermediate_size=28672 "
@@ -67,7 +68,7 @@ def test_tp_not_dividing_heads():
 def test_kv_heads_neither_split_nor_duplicated():
     cfg = dataclasses.replace(TINY, num_attention_heads=12, num_key_value_heads=6,
                               intermediate_size=96)
-    assert ParallelMapping(4, 1).check(cfg) == [
+    assert mapping_findings(ParallelMapping(4, 1), cfg) == [
         ("mapping.tp_size", "tp_size=4 is incompatible with num_key_value_heads=6 (KV heads are "
                             "split when tp_size divides them and duplicated when they divide "
                             "tp_size) (allowed: 1, 2, 3, 6, 12)"),
@@ -75,26 +76,26 @@ def test_kv_heads_neither_split_nor_duplicated():
 
 
 def test_pp_bounds():
-    assert ParallelMapping(1, 5).check(TINY) == [
+    assert mapping_findings(ParallelMapping(1, 5), TINY) == [
         ("mapping.pp_size", "pp_size=5 exceeds num_hidden_layers=4; every pipeline stage needs "
                             "at least one layer (allowed: 1 to 4)")]
-    assert ParallelMapping(1, 0).check(TINY) == [("mapping.pp_size", "pp_size=0 must be an integer >= 1")]
-    assert ParallelMapping(0, 1).check(TINY) == [("mapping.tp_size", "tp_size=0 must be an integer >= 1")]
+    assert mapping_findings(ParallelMapping(1, 0), TINY) == [("mapping.pp_size", "pp_size=0 must be an integer >= 1")]
+    assert mapping_findings(ParallelMapping(0, 1), TINY) == [("mapping.tp_size", "tp_size=0 must be an integer >= 1")]
 
 
 def test_embedding_dim1_needs_hidden_divisible():
     cfg = dataclasses.replace(TINY, hidden_size=36, head_dim=8)  # 8 heads · 8 != hidden: fine
-    assert ParallelMapping(8, 1, use_parallel_embedding=True, embedding_sharding_dim=1).check(cfg) == [
+    assert mapping_findings(ParallelMapping(8, 1, use_parallel_embedding=True, embedding_sharding_dim=1), cfg) == [
         ("mapping.embedding_sharding_dim",
          "embedding_sharding_dim=1 splits hidden_size=36 across tp_size=8, which does not divide "
          "it; use embedding_sharding_dim: 0 (vocabulary rows, padded as needed) or a tp_size "
          "from: 1, 2, 4")]
     # without parallel embedding the hidden dim is never split
-    assert ParallelMapping(8, 1, use_parallel_embedding=False, embedding_sharding_dim=1).check(cfg) == []
+    assert mapping_findings(ParallelMapping(8, 1, use_parallel_embedding=False, embedding_sharding_dim=1), cfg) == []
 
 
 def test_embedding_dim_must_be_0_or_1():
-    assert ParallelMapping(1, 1, True, 2).check(TINY) == [
+    assert mapping_findings(ParallelMapping(1, 1, True, 2), TINY) == [
         ("mapping.embedding_sharding_dim", "embedding_sharding_dim=2 is not allowed (allowed: "
                                            "0 = split the vocabulary rows, 1 = split the hidden "
                                            "dimension)")]

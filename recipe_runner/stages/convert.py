@@ -36,6 +36,7 @@ from recipe_runner.stages.manifest import (  # noqa: F401  (re-exported for call
 )
 from recipe_runner.trtllm import names as tl
 from recipe_runner.trtllm.config import build_checkpoint_config, quant_config, resolve_dtype
+from recipe_runner.checks.mapping import mapping_findings
 from recipe_runner.trtllm.mapping import ParallelMapping, all_ranks, pp_layers
 from recipe_runner.trtllm.sharding import (
     kv_heads_for_rank,
@@ -190,7 +191,7 @@ def _rank_tensors(c: _Ctx, pp_rank: int, pp_size: int, layers: list[int]) -> lis
 
 
 def require_valid_mapping(model_config: ModelConfig, mapping: ParallelMapping) -> None:
-    problems = mapping.check(model_config)
+    problems = mapping_findings(mapping, model_config)
     if problems:
         raise UserError("\n".join(f"{path}: {msg}" for path, msg in problems))
 

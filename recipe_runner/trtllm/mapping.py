@@ -13,12 +13,6 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:  # keep this module importable without torch / the HF reader
     from recipe_runner.hf.config import ModelConfig
 
-# Recipe field paths the planner attaches line/col to.
-TP_FIELD = "mapping.tp_size"
-PP_FIELD = "mapping.pp_size"
-EMBEDDING_DIM_FIELD = "mapping.embedding_sharding_dim"
-
-
 @dataclass(frozen=True)
 class RankCoords:
     """Where one rank sits in the (pp, tp) grid."""
@@ -58,7 +52,7 @@ def kv_heads_compatible(num_kv_heads: int, tp_size: int) -> bool:
     return num_kv_heads % tp_size == 0 or tp_size % num_kv_heads == 0
 
 
-def _tp_problems(cfg: "ModelConfig", tp: int, parallel_dim1: bool) -> list[str]:
+def tp_problems(cfg: "ModelConfig", tp: int, parallel_dim1: bool) -> list[str]:
     """Why `tp` is not a valid tensor-parallel size for `cfg` (empty list: it is)."""
     out = []
     if cfg.num_attention_heads % tp:
@@ -82,12 +76,8 @@ def allowed_tp_sizes(cfg: "ModelConfig", *, parallel_dim1: bool = False) -> list
     return [
         tp
         for tp in range(1, cfg.num_attention_heads + 1)
-        if not _tp_problems(cfg, tp, parallel_dim1)
+        if not tp_problems(cfg, tp, parallel_dim1)
     ]
-
-
-def _fmt_allowed(values: list[int]) -> str:
-    return ", ".join(str(v) for v in values)
 
 
 @dataclass(frozen=True)
@@ -95,7 +85,7 @@ class ParallelMapping:
     """How a checkpoint is split across ranks: the recipe's `mapping` section, built once and
     passed whole, so tp/pp and the embedding split cannot drift apart between stages.
 
-    Values are kept as given (no coercion): `check` reports a bad tp_size/pp_size in the
+    Values are kept as given (no coercion): checks/mapping.py reports a bad tp_size/pp_size in the
     recipe's own words, so the object may hold an invalid mapping until it is checked.
     """
 
@@ -113,46 +103,3 @@ class ParallelMapping:
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
-
-    def check(self, model_config: "ModelConfig") -> list[tuple[str, str]]:
-        """All reasons this mapping cannot shard this model, as (recipe field path, message).
-
-        An empty list means the mapping is valid. Messages say what is wrong and which values work.
-        """
-        problems = self._embedding_dim_findings()
-        problems += self._tp_findings(model_config)
-        problems += self._pp_findings(model_config)
-        return problems
-
-    def _embedding_dim_findings(self) -> list[tuple[str, str]]:
-        if self.embedding_sharding_dim in (0, 1):
-            return []
-        return [(EMBEDDING_DIM_FIELD, f"embedding_sharding_dim={self.embedding_sharding_dim} is not "
-                 "allowed (allowed: 0 = split the vocabulary rows, 1 = split the hidden dimension)")]
-
-    def _tp_findings(self, cfg: "ModelConfig") -> list[tuple[str, str]]:
-        tp = self.tp_size
-        if not isinstance(tp, int) or tp < 1:
-            return [(TP_FIELD, f"tp_size={tp} must be an integer >= 1")]
-        reasons = _tp_problems(cfg, tp, parallel_dim1=False)
-        allowed = _fmt_allowed(allowed_tp_sizes(cfg))
-        problems = [(TP_FIELD, f"tp_size={tp} {reason} (allowed: {allowed})") for reason in reasons]
-        parallel_dim1 = self.use_parallel_embedding and self.embedding_sharding_dim == 1
-        if not reasons and parallel_dim1 and cfg.hidden_size % tp:
-            problems.append(
-                (EMBEDDING_DIM_FIELD, f"embedding_sharding_dim=1 splits hidden_size="
-                 f"{cfg.hidden_size} across tp_size={tp}, which does not divide it; use "
-                 "embedding_sharding_dim: 0 (vocabulary rows, padded as needed) or a tp_size "
-                 f"from: {_fmt_allowed(allowed_tp_sizes(cfg, parallel_dim1=True))}")
-            )
-        return problems
-
-    def _pp_findings(self, cfg: "ModelConfig") -> list[tuple[str, str]]:
-        pp = self.pp_size
-        if not isinstance(pp, int) or pp < 1:
-            return [(PP_FIELD, f"pp_size={pp} must be an integer >= 1")]
-        if pp > cfg.num_hidden_layers:
-            return [(PP_FIELD, f"pp_size={pp} exceeds num_hidden_layers={cfg.num_hidden_layers}; "
-                     f"every pipeline stage needs at least one layer (allowed: 1 to "
-                     f"{cfg.num_hidden_layers})")]
-        return []
