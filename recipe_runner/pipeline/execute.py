@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from recipe_runner.store.cache import CacheStore, Entry
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.entry import Entry
 from recipe_runner.errors import UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan

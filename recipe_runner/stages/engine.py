@@ -19,7 +19,7 @@ from recipe_runner.trtllm.engine_options import engine_argv
 from recipe_runner.errors import StageFailed
 
 if TYPE_CHECKING:
-    from recipe_runner.store.cache import Entry
+    from recipe_runner.store.entry import Entry
     from recipe_runner.pipeline.resolve import ResolvedPlan
 
 LOG_NAME = "build.log"

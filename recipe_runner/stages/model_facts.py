@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from recipe_runner.pipeline.resolve import ResolvedPlan
-    from recipe_runner.store.cache import Entry
+    from recipe_runner.store.entry import Entry
 
 MODEL_FILE = "model.json"
 

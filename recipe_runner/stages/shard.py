@@ -49,7 +49,7 @@ from recipe_runner.io.safetensors_writer import (
 
 if TYPE_CHECKING:
     from recipe_runner.pipeline.resolve import ResolvedPlan
-    from recipe_runner.store.cache import Entry
+    from recipe_runner.store.entry import Entry
 
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
 CONFIG_FILE = "config.json"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from recipe_runner.errors import StageFailed
 
 if TYPE_CHECKING:
-    from recipe_runner.store.cache import Entry
+    from recipe_runner.store.entry import Entry
     from recipe_runner.pipeline.resolve import ResolvedPlan
 
 
