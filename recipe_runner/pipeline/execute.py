@@ -19,7 +19,8 @@ from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
-from recipe_runner.store.publish import Generation, OutputDir, check_cache_location, check_output_location
+from recipe_runner.store.ownership import check_cache_location, check_output_location
+from recipe_runner.store.publish import Generation, OutputDir
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.stages.registry import PUBLISHED, stage_executor
 from recipe_runner.trtllm.toolchain import require_toolchain
