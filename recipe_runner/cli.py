@@ -180,7 +180,7 @@ def build(
     force: bool = typer.Option(False, "--force", help="Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of them is changed or removed)."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
-    from recipe_runner.store.cache import parse_size
+    from recipe_runner.store.gc import parse_size
     from recipe_runner.store.lock import read_lock
     from recipe_runner.pipeline.plan import make_plan
     from recipe_runner.pipeline.scheduler import format_summary, make_executor, run_builds
@@ -288,7 +288,7 @@ def cache_gc(
     """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
     running build uses, and its temporary directories, are never removed."""
     from recipe_runner.pipeline.progress import format_size
-    from recipe_runner.store.cache import parse_size
+    from recipe_runner.store.gc import parse_size
 
     if max_size is None and older_than is None:
         raise UserError("give --max-size SIZE and/or --older-than DAYS")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recipe_runner.store.cache import CacheStore, default_cache_root, parse_size
+from recipe_runner.store.cache import CacheStore, default_cache_root
+from recipe_runner.store.gc import parse_size
 from recipe_runner.errors import UserError
 from recipe_runner.store.fsutil import fingerprints
 

@@ -13,7 +13,7 @@ from recipe_runner.pipeline.build import run_build
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe
-from recipe_runner.reference.hf_quantized import HFCheckpointError, detect_format
+from recipe_runner.reference.hf_quant_format import HFCheckpointError, detect_format
 from recipe_runner.verify.run import verify_checkpoint
 from tests.conftest import load_hf_tensors
 from tests.recipe_files import run_cli

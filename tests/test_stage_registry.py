@@ -9,7 +9,7 @@ from recipe_runner.recipe import load_recipes
 from recipe_runner.stages import registry
 from recipe_runner.stages.registry import PUBLISHED, STAGES, UNTIL_ALIASES, VERIFIED_STAGES, stage_executor
 from recipe_runner.store.lock import LOCK_NAME
-from recipe_runner.store.publish import META
+from recipe_runner.store.ownership import META
 from tests.recipe_files import REPO
 
 

@@ -13,13 +13,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
-from recipe_runner.store.cache import CacheStore, Entry
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.entry import Entry
 from recipe_runner.errors import StageFailed, UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
-from recipe_runner.store.publish import Generation, OutputDir, check_cache_location, check_output_location
+from recipe_runner.store.ownership import check_cache_location, check_output_location
+from recipe_runner.store.publish import Generation, OutputDir
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.stages.registry import PUBLISHED, StageJob, stage_executor
 from recipe_runner.trtllm.toolchain import require_toolchain

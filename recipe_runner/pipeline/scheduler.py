@@ -13,7 +13,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 
 from recipe_runner.pipeline.execute import BuildResult, Echo, check_lock_inputs, execute_stage, finish, prepare
-from recipe_runner.store.cache import CacheStore, Entry
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.entry import Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
 from recipe_runner.store.lock import LockFile
 from recipe_runner.pipeline.plan import Plan

@@ -211,6 +211,16 @@ def changed_files(root: Path, sealed: dict[str, Fingerprint]) -> list[str]:
     return out
 
 
+def tree_files(root: Path) -> set[str]:
+    """Every non-directory under `root`, as posix relpaths."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        out.update((rel / name).as_posix() for name in filenames)
+        out.update((rel / name).as_posix() for name in dirnames if os.path.islink(os.path.join(dirpath, name)))
+    return out
+
+
 def seal_tree(root: Path, directories: bool = False) -> None:
     """fsync and chmod a-w every file under `root` (and, with `directories`, every directory,
     bottom-up), so neither a program nor a user without root edits it by accident."""

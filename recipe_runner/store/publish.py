@@ -19,39 +19,31 @@ the old generation or the new one current, whole. Files are copies (reflinks whe
 shares blocks copy-on-write), never hardlinks into the cache: editing a published file changes
 neither the cache nor another output.
 
-Ownership: recipe-runner publishes only into a directory that does not exist, is empty, or holds
-its marker (or an earlier recipe-runner's publish, from before generations, which it adopts); it
-never replaces or deletes a file it did not write (a generation holding foreign files is kept,
-with a warning). `force` admits a non-empty directory without the marker, and
-still refuses to replace what is there.
+Ownership (which files here are recipe-runner's, the marker, the checks before any stage runs)
+and where an output or the cache may be are in recipe_runner.store.ownership; `OutputDir` adds
+the publishing to its `OwnedDir`.
 """
 from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 from filelock import FileLock
 
 from recipe_runner.errors import UserError
 from recipe_runner.store.lock import LOCK_NAME
 from recipe_runner.store.fsutil import (CopyStats, atomic_write_text, changed_files, copy_tree, fingerprints, fsync_dir,
-                                  pid_alive, rmtree, seal_tree)
+                                  pid_alive, rmtree, seal_tree, tree_files)
+from recipe_runner.store.ownership import MARKER, META, TRANSIENT_RE, OwnedDir, is_our_link, legacy_publish, marker_text
 
-logger = logging.getLogger(__name__)
-
-META = ".recipe-runner"
-MARKER = "output.json"
-MARKER_FORMAT = "recipe-runner/output/1"
 _STAGING_RE = re.compile(r"(\d+)-[0-9a-f]+")
-_TRANSIENT_RE = re.compile(rf"\.({re.escape(META)}\.new|.+\.link)-(\d+)-[0-9a-f]+")
 
 
 @dataclass(frozen=True)
@@ -67,72 +59,10 @@ class Generation:
         return set(self.trees) | {rel.split("/", 1)[0] for rel in self.files}
 
 
-class OutputDir:
-    """One recipe's output directory; `where` locates output.dir in its recipe for messages."""
-
-    def __init__(self, path: Path, where: str = "output.dir", warn: Callable[[str], None] | None = None):
-        self.path = Path(os.path.abspath(path))
-        self.where = where
-        self.meta = self.path / META
-        self._warn = warn or logger.warning
-
-    # -- checks, before any stage runs ----------------------------------------------------
-
-    def check(self, names: set[str], force: bool = False) -> None:
-        """Refuse an output directory this build may not publish into (a UserError saying why)."""
-        path = self.path
-        if os.path.lexists(path) and not path.is_dir():
-            kind = "a broken symbolic link" if path.is_symlink() else "a file, not a directory"
-            raise self._error(f"{path} is {kind}; choose another output.dir or move it away")
-        if not path.exists():
-            self._check_creatable()
-            return
-        # leave out the names a concurrent publish uses for a moment (see _init_meta, _replace_symlink)
-        present = {name for name in os.listdir(path) if not _TRANSIENT_RE.fullmatch(name)}
-        ours = self.our_links() | legacy_publish(path)
-        foreign = present - ours
-        if self.marker() is None and foreign and not force:
-            listed = ", ".join(sorted(foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise self._error(f"{path} is not empty and was not written by recipe-runner ({len(foreign)} "
-                              f"entries: {listed}); choose an empty or new output.dir, or pass --force to "
-                              "publish beside these files (none of them is changed or removed)")
-        taken = sorted(n for n in names if n in present and n not in ours)
-        if META in present and self.marker() is None:
-            taken.insert(0, META)  # a .recipe-runner that is not ours
-        if taken:
-            raise self._error(f"{path / taken[0]} exists and was not written by recipe-runner; it would be "
-                              "replaced by this build's output, so move it away (recipe-runner never replaces "
-                              "files it did not write)")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise self._error(f"{path} is not writable by this user; fix its permissions or choose another output.dir")
-
-    def _check_creatable(self) -> None:
-        parent = self.path.parent
-        while not parent.exists():
-            parent = parent.parent
-        if not parent.is_dir():
-            raise self._error(f"cannot create {self.path}: {parent} is a file")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise self._error(f"cannot create {self.path}: {parent} is not writable by this user")
-
-    def _error(self, message: str) -> UserError:
-        return UserError(f"{self.where}: {message}")
+class OutputDir(OwnedDir):
+    """One recipe's output directory, published into one generation at a time."""
 
     # -- reading ------------------------------------------------------------------------
-
-    def marker(self) -> dict | None:
-        try:
-            data = json.loads((self.meta / MARKER).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("links"), list):
-            return None
-        return data
-
-    def our_links(self) -> set[str]:
-        """Top-level names that are links recipe-runner made and that still point where it made them."""
-        marker = self.marker() or {"links": []}
-        return {name for name in marker["links"] if isinstance(name, str) and _is_our_link(self.path, name)}
 
     def current(self) -> Path | None:
         try:
@@ -156,7 +86,7 @@ class OutputDir:
         seal = _read_seal(current)
         if seal is None or changed_files(current, seal):
             return False
-        return all(_is_our_link(self.path, name) for name in generation.names) and _listed(current) == set(seal)
+        return all(is_our_link(self.path, name) for name in generation.names) and tree_files(current) == set(seal)
 
     # -- publishing ---------------------------------------------------------------------
 
@@ -188,7 +118,7 @@ class OutputDir:
         tmp = self.path / f".{META}.new-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir()
         try:
-            atomic_write_text(tmp / MARKER, _marker_text([]))
+            atomic_write_text(tmp / MARKER, marker_text([]))
             for sub in ("generations", "staging"):
                 (tmp / sub).mkdir()
             os.rename(tmp, self.meta)
@@ -217,7 +147,7 @@ class OutputDir:
     def _switch(self, staging: Path, names: set[str]) -> None:
         generations = self.meta / "generations"
         gen_id = f"{time.time_ns():x}-{secrets.token_hex(3)}"
-        seal = fingerprints(staging, _listed(staging))
+        seal = fingerprints(staging, tree_files(staging))
         atomic_write_text(generations / f"{gen_id}.seal.json", json.dumps(seal, sort_keys=True) + "\n")
         os.rename(staging, generations / gen_id)
         fsync_dir(generations)
@@ -255,11 +185,11 @@ class OutputDir:
         gen.mkdir()
         for name in sorted(legacy):
             os.rename(self.path / name, gen / name)
-        seal = fingerprints(gen, _listed(gen))
+        seal = fingerprints(gen, tree_files(gen))
         atomic_write_text(gen.with_name(f"{gen.name}.seal.json"), json.dumps(seal, sort_keys=True) + "\n")
 
     def _write_marker(self, links: set[str]) -> None:
-        atomic_write_text(self.meta / MARKER, _marker_text(sorted(links)))
+        atomic_write_text(self.meta / MARKER, marker_text(sorted(links)))
 
     def _prune(self, current_id: str) -> None:
         """Remove earlier generations (unless they hold files recipe-runner did not write), and
@@ -269,7 +199,7 @@ class OutputDir:
             if not gen.is_dir() or gen.name == current_id:
                 continue
             seal = _read_seal(gen) or {}
-            foreign = sorted(_listed(gen) - set(seal) - {LOCK_NAME})
+            foreign = sorted(tree_files(gen) - set(seal) - {LOCK_NAME})
             if seal and foreign:
                 self._warn(f"kept the earlier output generation {gen}: it holds files recipe-runner did not "
                            f"write ({', '.join(foreign[:3])}); move them out, then remove it")
@@ -284,49 +214,12 @@ class OutputDir:
             if match is None or not pid_alive(int(match.group(1))):
                 rmtree(leftover)
         for leftover in self.path.iterdir():
-            match = _TRANSIENT_RE.fullmatch(leftover.name)
+            match = TRANSIENT_RE.fullmatch(leftover.name)
             if match and not pid_alive(int(match.group(2))):
                 if leftover.is_symlink():
                     leftover.unlink(missing_ok=True)
                 else:
                     rmtree(leftover)
-
-
-# What recipe-runner 0.1 published: real directories and a regular recipe.lock beside them, with
-# the engine's log in logs/ (not in the lock).
-LEGACY_FOLDERS = ("checkpoint", "engine", "verify", "hf-modelopt", "hf-compressed-tensors")
-LEGACY_LOG = "logs/build-engine.log"
-
-
-def legacy_publish(root: Path) -> set[str]:
-    """The top-level names of an earlier recipe-runner publish in `root`, from before generations:
-    only when its recipe.lock lists exactly the files (names and sizes) under those folders."""
-    from recipe_runner.store.lock import LockFile
-
-    lock_path = root / LOCK_NAME
-    if lock_path.is_symlink() or not lock_path.is_file():
-        return set()
-    try:
-        outputs = LockFile.from_json(lock_path.read_text(encoding="utf-8")).outputs
-    except (OSError, ValueError):
-        return set()
-    folders = {rel.split("/", 1)[0] for rel in outputs}
-    if not folders <= set(LEGACY_FOLDERS) or any((root / f).is_symlink() for f in folders):
-        return set()
-    present = {f"{folder}/{rel}" for folder in folders for rel in _listed(root / folder)}
-    if present != set(outputs) or any(os.path.getsize(root / rel) != f["size"] for rel, f in outputs.items()):
-        return set()
-    logs = root / "logs"
-    with_logs = logs.is_dir() and not logs.is_symlink() and _listed(logs) == {LEGACY_LOG.split("/", 1)[1]}
-    return folders | {LOCK_NAME} | ({"logs"} if with_logs else set())
-
-
-def _is_our_link(root: Path, name: str) -> bool:
-    path = root / name
-    try:
-        return path.is_symlink() and os.readlink(path) == f"{META}/current/{name}"
-    except OSError:
-        return False
 
 
 def _replace_symlink(path: Path, target: str) -> None:
@@ -339,9 +232,6 @@ def _replace_symlink(path: Path, target: str) -> None:
         raise
 
 
-def _marker_text(links: list[str]) -> str:
-    return json.dumps({"format": MARKER_FORMAT, "links": links}, indent=2) + "\n"
-
 
 def _read_seal(generation: Path) -> dict | None:
     try:
@@ -349,16 +239,6 @@ def _read_seal(generation: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return seal if isinstance(seal, dict) else None
-
-
-def _listed(root: Path) -> set[str]:
-    """Every non-directory under `root`, as posix relpaths."""
-    out = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        out.update((rel / name).as_posix() for name in filenames)
-        out.update((rel / name).as_posix() for name in dirnames if os.path.islink(os.path.join(dirpath, name)))
-    return out
 
 
 def _publish_error(exc: OSError, out_dir: Path) -> UserError:
@@ -371,33 +251,6 @@ def _publish_error(exc: OSError, out_dir: Path) -> UserError:
                          "another output.dir (the previous output is unchanged)")
     return UserError(f"publishing to {out_dir} failed: {exc.strerror or exc} ({exc.filename or out_dir}); "
                      "the previous output is unchanged")
-
-
-def check_output_location(out_dir: Path, where: str, source_dir: Path | None, cache_root: Path) -> None:
-    """output.dir may not be `/` or $HOME itself, nor overlap the source model or the cache."""
-    _refuse_overlaps(out_dir, f"{where}: {out_dir}", "choose an output.dir outside it",
-                     ((source_dir, "the source model"), (cache_root, "the cache")))
-
-
-def check_cache_location(cache_root: Path, source_dir: Path | None) -> None:
-    """The cache may not be `/` or $HOME itself, nor overlap the source model (gc removes its files)."""
-    _refuse_overlaps(cache_root, f"cache directory {cache_root} (--cache-dir or $RECIPE_CACHE_DIR)",
-                     "choose a cache directory outside it", ((source_dir, "the source model"),))
-
-
-def _refuse_overlaps(path: Path, subject: str, remedy: str, others) -> None:
-    real = Path(os.path.realpath(path))
-    home = Path(os.path.realpath(os.path.expanduser("~")))
-    if real == Path(real.anchor) or real == home:
-        what = "the filesystem root" if real == Path(real.anchor) else "your home directory"
-        raise UserError(f"{subject} is {what}; use a directory of its own, e.g. build/<recipe-name>")
-    for other, what in others:
-        if other is None:
-            continue
-        other = Path(os.path.realpath(other))
-        if real == other or other.is_relative_to(real) or real.is_relative_to(other):
-            relation = "is" if real == other else "contains" if other.is_relative_to(real) else "is inside"
-            raise UserError(f"{subject} {relation} {what} ({other}); {remedy}")
 
 
 def swap_into_place(staging: Path, dest_dir: Path) -> None:

@@ -10,6 +10,8 @@ from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig
 from recipe_runner.reference import HFLayerwiseModel, ReferenceModel
 from recipe_runner.reference.checkpoint import CheckpointConfig
+from recipe_runner.reference.hf_quant_format import is_hf_checkpoint
+from recipe_runner.reference.hf_quantized import HFQuantizedModel
 from recipe_runner.verify.inputs import VerifyInput, prepare_inputs
 from recipe_runner.verify.metrics import Figures, compare
 from recipe_runner.verify.tolerances import Failure, Tolerances, check, resolve_tolerances
@@ -71,8 +73,6 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
     Raises UserError for bad inputs, CheckpointError (StageFailed) for a checkpoint whose layout
     trtllm-build would reject; a checkpoint out of tolerance is a result with failures.
     """
-    from recipe_runner.reference.hf_quantized import HFQuantizedModel, is_hf_checkpoint
-
     source_dir, ckpt_dir = Path(source_dir), Path(ckpt_dir)
     hf_model = HFLayerwiseModel(source_dir, trust_remote_code=trust_remote_code)
     if is_hf_checkpoint(ckpt_dir):  # a (quantized) Hugging Face checkpoint: hf-modelopt, hf-compressed-tensors
