@@ -37,7 +37,7 @@ from recipe_runner.quant import awq, fp8, kv, smoothquant as sq, weight_only
 from recipe_runner.quant.packing import pack_int4_rows
 from recipe_runner.quant.reductions import absmax
 from recipe_runner.stages.model_facts import MODEL_FILE
-from recipe_runner.recipe.rules import CALIBRATED_ALGOS
+from recipe_runner.quant.algorithms import needs_calibration
 from recipe_runner.stages.manifest import SourceTensor
 from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
 from recipe_runner.trtllm import quant as tq
@@ -56,7 +56,7 @@ class QuantSettings:
 
     @property
     def needs_statistics(self) -> bool:
-        return self.algo in CALIBRATED_ALGOS or self.kv_cache != "none"
+        return needs_calibration(self.algo, self.kv_cache)
 
 
 # ---- writing the artifact --------------------------------------------------------------------------
