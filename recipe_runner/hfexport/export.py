@@ -58,10 +58,11 @@ FORMS = {HF_MODELOPT: Form(FOLD),
 
 @dataclass(frozen=True)
 class _Transform:
-    """How a format stores one QuantizedProjection field: the tensor, and its (dtype, shape) unmade."""
+    """How a format stores one QuantizedProjection field: the stored tensor, and its (dtype, shape) known
+    before anything is computed (the file headers are planned first). Both take the weight bits."""
 
-    tensor: Callable[[torch.Tensor, int], torch.Tensor]  # (value, weight bits) -> stored tensor
-    spec: Callable[[Spec, int], Spec]
+    tensor: Callable[[torch.Tensor, int], torch.Tensor]
+    spec: Callable[[Spec, int], Spec]  # (dtype, shape) of the field -> (dtype, shape) stored
 
 
 TRANSFORMS = {

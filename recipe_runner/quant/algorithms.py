@@ -144,6 +144,8 @@ _SQ_MODELOPT_REFUSAL = (
     "hf-compressed-tensors (vLLM int8 W8A8), or algo fp8 / w8a16 / w4a16_awq for TensorRT-LLM")
 _SQ_TRTLLM = "TensorRT-LLM's plugin forms (SmoothQuantAttention/GatedMLP/RmsNorm), trtllm-ckpt §4.2; quant/smoothquant.py"
 _SQ_CT_WEIGHTS = CtArgs(8, "int", "channel")
+# what the three SmoothQuant forms share: int8 weights smoothed with s_j = a_j^α / w_j^(1-α)
+_SMOOTHQUANT = {"statistics": SMOOTHQUANT_STATISTICS, "params": ("smoothquant_alpha",), "weight_bits": 8}
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm(
@@ -181,16 +183,15 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm(
         "w8a8_sq_per_channel", SMOOTHQUANT, "ModelOpt's out-of-the-box form (Int8SmoothQuantLinear), layouts; "
                                             "vLLM's compressed-tensors W8A8 static (spec §2.3)",
-        statistics=SMOOTHQUANT_STATISTICS, params=("smoothquant_alpha",), weight_bits=8, granularity="channel",
-        activations="static", trtllm_quant_algo="W8A8_SQ_PER_CHANNEL",
+        **_SMOOTHQUANT, granularity="channel", activations="static", trtllm_quant_algo="W8A8_SQ_PER_CHANNEL",
         trtllm_tensors=("weight", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor"),
         compressed_tensors=CompressedTensors("int-quantized", _SQ_CT_WEIGHTS, CtArgs(8, "int", "tensor")),
         hf_loaders={HF_COMPRESSED_TENSORS: (VLLM,)}, hf_refusals={HF_MODELOPT: _SQ_MODELOPT_REFUSAL},
         hf_tensors={HF_COMPRESSED_TENSORS: CT_INT_QUANTIZED}),
     Algorithm(
         "w8a8_sq_per_channel_per_token", SMOOTHQUANT, _SQ_TRTLLM + "; vLLM's compressed-tensors W8A8 dynamic",
-        statistics=SMOOTHQUANT_STATISTICS, params=("smoothquant_alpha",), weight_bits=8, granularity="channel",
-        activations="dynamic", trtllm_quant_algo="W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", sq_plugin=True,
+        **_SMOOTHQUANT, granularity="channel", activations="dynamic",
+        trtllm_quant_algo="W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", sq_plugin=True,
         trtllm_tensors=("weight", "per_channel_scale", "smoother", "scale_to_int"),
         compressed_tensors=CompressedTensors("int-quantized", _SQ_CT_WEIGHTS,
                                              CtArgs(8, "int", "token", dynamic=True)),
@@ -198,8 +199,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
         hf_tensors={HF_COMPRESSED_TENSORS: CT_INT_QUANTIZED}),
     Algorithm(
         "w8a8_sq_per_tensor", SMOOTHQUANT, _SQ_TRTLLM,
-        statistics=SMOOTHQUANT_STATISTICS, params=("smoothquant_alpha",), weight_bits=8, granularity="tensor",
-        activations="static", trtllm_quant_algo="W8A8_SQ_PER_TENSOR_PLUGIN", sq_plugin=True,
+        **_SMOOTHQUANT, granularity="tensor", activations="static", trtllm_quant_algo="W8A8_SQ_PER_TENSOR_PLUGIN",
+        sq_plugin=True,
         trtllm_tensors=("weight", "per_channel_scale", "act_scale", "smoother", "scale_to_int",
                         "quantization_scaling_factor"),
         hf_refusals={HF_MODELOPT: _SQ_MODELOPT_REFUSAL,
