@@ -46,14 +46,16 @@ if args["phase"] == "calibrate":
     calibrate(src, settings, Path(args["out"]))
 elif args["phase"] == "quantize":
     from recipe_runner.calibration.stats import read_stats
-    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.quantize import quantize_checkpoint
     stats = read_stats(Path(args["stats"])) if args["stats"] else None
     quantize_checkpoint(src, stats, QuantSettings(args["algo"]), "bfloat16", Path(args["out"]))
 elif args["phase"] == "export":
     from recipe_runner.calibration.stats import read_stats
-    from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
+    from recipe_runner.hfexport.export import export_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
     stats = read_stats(Path(args["stats"])) if args["stats"] else None
-    export_checkpoint(src, stats, ExportSettings(args["target"], args["algo"]), "bfloat16", Path(args["out"]))
+    export_checkpoint(src, stats, QuantSettings(args["algo"]), args["target"], "bfloat16", Path(args["out"]))
 else:
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.layered import open_checkpoint

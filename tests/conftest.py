@@ -197,7 +197,8 @@ def calibration(quant_model, calib_file, tmp_path_factory):
 def hf_exported(quant_model, calibration, tmp_path_factory):
     """hf_exported(target, algo, kv[, exclude]): quant_model exported to a Hugging Face target (group 64),
     once per argument set; `exclude` is quantization.exclude_modules."""
-    from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
+    from recipe_runner.hfexport.export import export_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
 
     stats, _ = calibration
     cache: dict[tuple, Path] = {}
@@ -206,7 +207,7 @@ def hf_exported(quant_model, calibration, tmp_path_factory):
         key = (target, algo, kv, exclude)
         if key not in cache:
             out = tmp_path_factory.mktemp("hf-export")
-            export_checkpoint(quant_model, stats, ExportSettings(target, algo, kv, 64, exclude_modules=exclude),
+            export_checkpoint(quant_model, stats, QuantSettings(algo, kv, 64, exclude_modules=exclude), target,
                               "float16", out)
             cache[key] = out
         return cache[key]

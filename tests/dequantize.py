@@ -17,7 +17,7 @@ def dequantize_int8(weight) -> torch.Tensor:
 
 
 def unpack_int32(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of the compressed-tensors pack-quantized packing (hfexport/export.py _pack_int32):
+    """Inverse of the compressed-tensors pack-quantized packing (quant/packing.py pack_int32):
     signed codes [out, in] (int8)."""
     per = 32 // bits
     shifts = torch.arange(per, dtype=torch.int64) * bits

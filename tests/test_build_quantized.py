@@ -81,7 +81,8 @@ COMBOS = [(a, kv) for a in ALGOS for kv in ("none", "int8") if (a, kv) != ("none
 @pytest.fixture(scope="module")
 def artifacts(quant_model, calibration, tmp_path_factory):
     """The quantize stage's output for every algo × kv (statistics computed once)."""
-    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.quantize import quantize_checkpoint
 
     stats, _ = calibration
     out = {}

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_runner.hfexport.export import ExportSettings, export_checkpoint
+from recipe_runner.hfexport.export import export_checkpoint
+from recipe_runner.quant.settings import QuantSettings
 from recipe_runner.quant import nvfp4
 from tests.conftest import load_hf_tensors
 from tests.dequantize import unpack_int32
@@ -172,7 +173,7 @@ def test_config_files(exported, quant_model, target, algo, kv):
 
 def test_big_models_are_split_with_an_index(quant_model, calibration, tmp_path):
     stats, _ = calibration
-    export_checkpoint(quant_model, stats, ExportSettings("hf-modelopt", "fp8", "none", G), "float16", tmp_path,
+    export_checkpoint(quant_model, stats, QuantSettings("fp8", "none", G), "hf-modelopt", "float16", tmp_path,
                       max_shard_bytes=200_000)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     files = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
@@ -207,12 +208,12 @@ def test_row_chunking_and_dtype_cast_leave_the_bytes_unchanged(quant_model, cali
     from recipe_runner.quant import chunks
 
     stats, _ = calibration
-    settings = ExportSettings(target, algo, "none", G)
+    settings = QuantSettings(algo, "none", G)
     (tmp_path / "a").mkdir()
-    export_checkpoint(quant_model, stats, settings, "bfloat16", tmp_path / "a")
+    export_checkpoint(quant_model, stats, settings, target, "bfloat16", tmp_path / "a")
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1000)  # 7 rows of 128 inputs, 3 of 256
     (tmp_path / "b").mkdir()
-    export_checkpoint(quant_model, stats, settings, "bfloat16", tmp_path / "b")
+    export_checkpoint(quant_model, stats, settings, target, "bfloat16", tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     t, src = load_file(tmp_path / "b" / "model.safetensors"), load_hf_tensors(quant_model)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):

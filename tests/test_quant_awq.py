@@ -46,7 +46,8 @@ def test_calibrated_scales_never_do_worse_than_plain_rounding(calibration):
 def test_awq_checkpoint_tensors_reconstruct_the_weights(quant_model, calibration, tmp_path, hf_tensors):
     """ModelOpt's layout: packed int8 [out/2, in], group scales fp32 [out, in/group] = group amax/7 of
     W/prequant, prequant_scaling_factor [in] in the model dtype = 1/s."""
-    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.quantize import quantize_checkpoint
 
     stats, _ = calibration
     quantize_checkpoint(quant_model, stats, QuantSettings("w4a16_awq", group_size=64), "float16", tmp_path)

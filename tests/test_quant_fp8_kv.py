@@ -60,7 +60,8 @@ def _direct_projection_amax(model_dir) -> dict[tuple[int, str], float]:
 @pytest.mark.parametrize("kind, qmax, projections", [("int8", 127, ("q_proj", "k_proj", "v_proj")),
                                                       ("fp8", 448, ("k_proj", "v_proj"))])
 def test_kv_cache_scales_equal_a_direct_forward(quant_model, calibration, tmp_path, kind, qmax, projections):
-    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.quantize import quantize_checkpoint
 
     stats, _ = calibration
     quantize_checkpoint(quant_model, stats, QuantSettings("none", kind), "float16", tmp_path)
@@ -76,7 +77,8 @@ def test_kv_cache_scales_equal_a_direct_forward(quant_model, calibration, tmp_pa
 def test_fp8_checkpoint_scales(quant_model, calibration, tmp_path, hf_tensors):
     """weights_scaling_factor = amax/448 over the fused qkv (and shared by fc/gate);
     activation_scaling_factor = calibration input amax / 448; weights dequantize within a step."""
-    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.quantize import quantize_checkpoint
 
     stats, _ = calibration
     quantize_checkpoint(quant_model, stats, QuantSettings("fp8"), "float16", tmp_path)

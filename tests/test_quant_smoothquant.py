@@ -55,7 +55,8 @@ def test_static_scales_follow_generate_int8():
 
 
 def _quantize(model, stats, algo, out, alpha=0.5):
-    from recipe_runner.stages.quantize import QuantSettings, quantize_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.quantize import quantize_checkpoint
 
     out.mkdir(exist_ok=True)
     quantize_checkpoint(model, stats, QuantSettings(algo, smoothquant_alpha=alpha), "float16", out)

@@ -6,8 +6,9 @@ one calibration serves every target. Tensors keep their HF names, unsharded for 
 writer into files of at most `max_shard_bytes` (with model.safetensors.index.json when several).
 A quantized tensor is computed when the writer asks for it (the weight and its scales of one
 projection are cached until the next projection), from small per-group values (input scales,
-NVFP4 global scales, smoothing factors) kept per layer. Math in float32; formulas and tensor sets
-from the hf-quantized-checkpoint spec §1.3, §1.4, §2.3 and §3.
+NVFP4 global scales, smoothing factors) kept per layer. The math is quant/projection.py's (shared
+with the quantize stage); each algo's tensor set is its `hf_tensors` (quant/algorithms.py), from the
+hf-quantized-checkpoint spec §1.3, §1.4, §2.3 and §3.
 """
 from __future__ import annotations
 
@@ -27,11 +28,13 @@ from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hfexport import configs
 from recipe_runner.hfexport.exclusion import projection_excluded
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
-from recipe_runner.quant import awq, nvfp4, smoothquant as sq
+from recipe_runner.quant import nvfp4
+from recipe_runner.quant.algorithms import KV_CACHES
 from recipe_runner.quant.chunks import row_slices
-from recipe_runner.quant.fp8 import E4M3_MAX, MIN_AMAX, quantize_fp8
-from recipe_runner.quant.reductions import absmax
-from recipe_runner.quant.packing import pack_int4_rows
+from recipe_runner.quant.fp8 import fp8_scale
+from recipe_runner.quant.packing import pack_int32, pack_int4_rows
+from recipe_runner.quant.projection import FOLD, NO_SCALING, Form, GroupScaling, ProjectionQuantizer, Spec
+from recipe_runner.quant.settings import QuantSettings
 from recipe_runner.io.safetensors_writer import Block, SafetensorsStreamWriter, TensorSpec
 
 MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (spec §1.2)
@@ -40,40 +43,71 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 PROJECTIONS = tuple(p for group in INPUT_GROUPS for p in group)
 NORMS = {INPUT_GROUPS[0]: hf.INPUT_LAYERNORM, INPUT_GROUPS[2]: hf.POST_ATTENTION_LAYERNORM}
-PACK_BITS = {"w8a16": 8, "w4a16": 4, "w4a16_awq": 4}
-
-
-@dataclass(frozen=True)
-class ExportSettings:
-    target: str
-    algo: str
-    kv_cache: str = "none"
-    group_size: int = 128
-    smoothquant_alpha: float = 0.5
-    # fnmatch patterns over TensorRT-LLM module names (hfexport/exclusion.py); lm_head is never quantized
-    exclude_modules: tuple[str, ...] = ("lm_head",)
-
-    def quantizes(self, layer: int, projection: str) -> bool:
-        """Whether this projection gets quantized weights (algo none: the KV-only checkpoint)."""
-        return self.algo != "none" and not projection_excluded(self.exclude_modules, layer, projection)
 
 
 def _group(projection: str) -> tuple[str, ...]:
     return next(g for g in INPUT_GROUPS if projection in g)
 
 
-def _scalar(value: float) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32)
+# What each HF format decides about the math (quant/projection.py): both fold the smoothing into the
+# norms as ModelOpt's unified export does; compressed-tensors smooths only what a norm absorbs and
+# keeps pack-quantized scales in the model dtype (llm-compressor's layout, spec §1.3).
+FORMS = {HF_MODELOPT: Form(FOLD),
+         HF_COMPRESSED_TENSORS: Form(FOLD, smooth_unfolded=False, model_dtype_int_scales=True)}
+
+
+@dataclass(frozen=True)
+class _Transform:
+    """How a format stores one QuantizedProjection field: the stored tensor, and its (dtype, shape) known
+    before anything is computed (the file headers are planned first). Both take the weight bits."""
+
+    tensor: Callable[[torch.Tensor, int], torch.Tensor]
+    spec: Callable[[Spec, int], Spec]  # (dtype, shape) of the field -> (dtype, shape) stored
+
+
+TRANSFORMS = {
+    "": _Transform(lambda t, bits: t, lambda s, bits: s),
+    "e2m1": _Transform(lambda t, bits: nvfp4.pack(t), lambda s, bits: (torch.uint8, (s[1][0], s[1][1] // 2))),
+    "int4_rows": _Transform(lambda t, bits: pack_int4_rows(t).view(torch.uint8),
+                            lambda s, bits: (torch.uint8, (s[1][0] // 2, s[1][1]))),
+    "int32": _Transform(pack_int32, lambda s, bits: (torch.int32, (s[1][0], s[1][1] * bits // 32))),
+    "shape": _Transform(lambda t, bits: torch.tensor(list(t.shape), dtype=torch.int64),
+                        lambda s, bits: (torch.int64, (2,))),
+    "column": _Transform(lambda t, bits: t.reshape(t.shape[0], -1),  # [out] -> [out, 1]
+                         lambda s, bits: (s[0], (s[1][0], s[1][1] if len(s[1]) > 1 else 1))),
+    "vector": _Transform(lambda t, bits: t.reshape(1), lambda s, bits: (s[0], (1,))),
+    "reciprocal": _Transform(lambda t, bits: (1.0 / t).reshape(1), lambda s, bits: (s[0], (1,))),
+}
+
+
+def tensor_rows(settings: QuantSettings, target: str) -> tuple[tuple[str, str, _Transform], ...]:
+    """(suffix, QuantizedProjection field, transform) of one quantized projection of `target`, in order."""
+    rows = settings.algorithm.hf_tensors.get(target)
+    if rows is None:
+        raise ValueError(f"{target}: algo {settings.algo} cannot be exported")
+    return tuple((suffix, *_split(source)) for suffix, source in rows)
+
+
+def _split(source: str) -> tuple[str, _Transform]:
+    field, _, transform = source.partition(":")
+    return field, TRANSFORMS[transform]
 
 
 class LayerExport:
     """One decoder layer's exported tensors, computed on demand."""
 
-    def __init__(self, index: int, reader: SourceCheckpoint, dtype: torch.dtype, settings: ExportSettings,
-                 stats: CalibrationStats | None):
+    def __init__(self, index: int, reader: SourceCheckpoint, dtype: torch.dtype, settings: QuantSettings,
+                 target: str, stats: CalibrationStats | None):
         self.index, self.reader, self.dtype, self.s, self.stats = index, reader, dtype, settings, stats
-        self._groups: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+        self.quantizer = ProjectionQuantizer(settings, FORMS[target], dtype)
+        self.rows = tensor_rows(settings, target) if settings.algorithm.quantizes_weights else ()
+        self._groups: dict[tuple[str, ...], GroupScaling] = {}
         self._last: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def quantizes(self, projection: str) -> bool:
+        """Whether this projection gets quantized weights (algo none: the KV-only checkpoint)."""
+        return self.s.algorithm.quantizes_weights and not projection_excluded(self.s.exclude_modules, self.index,
+                                                                              projection)
 
     def weight(self, projection: str, cast: bool = True) -> torch.Tensor:
         """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is
@@ -86,46 +120,26 @@ class LayerExport:
             self.reader.release()
         return w
 
-    def x_amax(self, projection: str) -> torch.Tensor:
-        assert self.stats is not None, "calibration statistics needed"
-        return self.stats.linear(self.index, projection).x_absmax.float()
+    def _source_norm(self, norm: str) -> torch.Tensor:
+        return self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype)
 
-    def group(self, group: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """Small per-input-group values: smoothing `pqs` (W' = W/pqs, x' = x⊙pqs), input scales, NVFP4 ws2."""
+    def group(self, group: tuple[str, ...]) -> GroupScaling:
+        """The input group's shared values (smoothing, NVFP4's ws2, input scales), computed once."""
         if group not in self._groups:
-            self._groups[group] = self._group_values(group)
+            if not self.quantizes(group[0]):  # exclusion never splits a group (plan-time rule)
+                self._groups[group] = NO_SCALING
+            else:
+                norm = NORMS.get(group)
+                read_norm = (lambda: self._source_norm(norm).float()) if norm else None
+                self._groups[group] = self.quantizer.scale_group(self.stats, self.index, group,
+                                                                 lambda p: self.weight(p, cast=False), read_norm)
         return self._groups[group]
-
-    def _group_values(self, group: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        algo, target, v = self.s.algo, self.s.target, {}
-        if not self.s.quantizes(self.index, group[0]):  # exclusion never splits a group (plan-time rule)
-            return v
-        folded = group in NORMS
-        if algo == "w4a16_awq" and (folded or target == HF_MODELOPT):
-            v["pqs"] = (1.0 / self.stats.awq_scales(self.index, group[0])).to(self.dtype)
-        elif algo.startswith("w8a8_sq") and folded:
-            colmax = torch.stack([sq.column_absmax(self.weight(p)) for p in group]).amax(dim=0)
-            s = sq.factors_from_column_max(self.x_amax(group[0]), colmax, self.s.smoothquant_alpha)
-            v["pqs"] = (1.0 / s).to(self.dtype)
-        if "pqs" in v and folded:  # the norm applies exactly f16(ln·pqs)/ln: divide W by that
-            ln = self.reader.read(hf.layer_tensor(self.index, NORMS[group])).to(self.dtype).float()
-            v["norm"] = (ln * v["pqs"].float()).to(self.dtype)
-            v["pqs_eff"] = torch.where(ln != 0, v["norm"].float() / ln, v["pqs"].float())
-        if algo == "fp8":
-            v["input_scale"] = _scalar(max(float(self.x_amax(group[0]).max()), MIN_AMAX) / E4M3_MAX)
-        elif algo == "nvfp4":
-            v["ws2"] = nvfp4.global_scale(max(float(absmax(self.weight(p, cast=False))) for p in group))
-            v["input_scale"] = nvfp4.global_scale(float(self.x_amax(group[0]).max()))
-        elif algo == "w8a8_sq_per_channel":
-            x = self.x_amax(group[0]) * (v["pqs_eff"] if "pqs_eff" in v else 1.0)
-            v["input_scale"] = torch.tensor([max(float(x.max()), sq.MIN_RANGE) / sq.INT8_MAX])
-        return v
 
     def norm(self, norm: str) -> torch.Tensor:
         """A norm weight, with the smoothing of the group it feeds folded in (model dtype)."""
         group = next(g for g, n in NORMS.items() if n == norm)
-        folded = self.group(group).get("norm")
-        return folded if folded is not None else self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype)
+        smoothing = self.group(group).smoothing
+        return smoothing.norm if smoothing is not None and smoothing.norm is not None else self._source_norm(norm)
 
     def projection(self, projection: str) -> dict[str, torch.Tensor]:
         """suffix -> tensor of one projection (weight, scales, KV scales)."""
@@ -134,125 +148,43 @@ class LayerExport:
         return self._last[1]
 
     def _compute(self, projection: str) -> dict[str, torch.Tensor]:
-        algo, ct = self.s.algo, self.s.target == HF_COMPRESSED_TENSORS
-        g = self.group(_group(projection))
-        w = self.weight(projection)
-        if "pqs" in g:
-            w /= g.get("pqs_eff", g["pqs"].float())[None, :]
         out: dict[str, torch.Tensor] = {}
-        if not self.s.quantizes(self.index, projection):
-            out["weight"] = w.to(self.dtype)
-        elif algo == "fp8":
-            ws = _scalar(max(float(absmax(w)), MIN_AMAX) / E4M3_MAX)
-            out.update(weight=quantize_fp8(w, ws), weight_scale=ws, input_scale=g["input_scale"])
-        elif algo == "nvfp4":
-            scales = nvfp4.block_scales(w, g["ws2"])
-            packed = nvfp4.pack(nvfp4.quantize(w, scales, g["ws2"]))
-            if ct:
-                out.update(weight_packed=packed, weight_scale=scales,
-                           weight_global_scale=(1.0 / g["ws2"]).reshape(1),
-                           input_global_scale=(1.0 / g["input_scale"]).reshape(1))
-            else:
-                out.update(weight=packed, weight_scale=scales, weight_scale_2=g["ws2"], input_scale=g["input_scale"])
-        elif ct and algo in PACK_BITS:
-            out.update(_pack_quantized(w, PACK_BITS[algo], self.s.group_size if algo == "w4a16_awq" else None,
-                                       self.dtype))
-        elif ct:  # SmoothQuant → int-quantized W8A8
-            scale = (absmax(w, dim=1) / sq.INT8_MAX).clamp(min=sq.MIN_RANGE)
-            out.update(weight=_int_codes(w, scale, 8), weight_scale=scale[:, None].contiguous())
-            if "input_scale" in g:
-                out["input_scale"] = g["input_scale"]
-        elif algo == "w8a16":
-            scale = (absmax(w, dim=1) / sq.INT8_MAX).clamp(min=sq.MIN_RANGE)
-            out.update(weight=_int_codes(w, scale, 8), weight_scale=scale)
-        elif algo == "w4a16_awq":
-            scales = awq.group_scales(w, self.s.group_size)
-            codes = awq.quantize_groupwise(w, scales, self.s.group_size)
-            out.update(weight=pack_int4_rows(codes).view(torch.uint8), weight_scale=scales)
-            if _group(projection) not in NORMS:
-                out["pre_quant_scale"] = g["pqs"]
+        if not self.quantizes(projection):
+            out["weight"] = self.weight(projection).to(self.dtype)
         else:
-            raise ValueError(f"{self.s.target}: algo {algo} cannot be exported")
-        if self.s.kv_cache == "fp8" and projection in (hf.K_PROJ, hf.V_PROJ):
+            q = self.quantizer.quantize(self.weight(projection), self.group(_group(projection)))
+            bits = self.s.algorithm.weight_bits
+            for suffix, field, transform in self.rows:
+                value = getattr(q, field)
+                if value is not None:
+                    out[suffix] = transform.tensor(value, bits)
+        if _writes_kv_scale(self.s, projection):
             # k_scale: amax of K after RoPE (the key states the cache holds; RoPE can grow |K| up to √2 over
             # the k_proj output); v_scale: amax of the v_proj output (V is not rotated)
             y = (self.stats.k_after_rope_amax(self.index) if projection == hf.K_PROJ
                  else float(self.stats.linear(self.index, projection).y_absmax.max()))
-            out[projection[-6] + "_scale"] = _scalar(max(y, MIN_AMAX) / E4M3_MAX)
+            out[projection[-6] + "_scale"] = fp8_scale(y).reshape(())
         return out
 
 
-def _int_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """int8 [out, in] = clamp(round(w / scale)) to the signed `bits` range; `scale` is [out] (channel) or
-    [out, in/group]. Row chunks keep the float32 temporaries small (quant/chunks.py)."""
-    out_dim, in_dim = w.shape
-    s = scale.float().reshape(out_dim, -1)
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    codes = torch.empty(w.shape, dtype=torch.int8)
-    for rows in row_slices(out_dim, in_dim):
-        q = w[rows].reshape(-1, s.shape[1], in_dim // s.shape[1]) / s[rows, :, None]
-        codes[rows] = q.round_().clamp_(lo, hi).reshape(-1, in_dim).to(torch.int8)
-    return codes
-
-
-def _pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes [out, in] → int32 [out, in·bits/32]: code + 2^(bits-1), element k at bit k·bits."""
-    out_dim, in_dim = codes.shape
-    per = 32 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    words = torch.empty((out_dim, in_dim // per), dtype=torch.int32)
-    for rows in row_slices(out_dim, in_dim):
-        unsigned = (codes[rows].to(torch.int64) + (1 << (bits - 1))).reshape(-1, in_dim // per, per)
-        packed = (unsigned << shifts).sum(dim=2)
-        words[rows] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
-    return words
-
-
-def _pack_quantized(w: torch.Tensor, bits: int, group: int | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """compressed-tensors pack-quantized: codes packed along in into int32 (see _pack_int32); scale [out, 1]
-    (channel) or [out, in/group] in the model dtype; weight_shape int64 [2]."""
-    out_dim, in_dim = w.shape
-    qmax = (1 << (bits - 1)) - 1
-    scale = (absmax(w.reshape(out_dim, -1, group or in_dim), dim=2) / qmax).clamp(min=MIN_AMAX).to(dtype)
-    return {"weight_packed": _pack_int32(_int_codes(w, scale, bits), bits), "weight_scale": scale,
-            "weight_shape": torch.tensor([out_dim, in_dim], dtype=torch.int64)}
+def _writes_kv_scale(settings: QuantSettings, projection: str) -> bool:
+    return KV_CACHES[settings.kv_cache].hf_kv_algo is not None and projection in (hf.K_PROJ, hf.V_PROJ)
 
 
 # ---- planning the files --------------------------------------------------------------------------
 
-def _projection_specs(settings: ExportSettings, layer: int, projection: str, shape: tuple[int, int],
-                      dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def _projection_specs(layer: LayerExport, projection: str, shape: tuple[int, int]) -> dict[str, Spec]:
     """suffix -> (dtype, shape) of what `LayerExport._compute` returns, known without computing it."""
-    o, i = shape
-    f32, algo, g = torch.float32, settings.algo, settings.group_size
-    ct = settings.target == HF_COMPRESSED_TENSORS
-    if not settings.quantizes(layer, projection):
-        s = {"weight": (dtype, (o, i))}
-    elif algo == "fp8":
-        s = {"weight": (torch.float8_e4m3fn, (o, i)), "weight_scale": (f32, ()), "input_scale": (f32, ())}
-    elif algo == "nvfp4":
-        s = {"weight_scale": (torch.float8_e4m3fn, (o, i // 16))}
-        s.update({"weight_packed": (torch.uint8, (o, i // 2)), "weight_global_scale": (f32, (1,)),
-                  "input_global_scale": (f32, (1,))} if ct else
-                 {"weight": (torch.uint8, (o, i // 2)), "weight_scale_2": (f32, ()), "input_scale": (f32, ())})
-    elif ct and algo in PACK_BITS:
-        bits = PACK_BITS[algo]
-        cols = i // g if algo == "w4a16_awq" else 1
-        s = {"weight_packed": (torch.int32, (o, i * bits // 32)), "weight_scale": (dtype, (o, cols)),
-             "weight_shape": (torch.int64, (2,))}
-    elif ct:
-        s = {"weight": (torch.int8, (o, i)), "weight_scale": (f32, (o, 1))}
-        if algo == "w8a8_sq_per_channel":
-            s["input_scale"] = (f32, (1,))
-    elif algo == "w8a16":
-        s = {"weight": (torch.int8, (o, i)), "weight_scale": (f32, (o,))}
-    else:  # w4a16_awq, hf-modelopt
-        s = {"weight": (torch.uint8, (o // 2, i)), "weight_scale": (f32, (o, i // g))}
-        if _group(projection) not in NORMS:
-            s["pre_quant_scale"] = (dtype, (i,))
-    if settings.kv_cache == "fp8" and projection in (hf.K_PROJ, hf.V_PROJ):
-        s[projection[-6] + "_scale"] = (f32, ())
-    return s
+    if not layer.quantizes(projection):
+        specs = {"weight": (layer.dtype, shape)}
+    else:
+        fields = layer.quantizer.specs(shape, follows_norm=_group(projection) in NORMS)
+        bits = layer.s.algorithm.weight_bits
+        specs = {suffix: transform.spec(fields[field], bits) for suffix, field, transform in layer.rows
+                 if field in fields}
+    if _writes_kv_scale(layer.s, projection):
+        specs[projection[-6] + "_scale"] = (torch.float32, ())
+    return specs
 
 
 @dataclass(frozen=True)
@@ -270,9 +202,10 @@ class Planned:
         return n
 
 
-def plan_tensors(reader: SourceCheckpoint, num_layers: int, dtype: torch.dtype, settings: ExportSettings,
-                 stats: CalibrationStats | None) -> list[Planned]:
-    layers = [LayerExport(i, reader, dtype, settings, stats) for i in range(num_layers)]
+def plan_export_tensors(reader: SourceCheckpoint, num_layers: int, dtype: torch.dtype, settings: QuantSettings,
+                        target: str, stats: CalibrationStats | None) -> list[Planned]:
+    """Every tensor of the exported checkpoint, in the order written, each with how to produce it."""
+    layers = [LayerExport(i, reader, dtype, settings, target, stats) for i in range(num_layers)]
     planned: list[Planned] = []
     for name in reader.names():
         parts = name.split(".")
@@ -281,7 +214,7 @@ def plan_tensors(reader: SourceCheckpoint, num_layers: int, dtype: torch.dtype, 
             proj = rest.removesuffix(".weight")
             if proj in PROJECTIONS and rest.endswith(".weight"):
                 shape = tuple(reader.shape(name))
-                for suffix, (dt, sh) in _projection_specs(settings, layer.index, proj, shape, dtype).items():
+                for suffix, (dt, sh) in _projection_specs(layer, proj, shape).items():
                     planned.append(Planned(f"model.layers.{layer.index}.{proj}.{suffix}", dt, sh,
                                            lambda l=layer, p=proj, s=suffix: l.projection(p)[s]))
                 continue
@@ -325,17 +258,19 @@ def _files(planned: list[Planned], max_shard_bytes: int) -> list[list[Planned]]:
     return files
 
 
-def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings: ExportSettings, dtype: str,
-                      out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings: QuantSettings, target: str,
+                      dtype: str, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
                       log: Callable[[str], None] = lambda _: None) -> None:
-    """Write the checkpoint for `settings.target` into `out_dir` (an existing, empty directory)."""
-    if settings.target not in (HF_MODELOPT, HF_COMPRESSED_TENSORS):
-        raise ValueError(f"unknown HF target {settings.target!r}")
+    """Write the checkpoint for `target` into `out_dir` (an existing, empty directory)."""
+    if target not in (HF_MODELOPT, HF_COMPRESSED_TENSORS):
+        raise ValueError(f"unknown HF target {target!r}")
+    if target not in settings.algorithm.hf_loaders:  # targets.py refuses these at plan time
+        raise ValueError(f"{target}: algo {settings.algo} cannot be exported")
     cfg = read_model_config(source_dir)
     reader = SourceCheckpoint(source_dir)
     reader.validate(cfg)
     torch_dtype = getattr(torch, dtype)
-    planned = plan_tensors(reader, cfg.num_hidden_layers, torch_dtype, settings, stats)
+    planned = plan_export_tensors(reader, cfg.num_hidden_layers, torch_dtype, settings, target, stats)
     files = _files(planned, max_shard_bytes)
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
@@ -350,10 +285,7 @@ def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings
                 if not isinstance(produced, torch.Tensor):
                     writer.write_blocks(spec.name, produced)
                     continue
-                if produced.dtype != spec.dtype or tuple(produced.shape) != spec.shape:
-                    raise AssertionError(f"{spec.name}: planned {spec.dtype} {spec.shape}, produced "
-                                         f"{produced.dtype} {tuple(produced.shape)}")
-                writer.write(spec.name, produced.contiguous())
+                writer.write(spec.name, produced.contiguous())  # refuses a dtype or shape other than planned
                 del produced
                 reader.release()
         weight_map.update({p.name: file_name for p in members})
@@ -362,15 +294,9 @@ def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings
         index = {"metadata": {"total_size": sum(p.nbytes for p in planned)},
                  "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    configs.write_configs(source_dir, out_dir, settings, dtype, cfg.num_hidden_layers)
+    configs.write_configs(source_dir, out_dir, settings, target, dtype, cfg.num_hidden_layers)
     for name in COPIED_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
 
-
-def settings_from_params(target: str, params: dict) -> ExportSettings:
-    defaults = ExportSettings(target, params["algo"])  # the plan passes only the knobs the algo reads
-    return ExportSettings(target, params["algo"], params["kv_cache"], params.get("group_size", defaults.group_size),
-                          params.get("smoothquant_alpha", defaults.smoothquant_alpha),
-                          tuple(params.get("exclude_modules", defaults.exclude_modules)))
 

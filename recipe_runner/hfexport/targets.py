@@ -10,45 +10,18 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
+from recipe_runner.quant.algorithms import (ALGORITHMS, HF_COMPRESSED_TENSORS, HF_MODELOPT, KV_CACHES,
+                                           TRTLLM_CHECKPOINT, TRTLLM_PYTORCH, VLLM, quantizes)
 from recipe_runner.stages.registry import STAGES
 
-TRTLLM_CHECKPOINT = "trtllm-checkpoint"
-HF_MODELOPT = "hf-modelopt"
-HF_COMPRESSED_TENSORS = "hf-compressed-tensors"
 HF_TARGETS = (HF_MODELOPT, HF_COMPRESSED_TENSORS)
 DEFAULT_TARGETS = (TRTLLM_CHECKPOINT,)
 # the stage that writes each HF target (stages/registry.py)
 EXPORT_STAGES = {spec.target: name for name, spec in STAGES.items() if spec.target in HF_TARGETS}
 
-TRTLLM_PYTORCH = "TensorRT-LLM's PyTorch backend"
-VLLM = "vLLM"
-
-# target -> algo -> the consumers that load it (empty: none does; the reason says what to use).
-# "none" with kv_cache fp8 is the KV-only checkpoint: unquantized linears plus k_scale/v_scale.
-_LOADERS: dict[str, dict[str, tuple[str, ...]]] = {
-    HF_MODELOPT: {"fp8": (TRTLLM_PYTORCH, VLLM), "nvfp4": (TRTLLM_PYTORCH, VLLM),
-                  "w4a16_awq": (TRTLLM_PYTORCH,), "w8a16": (TRTLLM_PYTORCH,), "none": (TRTLLM_PYTORCH,)},
-    HF_COMPRESSED_TENSORS: {"w8a16": (VLLM,), "w4a16": (VLLM,), "w4a16_awq": (VLLM,), "nvfp4": (VLLM, TRTLLM_PYTORCH),
-                            "w8a8_sq_per_channel": (VLLM,), "w8a8_sq_per_channel_per_token": (VLLM,)},
-}
-_REJECTED: dict[tuple[str, str], str] = {
-    (HF_COMPRESSED_TENSORS, "none"): "this release writes no compressed-tensors checkpoint without quantized "
-                                     "weights; choose a quantization.algo, or target hf-modelopt for a KV-only "
-                                     "checkpoint (TensorRT-LLM's PyTorch backend)",
-    (HF_MODELOPT, "w4a16"): "ModelOpt writes no per-channel INT4 checkpoint; use w4a16_awq (TensorRT-LLM) or target "
-                            "hf-compressed-tensors (vLLM)",
-    (HF_COMPRESSED_TENSORS, "fp8"): "this release writes FP8 only as hf-modelopt, which both TensorRT-LLM's PyTorch "
-                                    "backend and vLLM load; use output.targets: [hf-modelopt]",
-    (HF_COMPRESSED_TENSORS, "w8a8_sq_per_tensor"): "vLLM's compressed-tensors W8A8 takes per-channel weight scales; use "
-                                                   "w8a8_sq_per_channel (static) or w8a8_sq_per_channel_per_token "
-                                                   "(dynamic)",
-}
-_SMOOTHQUANT = ("w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor")
-for _algo in _SMOOTHQUANT:
-    _REJECTED[(HF_MODELOPT, _algo)] = (
-        f"{TRTLLM_PYTORCH} rejects SmoothQuant (W8A8_SQ_* matches none of its linear methods: 'unsupported "
-        "quant mode') and vLLM's modelopt loader accepts only FP8/NVFP4 quant_algo; use target "
-        "hf-compressed-tensors (vLLM int8 W8A8), or algo fp8 / w8a16 / w4a16_awq for TensorRT-LLM")
+# Which algo each HF target is written for, the consumers that load it and why the others are refused:
+# each Algorithm's hf_loaders / hf_refusals (quant/algorithms.py). "none" with kv_cache fp8 is the KV-only
+# checkpoint: unquantized linears plus k_scale/v_scale.
 
 
 def output_targets(recipe: Mapping[str, Any]) -> list[str]:
@@ -58,9 +31,9 @@ def output_targets(recipe: Mapping[str, Any]) -> list[str]:
 
 def consumers(target: str, algo: str, kv_cache: str = "none") -> tuple[str, ...]:
     """The consumers that load `target` written with `algo` and `kv_cache` (empty when none does)."""
-    if algo == "none" and kv_cache == "none":
+    if not quantizes(algo, kv_cache):
         return ()
-    return _LOADERS.get(target, {}).get(algo, ())
+    return ALGORITHMS[algo].hf_loaders.get(target, ())
 
 
 def target_findings(recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -69,22 +42,23 @@ def target_findings(recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     quant = recipe["quantization"]
     algo, kv = quant["algo"], quant["kv_cache"]
     hf = [t for t in targets if t in HF_TARGETS]
-    if algo == "nvfp4" and TRTLLM_CHECKPOINT in targets:
-        yield "output.targets", ("algo nvfp4 is written only as a Hugging Face checkpoint (trtllm-build's checkpoint "
+    algorithm = ALGORITHMS[algo]
+    if not algorithm.trtllm_checkpoint and TRTLLM_CHECKPOINT in targets:
+        yield "output.targets", (f"algo {algo} is written only as a Hugging Face checkpoint (trtllm-build's checkpoint "
                                  "path is not implemented for it); use output.targets: [hf-modelopt] (TensorRT-LLM "
                                  "PyTorch backend, vLLM) and/or hf-compressed-tensors (vLLM)")
     for target in hf:
         if consumers(target, algo, kv):
             continue
-        reason = _REJECTED.get((target, algo), "no consumer loads this combination")
-        if algo == "none" and kv == "none":
+        reason = algorithm.hf_refusals.get(target, "no consumer loads this combination")
+        if not quantizes(algo, kv):
             reason = ("there is nothing to quantize (the source loads as it is); choose a quantization.algo, or "
                       "kv_cache: fp8 for a KV-only hf-modelopt checkpoint")
         yield "quantization.algo", f"output target {target} with algo {algo}: {reason}"
-    if hf and kv == "int8":
-        yield "quantization.kv_cache", (f"output targets {', '.join(hf)}: an INT8 KV cache has no scales in these "
-                                        "formats (vLLM and TensorRT-LLM's PyTorch backend read FP8 KV scales); use "
-                                        "kv_cache: fp8 or none")
+    if hf and KV_CACHES[kv].quantized and KV_CACHES[kv].hf_kv_algo is None:
+        yield "quantization.kv_cache", (f"output targets {', '.join(hf)}: an {kv.upper()} KV cache has no scales in "
+                                        "these formats (vLLM and TensorRT-LLM's PyTorch backend read FP8 KV scales); "
+                                        "use kv_cache: fp8 or none")
     if TRTLLM_CHECKPOINT not in targets:
         # verify checks every target it finds (trtllm-checkpoint and the HF exports alike)
         if recipe.get("engine"):
@@ -98,13 +72,15 @@ def hf_targets(recipe: Mapping[str, Any]) -> list[str]:
 
 def _width_rules(target: str, algo: str, group_size: int, legacy: bool) -> list[tuple[int, str, str]]:
     """(multiple, why, recipe field): what the input width of every quantized projection must divide into."""
-    rules = []
-    if algo == "nvfp4":
-        rules.append((16, "NVFP4 scales blocks of 16 inputs", "quantization.algo"))
-    if algo == "w4a16_awq" and not legacy:  # the trtllm-checkpoint rule (group_size x tp_size) is stricter
+    algorithm, rules = ALGORITHMS[algo], []
+    if algorithm.block_size:
+        block = algorithm.block_size
+        rules.append((block, f"{algo.upper()} scales blocks of {block} inputs", "quantization.algo"))
+    if algorithm.grouped and not legacy:  # the trtllm-checkpoint rule (group_size x tp_size) is stricter
         rules.append((group_size, f"group_size={group_size} groups the inputs", "quantization.group_size"))
-    if target == HF_COMPRESSED_TENSORS and algo in ("w4a16", "w4a16_awq", "w8a16"):
-        per = 8 if algo != "w8a16" else 4
+    ct = algorithm.compressed_tensors
+    if target == HF_COMPRESSED_TENSORS and ct is not None and ct.format == "pack-quantized":
+        per = 32 // algorithm.weight_bits
         rules.append((per, f"pack-quantized packs {per} codes along the inputs into each int32", "quantization.algo"))
     return rules
 
@@ -117,7 +93,7 @@ def model_findings(model, recipe: Mapping[str, Any]) -> Iterator[tuple[str, str]
 
     quant = recipe["quantization"]
     targets = hf_targets(recipe)
-    if not targets or (quant["algo"] == "none" and quant["kv_cache"] == "none"):
+    if not targets or not quantizes(quant["algo"], quant["kv_cache"]):
         return
     widths = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
               "num_attention_heads x head_dim": model.num_attention_heads * model.head_dim}
@@ -147,7 +123,7 @@ def target_notes(recipe: Mapping[str, Any]) -> list[str]:
         others = [c for c in (TRTLLM_PYTORCH, VLLM) if c not in loaders]
         notes.append(f"{target} ({algo}{', kv_cache ' + kv if kv != 'none' else ''}) loads in {' and '.join(loaders)}"
                      + (f"; {' and '.join(others)} refuses it" if others else ""))
-        if kv == "fp8" and TRTLLM_PYTORCH in loaders:
+        if KV_CACHES[kv].hf_kv_algo and TRTLLM_PYTORCH in loaders:
             notes.append(f"{target}: {TRTLLM_PYTORCH} runs an FP8 KV cache with scale 1.0 and ignores the written "
                          "k_scale/v_scale (vLLM uses them)")
     return notes

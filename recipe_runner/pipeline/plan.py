@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
-from recipe_runner.recipe.rules import CALIBRATED_ALGOS, SMOOTHQUANT_ALGOS
+from recipe_runner.quant.algorithms import ALGORITHMS, needs_calibration, quantizes, statistics_families
 from recipe_runner.hfexport.targets import (EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT, output_targets,
                                            target_notes)
 from recipe_runner.hf.sources import SourceLocation, locate_source
@@ -64,17 +64,17 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     """Every stage the recipe needs, in order, before --until/--no-verify cuts."""
     d = recipe.data
     quant = d["quantization"]
-    calibrated = quant["algo"] in CALIBRATED_ALGOS or quant["kv_cache"] != "none"
-    quantized = quant["algo"] != "none" or quant["kv_cache"] != "none"
+    algorithm = ALGORITHMS[quant["algo"]]
+    calibrated = needs_calibration(quant["algo"], quant["kv_cache"])
+    quantized = quantizes(quant["algo"], quant["kv_cache"])
     specs: list[tuple[str, tuple[str, ...], dict]] = [
         ("convert", ("source",), _pick(d["source"], "dtype", "trust_remote_code")),
     ]
     if calibrated:
         calib = dict(thaw(quant["calibration"]))
         # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
-        calib["statistics"] = _statistics_family(quant)
-        if quant["algo"] == "w4a16_awq":  # AWQ's scale search quantizes with the group size
-            calib["group_size"] = quant["group_size"]
+        calib["statistics"] = statistics_families(quant["algo"], quant["kv_cache"])
+        calib.update(_pick(quant, *algorithm.calibration_params))  # AWQ's scale search quantizes with group_size
         calib["trust_remote_code"] = d["source"]["trust_remote_code"]  # the tokenizer may be the model's code
         # the tokenizer turns the calibration texts into the tokens the statistics come from
         specs.append(("calibrate", ("source", "calibration-data", "tokenizer"), calib))
@@ -88,7 +88,7 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     # HF targets quantize for their own consumers from the shared convert + calibrate outputs
     for target in (t for t in HF_TARGETS if t in targets):
         specs.append((EXPORT_STAGES[target], upstream,
-                      _pick(quant, "algo", "kv_cache", *_export_knobs(quant["algo"]), "exclude_modules")))
+                      _pick(quant, "algo", "kv_cache", *algorithm.params, "exclude_modules")))
     if legacy:
         specs.append(("shard", ("quantize" if quantized else "convert", "source"), thaw(d["mapping"])))
     verified = "verify" in d and d["verify"]["enabled"]
@@ -105,28 +105,6 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     if verified and "engine" in d:  # the engine waits for verify, whose key it does not include
         stages[-1] = dataclasses.replace(stages[-1], after=("verify",))
     return stages
-
-
-def _export_knobs(algo: str) -> tuple[str, ...]:
-    """The quantization fields an HF export reads besides algo, kv_cache and exclude_modules."""
-    if algo == "w4a16_awq":
-        return ("group_size",)
-    if algo in SMOOTHQUANT_ALGOS:
-        return ("smoothquant_alpha",)
-    return ()
-
-
-def _statistics_family(quant: Mapping[str, Any]) -> list[str]:
-    families = []
-    if quant["algo"] == "w4a16_awq":
-        families.append("awq")
-    elif quant["algo"] in SMOOTHQUANT_ALGOS:
-        families.append("smoothquant")
-    elif quant["algo"] in ("fp8", "nvfp4"):
-        families.append("amax")
-    if quant["kv_cache"] != "none":
-        families.append("kv")
-    return families
 
 
 def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False) -> Plan:

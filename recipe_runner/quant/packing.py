@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from recipe_runner.quant.chunks import row_slices
+
 INT4_MIN, INT4_MAX = -8, 7
 
 
@@ -37,3 +39,17 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     out[0::2] = low.to(torch.int8)
     out[1::2] = high.to(torch.int8)
     return out
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors pack-quantized: signed codes [out, in] → int32 [out, in·bits/32], each stored as
+    code + 2^(bits-1), element k of a word at bit k·bits (packed along the inputs, unlike the above)."""
+    out_dim, in_dim = codes.shape
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = torch.empty((out_dim, in_dim // per), dtype=torch.int32)
+    for rows in row_slices(out_dim, in_dim):
+        unsigned = (codes[rows].to(torch.int64) + (1 << (bits - 1))).reshape(-1, in_dim // per, per)
+        packed = (unsigned << shifts).sum(dim=2)
+        words[rows] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    return words

@@ -8,26 +8,19 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from recipe_runner.hf.config import ModelConfig
-from recipe_runner.recipe.rules import SMOOTHQUANT_ALGOS
+from recipe_runner.quant.algorithms import ALGORITHMS, SMOOTHQUANT
 from recipe_runner.trtllm import quant as tq
 from recipe_runner.trtllm.mapping import ParallelMapping, pp_layers
 
 Finding = tuple[str, str]
 
-# (algo, kv_cache) pairs refused, with the reason. FP8 weights with an INT8 KV cache: no
-# TensorRT-LLM tool (ModelOpt's FP8 recipes, convert_checkpoint.py) produces it, and whether
-# trtllm-build's strongly typed FP8 network accepts an INT8 KV cache is unverified; we refuse it
-# rather than write a checkpoint that might not load. Remove the entry once verified on a GPU.
-UNSUPPORTED_COMBINATIONS: dict[tuple[str, str], str] = {
-    ("fp8", "int8"): "FP8 checkpoints pair with an FP8 KV cache (TensorRT-LLM's FP8 workflow); "
-                     "use kv_cache: fp8 or none",
-}
-
 
 def combination_findings(quant: Mapping[str, Any]) -> Iterator[Finding]:
-    reason = UNSUPPORTED_COMBINATIONS.get((quant["algo"], quant["kv_cache"]))
-    if reason:
-        yield "quantization.kv_cache", f"algo {quant['algo']} with kv_cache {quant['kv_cache']} is not supported: {reason}"
+    """The KV caches an algo pairs with (quant/algorithms.py says why the others are refused)."""
+    algorithm = ALGORITHMS[quant["algo"]]
+    if quant["kv_cache"] not in algorithm.kv_caches:
+        yield "quantization.kv_cache", (f"algo {quant['algo']} with kv_cache {quant['kv_cache']} is not supported: "
+                                        f"{algorithm.kv_cache_refusal}")
 
 
 def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int,
@@ -43,12 +36,12 @@ def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int,
             yield field, (f"pattern {p!r} matches no module of this model; patterns are fnmatch patterns over "
                           "TensorRT-LLM module names: lm_head, transformer.layers.<i>.attention.qkv, "
                           "….attention.dense, ….mlp.fc (HF gate_proj), ….mlp.gate (up_proj), ….mlp.proj")
-    if quant["algo"] in tq.SQ_PLUGIN_ALGOS and writes_trtllm_checkpoint:
+    if ALGORITHMS[quant["algo"]].sq_plugin and writes_trtllm_checkpoint:
         hit = [m for m in layer_modules if tq.is_excluded(m, patterns)]
         if hit:
             yield field, (f"the SmoothQuant plugin form ({quant['algo']}) quantizes every decoder layer, so "
                           f"{hit[0]} cannot be excluded; use algo w8a8_sq_per_channel to keep layers unquantized")
-    if pp_size > 1 and quant["algo"] != "none" and writes_trtllm_checkpoint:
+    if pp_size > 1 and ALGORITHMS[quant["algo"]].quantizes_weights and writes_trtllm_checkpoint:
         yield from _pipeline_findings(model, patterns, pp_size)
 
 
@@ -70,7 +63,8 @@ def _pipeline_findings(model: ModelConfig, patterns: list[str], pp_size: int) ->
 def sharded_quantization_findings(model: ModelConfig, quant: Mapping[str, Any], tp_size: int) -> Iterator[Finding]:
     """Quantized tensors the trtllm-checkpoint target splits across tp_size ranks: AWQ groups must
     not straddle ranks in any input width, and SmoothQuant cannot duplicate KV heads."""
-    if quant["algo"] == "w4a16_awq":
+    algorithm = ALGORITHMS[quant["algo"]]
+    if algorithm.grouped:
         widths = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size}
         attn = model.num_attention_heads * model.head_dim
         if attn != model.hidden_size:
@@ -79,7 +73,7 @@ def sharded_quantization_findings(model: ModelConfig, quant: Mapping[str, Any], 
             if width % (quant["group_size"] * tp_size):
                 yield "quantization.group_size", (f"group_size={quant['group_size']} x tp_size={tp_size} does not "
                                                   f"divide the model's {name}={width}; use a group size that does")
-    if quant["algo"] in SMOOTHQUANT_ALGOS and model.num_key_value_heads < tp_size:
+    if algorithm.family == SMOOTHQUANT and model.num_key_value_heads < tp_size:
         yield "mapping.tp_size", (f"SmoothQuant checkpoints cannot duplicate KV heads: tp_size={tp_size} exceeds "
                                   f"num_key_value_heads={model.num_key_value_heads}; use tp_size <= "
                                   f"{model.num_key_value_heads} or another algo")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recipe_runner.quant.chunks import row_slices
 from recipe_runner.quant.reductions import absmax
 
 # Smallest scale used for an all-zero channel (its codes are then all 0, dequantizing exactly).
@@ -38,6 +39,20 @@ def quantize_per_channel(weight: torch.Tensor, scales: torch.Tensor, fmt: IntFor
     """int8 codes [out, in] (int4 codes are int8 values in [-8, 7], not yet packed)."""
     q = weight.float() / scales.float()[:, None]
     return q.round_().clamp_(fmt.qmin, fmt.qmax).to(torch.int8)
+
+
+def int_codes(weight: torch.Tensor, scale: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """int8 codes [out, in] = clamp(round(W / scale)) for a float32 `weight` and a dequantization `scale`
+    per tensor (0-dim), per channel [out] or per group of inputs [out, in/group]. Row chunks keep the
+    float32 temporaries small (quant/chunks.py)."""
+    out_dim, in_dim = weight.shape
+    s = scale.float().expand(out_dim) if scale.dim() == 0 else scale.float()
+    s = s.reshape(out_dim, -1)
+    codes = torch.empty(weight.shape, dtype=torch.int8)
+    for rows in row_slices(out_dim, in_dim):
+        q = weight[rows].reshape(-1, s.shape[1], in_dim // s.shape[1]) / s[rows, :, None]
+        codes[rows] = q.round_().clamp_(fmt.qmin, fmt.qmax).reshape(-1, in_dim).to(torch.int8)
+    return codes
 
 
 def dequantize_per_channel(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

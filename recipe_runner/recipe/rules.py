@@ -9,20 +9,17 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
+from recipe_runner.quant import algorithms
+from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES
 from recipe_runner.trtllm.engine_options import check_extra_arg
 from recipe_runner.trtllm.mapping import ParallelMapping
 
 Finding = tuple[str, str]
 Rule = Callable[[Mapping[str, Any]], Iterator[Finding]]
 
-# Algorithms whose scales come from activation statistics.
-CALIBRATED_ALGOS = {"w4a16_awq", "w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor", "fp8",
-                    "nvfp4"}
-SMOOTHQUANT_ALGOS = {"w8a8_sq_per_channel", "w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor"}
-
 
 def needs_calibration(quantization: Mapping[str, Any]) -> bool:
-    return quantization["algo"] in CALIBRATED_ALGOS or quantization["kv_cache"] != "none"
+    return algorithms.needs_calibration(quantization["algo"], quantization["kv_cache"])
 
 
 def source_is_local_or_pinned(recipe: Mapping[str, Any]) -> Iterator[Finding]:
@@ -46,7 +43,7 @@ def calibration_when_needed(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     """Algorithms that need activation statistics need a calibration set."""
     quant = recipe["quantization"]
     if needs_calibration(quant) and "calibration" not in quant:
-        why = quant["algo"] if quant["algo"] in CALIBRATED_ALGOS else f"kv_cache {quant['kv_cache']}"
+        why = quant["algo"] if ALGORITHMS[quant["algo"]].calibrated else f"kv_cache {quant['kv_cache']}"
         yield "quantization", (f"{why} needs calibration data: add quantization.calibration.dataset "
                                "(a local .txt/.jsonl file or a dataset id in the local HF cache)")
 
@@ -75,15 +72,13 @@ def engine_matches_quantization(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     engine = recipe.get("engine")
     if not engine:
         return
-    algo, kv = recipe["quantization"]["algo"], recipe["quantization"]["kv_cache"]
-    if kv == "int8" and engine["use_paged_context_fmha"]:
-        yield "engine.use_paged_context_fmha", "trtllm-build refuses paged context FMHA with an INT8 KV cache; set it to false"
-    if kv == "fp8" and algo != "fp8" and engine["use_paged_context_fmha"]:
-        yield "engine.use_paged_context_fmha", ("trtllm-build refuses paged context FMHA with an FP8 KV cache "
-                                                "unless the weights are FP8 too; set it to false or use algo fp8")
-    if engine["gemm_plugin"] == "fp8" and algo != "fp8":
+    algo, kv = recipe["quantization"]["algo"], KV_CACHES[recipe["quantization"]["kv_cache"]]
+    family = ALGORITHMS[algo].family
+    if engine["use_paged_context_fmha"] and kv.paged_context_fmha and family != kv.paged_context_fmha_weights:
+        yield "engine.use_paged_context_fmha", kv.paged_context_fmha
+    if engine["gemm_plugin"] == "fp8" and family != FP8:
         yield "engine.gemm_plugin", f"gemm_plugin fp8 needs quantization.algo: fp8 (is {algo!r})"
-    if engine["use_fp8_context_fmha"] and algo != "fp8":
+    if engine["use_fp8_context_fmha"] and family != FP8:
         yield "engine.use_fp8_context_fmha", f"needs quantization.algo: fp8 (is {algo!r})"
 
 

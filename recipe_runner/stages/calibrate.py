@@ -14,6 +14,7 @@ from recipe_runner.calibration.dataset import locate_dataset, read_texts, sample
 from recipe_runner.calibration.stats import CalibrationStats, write_stats
 from recipe_runner.errors import UserError
 from recipe_runner.stages.registry import StageJob
+from recipe_runner.quant.algorithms import AWQ_STATISTICS
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,14 @@ class CalibrationSettings:
     max_seq_len: int = 512
     seed: int = 0
     batch_size: int = 1
-    statistics: tuple[str, ...] = ()  # families: awq, smoothquant, amax, kv
+    statistics: tuple[str, ...] = ()  # families: awq, smoothquant, amax, kv (quant/algorithms.py)
     group_size: int | None = None  # AWQ's search quantizes with this group size
 
-
-def settings_from_params(params: Mapping[str, Any], dataset_path: Path | None) -> CalibrationSettings:
-    return CalibrationSettings(params["dataset"], dataset_path, params["text_field"], params["split"],
-                               params["num_samples"], params["max_seq_len"], params["seed"], params["batch_size"],
-                               tuple(params.get("statistics", ())), params.get("group_size"))
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], dataset_path: Path | None) -> CalibrationSettings:
+        return cls(params["dataset"], dataset_path, params["text_field"], params["split"], params["num_samples"],
+                   params["max_seq_len"], params["seed"], params["batch_size"], tuple(params.get("statistics", ())),
+                   params.get("group_size"))
 
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
@@ -52,7 +53,7 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
         raise UserError(f"quantization.calibration.dataset: no sample of {files.description} gives any token "
                         "with the source model's tokenizer; use a dataset with text")
     batches = make_batches(sequences, settings.batch_size, cfg.vocab_size)
-    awq = "awq" in settings.statistics
+    awq = AWQ_STATISTICS in settings.statistics
     options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None)
     stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code)
     # counts only: paths would make equal statistics differ in bytes between machines
@@ -65,5 +66,5 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
 
 def run_calibrate(job: StageJob) -> None:
     """Build executor: the stage's own params (exactly what its key holds) drive it."""
-    calibrate(job.inputs["source"], settings_from_params(job.params, job.inputs["calibration-data"]), job.out_dir,
-              trust_remote_code=job.params["trust_remote_code"])
+    calibrate(job.inputs["source"], CalibrationSettings.from_params(job.params, job.inputs["calibration-data"]),
+              job.out_dir, trust_remote_code=job.params["trust_remote_code"])

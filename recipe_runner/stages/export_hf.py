@@ -10,10 +10,11 @@ from recipe_runner.stages.registry import STAGES, StageJob
 
 def run_export_hf(job: StageJob) -> None:
     from recipe_runner.calibration.stats import read_stats
-    from recipe_runner.hfexport.export import export_checkpoint, settings_from_params
+    from recipe_runner.hfexport.export import export_checkpoint
+    from recipe_runner.quant.settings import QuantSettings
     from recipe_runner.stages.model_facts import MODEL_FILE
 
-    settings = settings_from_params(STAGES[job.stage].target, job.params)
+    settings = QuantSettings.from_params(job.params)
     model = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))
     stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None
-    export_checkpoint(job.inputs["source"], stats, settings, model["dtype"], job.out_dir)
+    export_checkpoint(job.inputs["source"], stats, settings, STAGES[job.stage].target, model["dtype"], job.out_dir)

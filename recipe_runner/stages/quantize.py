@@ -1,5 +1,8 @@
 """Quantize stage: quantized weights and scales, one weight (or one layer's input group) at a time.
 
+The math is quant/projection.py's (shared with the Hugging Face exports); this module lays its
+results out as the tensors and per-rank rules of the TensorRT-LLM checkpoint.
+
 Reads the source weights lazily (cast to the checkpoint dtype first, as TensorRT-LLM's converter
 does, then float32 for the math), uses the calibrate stage's statistics, and writes the artifact
 described in `stages/quantized.py`: one safetensors file per projection plus one per layer for
@@ -24,20 +27,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from recipe_runner.calibration.stats import INPUT_GROUPS, CalibrationStats, read_stats
+from recipe_runner.calibration.stats import CalibrationStats, read_stats
 from recipe_runner.errors import UserError
 from recipe_runner.hf import names as hf
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.quant import awq, fp8, kv, smoothquant as sq, weight_only
+from recipe_runner.quant import kv, smoothquant as sq
+from recipe_runner.quant.algorithms import AWQ, FP8, KV_CACHES, NONE, SMOOTHQUANT, WEIGHT_ONLY
 from recipe_runner.quant.packing import pack_int4_rows
-from recipe_runner.quant.reductions import absmax
+from recipe_runner.quant.projection import (FLOAT, NO_SCALING, PREQUANT, Form, GroupScaling, ProjectionQuantizer,
+                                            QuantizedProjection)
+from recipe_runner.quant.settings import QuantSettings
 from recipe_runner.stages.model_facts import MODEL_FILE
-from recipe_runner.recipe.rules import CALIBRATED_ALGOS
 from recipe_runner.stages.manifest import SourceTensor
 from recipe_runner.stages.registry import StageJob
 from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
@@ -45,19 +50,6 @@ from recipe_runner.trtllm import quant as tq
 from recipe_runner.io.safetensors_writer import write_safetensors
 
 INDEX_FILE = "model.safetensors.index.json"  # makes the artifact readable by SourceCheckpoint
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    algo: str
-    kv_cache: str = "none"
-    group_size: int = 128
-    smoothquant_alpha: float = 0.5
-    exclude_modules: tuple[str, ...] = ("lm_head",)
-
-    @property
-    def needs_statistics(self) -> bool:
-        return self.algo in CALIBRATED_ALGOS or self.kv_cache != "none"
 
 
 # ---- writing the artifact --------------------------------------------------------------------------
@@ -107,6 +99,11 @@ class LayerJob:
     rules: list[TensorRule] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
 
+    @property
+    def quantizer(self) -> ProjectionQuantizer:
+        form = TRTLLM_SQ_PLUGIN if self.settings.algorithm.sq_plugin else TRTLLM
+        return ProjectionQuantizer(self.settings, form, self.dtype)
+
     def weight(self, projection: str) -> torch.Tensor:
         """The projection's weight as the checkpoint stores it (model dtype), in float32."""
         w = self.reader.read(hf.layer_tensor(self.index, projection + ".weight"))
@@ -140,9 +137,16 @@ class LayerJob:
                 keep.append(lin)
         return keep
 
-    def x_absmax(self, projection: str) -> torch.Tensor:
-        assert self.stats is not None
-        return self.stats.linear(self.index, projection).x_absmax
+    def scaling(self, projections: list[str], norm: str | None = None) -> GroupScaling:
+        """The shared values of an input group's (quantized) projections; `norm`: the HF norm before it,
+        when the form folds the smoothing into it."""
+        read_norm = None
+        if norm is not None:
+            read_norm = lambda: self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype).float()  # noqa: E731
+        return self.quantizer.scale_group(self.stats, self.index, projections, self.weight, read_norm)
+
+    def quantize(self, projection: str, scaling: GroupScaling) -> QuantizedProjection:
+        return self.quantizer.quantize(self.weight(projection), scaling)
 
     def y_amax(self, projection: str) -> float:
         assert self.stats is not None
@@ -169,58 +173,49 @@ def _projections(group: list[tq.LinearModule]) -> list[str]:
     return [p for lin in group for p in lin.projections]
 
 
-# ---- algorithms, one layer at a time -------------------------------------------------------------
+# ---- algorithms, one layer at a time: the quantizer's results laid out as rank-file tensors ---------
 
 def _weight_only(job: LayerJob) -> None:
-    fmt = weight_only.FORMATS[tq.WEIGHT_ONLY_BITS[job.settings.algo]]
     for lin in job.linears():
         for proj in lin.projections:
-            job.add(proj, "weight_only_scale", weight_only.per_channel_scales(job.weight(proj), fmt))
+            job.add(proj, "weight_only_scale", job.quantize(proj, NO_SCALING).weight_scale)
     job.flush("scales")
 
 
 def _fp8(job: LayerJob) -> None:
     for group in _input_groups(job.linears()):
-        projections = _projections(group)
-        # one weight scale per fused qkv, and one shared by fc and gate (trtllm-build fuses them)
-        w_scale = fp8.fp8_scale(max(float(absmax(job.weight(p))) for p in projections))
-        a_scale = fp8.fp8_scale(float(job.x_absmax(projections[0]).max()))
+        # one weight scale per fused qkv, and one shared by fc and gate (the form's fused_weight_scale)
+        scaling = job.scaling(_projections(group))
         for lin in group:
             for proj in lin.projections:
-                job.add(proj, "qweight", fp8.quantize_fp8(job.weight(proj), w_scale), file=proj)
+                q = job.quantize(proj, scaling)
+                job.add(proj, "qweight", q.codes, file=proj)
                 job.flush(proj)
             job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin),
                      [(p, job.name(p, "qweight")) for p in lin.projections])
-            for suffix, value in ((tq.WEIGHTS_SCALING_FACTOR, w_scale), (tq.ACTIVATION_SCALING_FACTOR, a_scale)):
-                job.rule(f"{lin.name}.{suffix}", "none", [("", job.add(lin.name, suffix, value))])
+            for suffix, value in ((tq.WEIGHTS_SCALING_FACTOR, q.weight_scale), (tq.ACTIVATION_SCALING_FACTOR,
+                                                                                 scaling.input_scale)):
+                job.rule(f"{lin.name}.{suffix}", "none", [("", job.add(lin.name, suffix, value.reshape(1)))])
     job.flush("scales")
-
-
-def _smoother(job: LayerJob, projections: list[str]) -> torch.Tensor:
-    colmax = torch.stack([sq.column_absmax(job.weight(p)) for p in projections]).amax(dim=0)
-    return sq.factors_from_column_max(job.x_absmax(projections[0]), colmax, job.settings.smoothquant_alpha)
 
 
 def _sq_modelopt(job: LayerJob) -> None:
     """W8A8_SQ_PER_CHANNEL: W ≈ codes·scale[out]·prequant[in]; the engine multiplies x by prequant."""
     for group in _input_groups(job.linears()):
-        projections = _projections(group)
-        prequant = (1.0 / _smoother(job, projections)).to(job.dtype)  # stored in the model dtype...
-        s = 1.0 / prequant.float()  # ...so the weights are smoothed by exactly what the engine undoes
-        a_scale = sq.activation_scale(float((job.x_absmax(projections[0]) * prequant.float()).max()))
+        scaling = job.scaling(_projections(group))
         for lin in group:
             row = lin.parallel == "row"
             for proj in lin.projections:
-                q = sq.quantize_int8_per_channel(sq.smooth_weight(job.weight(proj), s, inplace=True))
+                q = job.quantize(proj, scaling)
                 job.add(proj, "qweight", q.codes, file=proj)
-                job.add(proj, tq.WEIGHTS_SCALING_FACTOR, q.scale, file=proj)
+                job.add(proj, tq.WEIGHTS_SCALING_FACTOR, q.weight_scale, file=proj)
                 job.flush(proj)
             job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin), [(p, job.name(p, "qweight")) for p in lin.projections])
             scale_sources = [(p, job.name(p, tq.WEIGHTS_SCALING_FACTOR)) for p in lin.projections]
             job.rule(f"{lin.name}.{tq.WEIGHTS_SCALING_FACTOR}", "none" if row else "out", scale_sources)
             job.rule(f"{lin.name}.{tq.ACTIVATION_SCALING_FACTOR}", "none",
-                     [("", job.add(lin.name, tq.ACTIVATION_SCALING_FACTOR, a_scale))])
-            pq_name = job.add(lin.name, tq.PREQUANT_SCALING_FACTOR, prequant)
+                     [("", job.add(lin.name, tq.ACTIVATION_SCALING_FACTOR, scaling.input_scale.reshape(1)))])
+            pq_name = job.add(lin.name, tq.PREQUANT_SCALING_FACTOR, scaling.smoothing.prequant)
             job.rule(f"{lin.name}.{tq.PREQUANT_SCALING_FACTOR}", "in" if row else "none", [(lin.projections[0], pq_name)])
     job.flush("scales")
 
@@ -228,7 +223,7 @@ def _sq_modelopt(job: LayerJob) -> None:
 def _sq_plugin(job: LayerJob) -> None:
     """TensorRT-LLM's SmoothQuant plugin form (spec §4.2): smoothers folded into the norms (qkv,
     fc/gate) or kept as `smoother` tensors (dense, proj); static or per-token activations."""
-    per_token = job.settings.algo == "w8a8_sq_per_channel_per_token"
+    per_token = job.settings.algorithm.activations == "dynamic"
     norms = {"attention.qkv": (hf.INPUT_LAYERNORM, tq.INPUT_LAYERNORM),
              "mlp.fc": (hf.POST_ATTENTION_LAYERNORM, tq.POST_LAYERNORM)}
     module_scale = {"attention.dense": tq.ATTENTION_QUANTIZATION_SCALING_FACTOR,
@@ -238,46 +233,42 @@ def _sq_plugin(job: LayerJob) -> None:
         raise UserError(f"the SmoothQuant plugin form ({job.settings.algo}) quantizes every decoder layer; "
                         f"exclude_modules cannot exclude {job.excluded[0]}")
     for group in _input_groups(linears):
-        projections = _projections(group)
-        s = _smoother(job, projections)
-        x_max = float((job.x_absmax(projections[0]) / s).max())  # the smoothed input's range
         head = group[0].name
-        if head in norms:  # fold s into the preceding RMSNorm: norm / s
-            hf_norm, tl_norm = norms[head]
-            norm = job.reader.read(hf.layer_tensor(job.index, hf_norm)).to(job.dtype).float()
-            smoothed = job.add(tl_norm, "smoothed", (norm / s).to(job.dtype))
+        hf_norm, tl_norm = norms.get(head, (None, None))
+        scaling = job.scaling(_projections(group), hf_norm)
+        x_max = scaling.input_amax  # the smoothed input's range
+        if tl_norm is not None:  # s folded into the preceding RMSNorm: norm / s
+            smoothed = job.add(tl_norm, "smoothed", scaling.smoothing.norm)
             job.rule(f"{tl_norm}.weight", "none", [("", smoothed)])
             scale_to_int = 1.0 if per_token else sq.static_scales(x_max, 1.0).x_orig_quant
             job.rule(f"{tl_norm}.{tq.SCALE_TO_INT}", "none",
                      [("", job.add(tl_norm, tq.SCALE_TO_INT, torch.tensor([scale_to_int])))])
         else:  # dense / proj: the network divides their input by `smoother` at run time
             lin = group[0]
-            smoother = job.add(lin.name, tq.SMOOTHER, s.float())
+            smoother = job.add(lin.name, tq.SMOOTHER, scaling.smoothing.smoother)
             job.rule(f"{lin.name}.{tq.SMOOTHER}", "in", [(lin.projections[0], smoother)], lead_one=True)
             if not per_token:
                 scale = torch.tensor([sq.static_scales(x_max, 1.0).x_orig_quant], dtype=torch.float32)
                 job.rule(module_scale[lin.name], "none",
                          [("", job.add(lin.name, "quantization_scaling_factor", scale))])
         for lin in group:
-            _sq_plugin_linear(job, lin, s, x_max, per_token)
+            _sq_plugin_linear(job, lin, scaling, per_token)
     job.flush("scales")
 
 
-def _sq_plugin_linear(job: LayerJob, lin: tq.LinearModule, s: torch.Tensor, x_max: float, per_token: bool) -> None:
+def _sq_plugin_linear(job: LayerJob, lin: tq.LinearModule, scaling: GroupScaling, per_token: bool) -> None:
     row = lin.parallel == "row"
     # y of the fused qkv is the concatenation of q, k and v: one static output range
-    static = sq.static_scales(x_max, max(job.y_amax(p) for p in lin.projections))
+    static = sq.static_scales(scaling.input_amax, max(job.y_amax(p) for p in lin.projections))
     scale_sources = []
     for proj in lin.projections:
-        w = sq.smooth_weight(job.weight(proj), s, inplace=True)
+        q = job.quantize(proj, scaling)
         if per_token:  # per-channel weights; dequantization happens per token × per channel
-            q = sq.quantize_int8_per_channel(w)
-            scale = q.scale
+            scale = q.weight_scale
         else:  # per-tensor weights (one per q/k/v part); y = acc · s_y/(s_x·s_w) requantized
-            q = sq.quantize_int8_per_tensor(w)
-            scale = static.y_accum_quant(q.scale)
+            scale = static.y_accum_quant(q.weight_scale.reshape(1))
             if lin.name == "attention.qkv":  # SmoothQuantAttention forces per-channel layout for qkv
-                scale = scale.expand(w.shape[0]).clone()
+                scale = scale.expand(q.codes.shape[0]).clone()
         job.add(proj, "qweight", q.codes, file=proj)
         job.add(proj, tq.PER_CHANNEL_SCALE, scale, file=proj)
         scale_sources.append((proj, job.name(proj, tq.PER_CHANNEL_SCALE)))
@@ -293,27 +284,20 @@ def _sq_plugin_linear(job: LayerJob, lin: tq.LinearModule, s: torch.Tensor, x_ma
 
 def _awq(job: LayerJob) -> None:
     g = job.settings.group_size
-    assert job.stats is not None
     for group in _input_groups(job.linears()):
-        projections = _projections(group)
-        # the searched scales of the input group (named by its first projection in calibration)
-        first = next(grp for grp in INPUT_GROUPS if projections[0] in grp)[0]
-        prequant = (1.0 / job.stats.awq_scales(job.index, first)).to(job.dtype)
-        s = 1.0 / prequant.float()
+        scaling = job.scaling(_projections(group))
         for lin in group:
             row = lin.parallel == "row"
             for proj in lin.projections:
-                w = sq.smooth_weight(job.weight(proj), s, inplace=True)
-                scales = awq.group_scales(w, g)
-                codes = awq.quantize_groupwise(w, scales, g)
-                job.add(proj, "qweight", pack_int4_rows(codes), file=proj)
-                job.add(proj, tq.WEIGHTS_SCALING_FACTOR, scales, file=proj)
+                q = job.quantize(proj, scaling)
+                job.add(proj, "qweight", pack_int4_rows(q.codes), file=proj)
+                job.add(proj, tq.WEIGHTS_SCALING_FACTOR, q.weight_scale, file=proj)
                 job.flush(proj)
             job.rule(f"{lin.name}.{tq.WEIGHT}", _weight_split(lin), [(p, job.name(p, "qweight")) for p in lin.projections],
                      pack=1 if row else 2)
             job.rule(f"{lin.name}.{tq.WEIGHTS_SCALING_FACTOR}", _weight_split(lin),
                      [(p, job.name(p, tq.WEIGHTS_SCALING_FACTOR)) for p in lin.projections], in_group=g if row else 1)
-            pq_name = job.add(lin.name, tq.PREQUANT_SCALING_FACTOR, prequant)
+            pq_name = job.add(lin.name, tq.PREQUANT_SCALING_FACTOR, scaling.smoothing.prequant)
             job.rule(f"{lin.name}.{tq.PREQUANT_SCALING_FACTOR}", "in" if row else "none", [(lin.projections[0], pq_name)])
     job.flush("scales")
 
@@ -326,16 +310,19 @@ def _kv_cache(job: LayerJob) -> None:
     job.flush("kv")
 
 
-ALGORITHMS: dict[str, Callable[[LayerJob], None]] = {
-    "none": lambda job: None,
-    "w8a16": _weight_only,
-    "w4a16": _weight_only,
-    "fp8": _fp8,
-    "w8a8_sq_per_channel": _sq_modelopt,
-    "w8a8_sq_per_channel_per_token": _sq_plugin,
-    "w8a8_sq_per_tensor": _sq_plugin,
-    "w4a16_awq": _awq,
+# the rank-file layout of each family (nvfp4 has no TensorRT-LLM checkpoint form: targets.py refuses it)
+WRITERS: dict[str, Callable[[LayerJob], None]] = {
+    NONE: lambda job: None,
+    WEIGHT_ONLY: _weight_only,
+    FP8: _fp8,
+    SMOOTHQUANT: lambda job: (_sq_plugin if job.settings.algorithm.sq_plugin else _sq_modelopt)(job),
+    AWQ: _awq,
 }
+# What TensorRT-LLM's checkpoint decides about the math (quant/projection.py): its converter multiplies
+# W by 1/prequant (the plugin form keeps s in float32), trtllm-build fuses qkv and fc/gate into one FP8
+# GEMM (one weight scale each), and it quantizes W8A16/W4A16 itself (only the scales are kept, for verify).
+TRTLLM = Form(PREQUANT, fused_weight_scale=True, weight_only_codes=False)
+TRTLLM_SQ_PLUGIN = Form(FLOAT, fused_weight_scale=True, weight_only_codes=False)
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -343,6 +330,8 @@ ALGORITHMS: dict[str, Callable[[LayerJob], None]] = {
 def quantize_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings: QuantSettings, dtype: str,
                         out_dir: Path, log: Callable[[str], None] = lambda _: None) -> QuantizedArtifact:
     """Write the quantize artifact for `source_dir` into `out_dir` (an existing, empty directory)."""
+    if not settings.algorithm.trtllm_checkpoint:
+        raise ValueError(f"algo {settings.algo} has no TensorRT-LLM checkpoint form")
     if settings.needs_statistics and stats is None:
         raise ValueError(f"algo {settings.algo} / kv_cache {settings.kv_cache} needs calibration statistics")
     cfg = read_model_config(source_dir)
@@ -353,30 +342,23 @@ def quantize_checkpoint(source_dir: Path, stats: CalibrationStats | None, settin
     excluded: list[str] = []
     for index in range(cfg.num_hidden_layers):
         job = LayerJob(index, cfg, reader, getattr(torch, dtype), settings, stats, writer)
-        ALGORITHMS[settings.algo](job)
-        if settings.kv_cache != "none":
+        WRITERS[settings.algorithm.family](job)
+        if KV_CACHES[settings.kv_cache].quantized:
             _kv_cache(job)
         layers[index] = tuple(job.rules)
         excluded += job.excluded
         log(f"quantized layer {index + 1}/{cfg.num_hidden_layers}")
     writer.write_index()
-    section = tq.quantization_section(settings.algo, settings.kv_cache, group_size=settings.group_size,
-                                      smoothquant_alpha=settings.smoothquant_alpha,
-                                      exclude_modules=settings.exclude_modules)
+    section = tq.quantization_section(settings)
     artifact = QuantizedArtifact(settings.algo, settings.kv_cache, section, layers, dict(writer.tensors),
                                  tuple(excluded), dtype)
     (out_dir / ARTIFACT_FILE).write_text(artifact.to_json(), encoding="utf-8")
     return artifact
 
 
-def settings_from_params(params: Mapping) -> QuantSettings:
-    return QuantSettings(params["algo"], params["kv_cache"], params["group_size"], params["smoothquant_alpha"],
-                         tuple(params["exclude_modules"]))
-
-
 def run_quantize(job: StageJob) -> None:
     """Build executor: quantize the source with the calibrate stage's statistics (if any)."""
-    settings = settings_from_params(job.params)
+    settings = QuantSettings.from_params(job.params)
     model = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))
     stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None
     quantize_checkpoint(job.inputs["source"], stats, settings, model["dtype"], job.out_dir)

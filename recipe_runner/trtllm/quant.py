@@ -1,6 +1,7 @@
-"""The quantized parts of the TensorRT-LLM checkpoint format: QuantAlgo names, the
-`quantization` section of config.json, module names that `exclude_modules` matches, and the
-tensor names each algorithm adds (spec §2.4, §4, §4.6; verified-layouts.md).
+"""The quantized parts of the TensorRT-LLM checkpoint format: the `quantization` section of
+config.json (each algo's QuantAlgo name is in quant/algorithms.py), module names that
+`exclude_modules` matches, and the tensor names each algorithm adds (spec §2.4, §4, §4.6;
+verified-layouts.md).
 
 Facts copied here (trtllm-build reads them; nothing reads ../shared at run time):
 * QuantAlgo is a StrEnum whose serialized value equals the member name.
@@ -17,26 +18,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from recipe_runner.quant.algorithms import AWQ, KV_CACHES, SMOOTHQUANT
 from recipe_runner.trtllm.config import quant_config
 
-# recipe quantization.algo -> QuantAlgo (config.json quantization.quant_algo)
-QUANT_ALGO: dict[str, str | None] = {
-    "none": None,
-    "w8a16": "W8A16",
-    "w4a16": "W4A16",
-    "w4a16_awq": "W4A16_AWQ",
-    # ModelOpt's out-of-the-box form (Int8SmoothQuantLinear), verified-layouts.md
-    "w8a8_sq_per_channel": "W8A8_SQ_PER_CHANNEL",
-    # TensorRT-LLM's plugin forms (SmoothQuantAttention/GatedMLP/RmsNorm), spec §4.2
-    "w8a8_sq_per_channel_per_token": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-    "w8a8_sq_per_tensor": "W8A8_SQ_PER_TENSOR_PLUGIN",
-    "fp8": "FP8",
-}
-KV_CACHE_QUANT_ALGO: dict[str, str | None] = {"none": None, "int8": "INT8", "fp8": "FP8"}
-SQ_PLUGIN_ALGOS = frozenset({"w8a8_sq_per_channel_per_token", "w8a8_sq_per_tensor"})
-WEIGHT_ONLY_BITS = {"w8a16": 8, "w4a16": 4}
+if TYPE_CHECKING:
+    from recipe_runner.quant.settings import QuantSettings
 
 DEFAULT_EXCLUDES = ("*lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
                     "*shared_expert_gate")
@@ -85,17 +73,18 @@ def config_exclude_modules(patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def quantization_section(algo: str, kv_cache: str, *, group_size: int, smoothquant_alpha: float,
-                         exclude_modules: Sequence[str]) -> dict[str, Any]:
-    """config.json `quantization` for a recipe's quantization settings."""
-    quant_algo = QUANT_ALGO[algo]
-    fields: dict[str, Any] = {"quant_algo": quant_algo, "kv_cache_quant_algo": KV_CACHE_QUANT_ALGO[kv_cache]}
-    if algo == "w4a16_awq":
-        fields.update(group_size=group_size, pre_quant_scale=True, has_zero_point=False)
-    if algo.startswith("w8a8_sq"):
-        fields["smoothquant_val"] = smoothquant_alpha
+def quantization_section(settings: QuantSettings) -> dict[str, Any]:
+    """config.json `quantization` for a recipe's quantization settings (QuantAlgo names: quant/algorithms.py)."""
+    algorithm = settings.algorithm
+    quant_algo = algorithm.trtllm_quant_algo
+    fields: dict[str, Any] = {"quant_algo": quant_algo,
+                              "kv_cache_quant_algo": KV_CACHES[settings.kv_cache].trtllm_kv_algo}
+    if algorithm.family == AWQ:
+        fields.update(group_size=settings.group_size, pre_quant_scale=True, has_zero_point=False)
+    if algorithm.family == SMOOTHQUANT:
+        fields["smoothquant_val"] = settings.smoothquant_alpha
     if quant_algo is not None:
-        fields["exclude_modules"] = config_exclude_modules(exclude_modules)
+        fields["exclude_modules"] = config_exclude_modules(settings.exclude_modules)
     return quant_config(**fields)
 
 
