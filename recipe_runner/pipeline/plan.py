@@ -152,18 +152,13 @@ def refuse_remote_code(recipe: Recipe, source: SourceLocation) -> None:
 
 def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     """The rules that need the source's config.json, reported at the recipe field they concern."""
+    from recipe_runner.checks import model_findings
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.weights import check_source_weights
-    from recipe_runner.checks.mapping import mapping_findings
-    from recipe_runner.trtllm.mapping import ParallelMapping
 
     refuse_remote_code(recipe, source)
     model = read_model_config(source.directory)
-    mapping = ParallelMapping.from_recipe(recipe.data["mapping"])
-    findings = mapping_findings(mapping, model)
-    from recipe_runner.quant.rules import quantization_findings
-
-    findings += quantization_findings(model, recipe.data, mapping, source.directory)
+    findings = model_findings(model, recipe.data, source.directory)
     if findings:
         raise RecipeError([Problem(recipe.location(f), f, m) for f, m in findings])
     # then the weights themselves (recipe findings first: they only need config.json): safetensors

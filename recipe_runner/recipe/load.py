@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from recipe_runner.errors import Location, Problem, RecipeError
 from recipe_runner.recipe.matrix import expand_matrix
 from recipe_runner.recipe.model import Recipe
-from recipe_runner.recipe.rules import check_rules
+from recipe_runner.checks.recipe import check_rules
 from recipe_runner.recipe.schema import recipe_schema, validate_against_schema
 from recipe_runner.recipe.template import render_templates
 from recipe_runner.recipe.yaml_positions import ForeignFile, Positions, dotted, read_yaml

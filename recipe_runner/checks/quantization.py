@@ -1,6 +1,7 @@
 """Plan-time checks of a recipe's quantization against the source model, as (field, message).
 
-They run where plan.py runs its other model checks, so a build fails before any stage starts.
+They run with the other model checks (checks.model_findings, at plan time), so a build fails before any
+stage starts. The tokenizer check reads the source's tokenizer files.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def sharded_quantization_findings(model: ModelConfig, quant: Mapping[str, Any], 
 
 def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[Finding]:
     from recipe_runner.hf.files import tokenizer_problem
-    from recipe_runner.recipe.rules import needs_calibration
+    from recipe_runner.checks.recipe import needs_calibration
 
     if needs_calibration(quant):
         problem = tokenizer_problem(source_dir)
@@ -92,7 +93,8 @@ def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[F
 def quantization_findings(model: ModelConfig, recipe: Mapping[str, Any], mapping: ParallelMapping,
                           source_dir: Path) -> list[Finding]:
     """`mapping` is the recipe's, built once by the caller (plan.check_against_model)."""
-    from recipe_runner.hfexport.targets import TRTLLM_CHECKPOINT, model_findings, output_targets
+    from recipe_runner.checks.targets import model_findings
+    from recipe_runner.hfexport.targets import TRTLLM_CHECKPOINT, output_targets
 
     quant = recipe["quantization"]
     legacy = TRTLLM_CHECKPOINT in output_targets(recipe)

@@ -1,8 +1,8 @@
-"""Cross-field rules that a JSON Schema cannot say clearly.
+"""Cross-field rules of a recipe that a JSON Schema cannot say clearly, checked when it loads.
 
 Each rule is a named function over the normalized recipe data that yields
 (dotted path, message) pairs; the loader attaches file:line:col. Rules that
-need the source model's config.json run at plan time (see plan.py).
+need the source model's config.json run at plan time (checks.model_findings).
 """
 from __future__ import annotations
 
@@ -97,8 +97,8 @@ def verify_has_inputs(recipe: Mapping[str, Any]) -> Iterator[Finding]:
 
 
 def output_targets_load(recipe: Mapping[str, Any]) -> Iterator[Finding]:
-    """Every output target must be loadable by a consumer with the recipe's quantization (hfexport/targets.py)."""
-    from recipe_runner.hfexport.targets import target_findings
+    """Every output target must be loadable by a consumer with the recipe's quantization (checks/targets.py)."""
+    from recipe_runner.checks.targets import target_findings
 
     yield from target_findings(recipe)
 
