@@ -13,7 +13,7 @@ RECIPES = sorted(p.relative_to(REPO) for p in (REPO / "recipes").rglob("*.yaml")
 GOLDEN = REPO / "tests" / "golden"
 # the order `recipe plan` lists stages in; verify runs before the engine: a checkpoint is proven on
 # CPU before GPU hours go into it
-STAGE_ORDER = ("convert", "calibrate", "quantize", "export-hf-modelopt", "export-hf-compressed-tensors", "shard",
+STAGE_ORDER = ("convert", "calibrate", "quantize", "shard", "export-hf-modelopt", "export-hf-compressed-tensors",
                "verify", "build-engine")
 
 

@@ -12,12 +12,9 @@ from typing import Any, Mapping
 
 from recipe_runner.quant.algorithms import (ALGORITHMS, HF_COMPRESSED_TENSORS, HF_MODELOPT, KV_CACHES,
                                            TRTLLM_CHECKPOINT, TRTLLM_PYTORCH, VLLM, quantizes)
-from recipe_runner.stages.registry import STAGES
 
 HF_TARGETS = (HF_MODELOPT, HF_COMPRESSED_TENSORS)
 DEFAULT_TARGETS = (TRTLLM_CHECKPOINT,)
-# the stage that writes each HF target (stages/registry.py)
-EXPORT_STAGES = {spec.target: name for name, spec in STAGES.items() if spec.target in HF_TARGETS}
 
 # Which algo each HF target is written for, the consumers that load it and why the others are refused:
 # each Algorithm's hf_loaders / hf_refusals (quant/algorithms.py). "none" with kv_cache fp8 is the KV-only

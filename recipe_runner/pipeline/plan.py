@@ -9,12 +9,10 @@ from typing import Any, Mapping
 from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
-from recipe_runner.quant.algorithms import ALGORITHMS, needs_calibration, quantizes, statistics_families
-from recipe_runner.hfexport.targets import (EXPORT_STAGES, HF_TARGETS, TRTLLM_CHECKPOINT, output_targets,
-                                           target_notes)
+from recipe_runner.hfexport.targets import target_notes
 from recipe_runner.hf.sources import SourceLocation, locate_source
 # `build --until` takes a stage name or an alias (`checkpoint` = everything up to the rank files)
-from recipe_runner.stages.registry import UNTIL_ALIASES, VERIFIED_STAGES
+from recipe_runner.stages.registry import STAGES, UNTIL_ALIASES
 
 
 
@@ -55,56 +53,10 @@ class Plan:
         }
 
 
-def _pick(section: Mapping[str, Any] | None, *keys: str) -> dict:
-    section = section or {}
-    return {k: thaw(section[k]) for k in keys if k in section}
-
-
 def recipe_stages(recipe: Recipe) -> list[Stage]:
-    """Every stage the recipe needs, in order, before --until/--no-verify cuts."""
-    d = recipe.data
-    quant = d["quantization"]
-    algorithm = ALGORITHMS[quant["algo"]]
-    calibrated = needs_calibration(quant["algo"], quant["kv_cache"])
-    quantized = quantizes(quant["algo"], quant["kv_cache"])
-    specs: list[tuple[str, tuple[str, ...], dict]] = [
-        ("convert", ("source",), _pick(d["source"], "dtype", "trust_remote_code")),
-    ]
-    if calibrated:
-        calib = dict(thaw(quant["calibration"]))
-        # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
-        calib["statistics"] = statistics_families(quant["algo"], quant["kv_cache"])
-        calib.update(_pick(quant, *algorithm.calibration_params))  # AWQ's scale search quantizes with group_size
-        calib["trust_remote_code"] = d["source"]["trust_remote_code"]  # the tokenizer may be the model's code
-        # the tokenizer turns the calibration texts into the tokens the statistics come from
-        specs.append(("calibrate", ("source", "calibration-data", "tokenizer"), calib))
-    targets = output_targets(d)
-    # the stages that quantize read the source weights, beside the model facts and statistics
-    upstream = ("convert", "calibrate", "source") if calibrated else ("convert", "source")
-    legacy = TRTLLM_CHECKPOINT in targets
-    if quantized and legacy:
-        specs.append(("quantize", upstream,
-                      _pick(quant, "algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")))
-    # HF targets quantize for their own consumers from the shared convert + calibrate outputs
-    for target in (t for t in HF_TARGETS if t in targets):
-        specs.append((EXPORT_STAGES[target], upstream,
-                      _pick(quant, "algo", "kv_cache", *algorithm.params, "exclude_modules")))
-    if legacy:
-        specs.append(("shard", ("quantize" if quantized else "convert", "source"), thaw(d["mapping"])))
-    verified = "verify" in d and d["verify"]["enabled"]
-    if verified:
-        # every checkpoint the recipe writes: the rank files, then each HF export (see VERIFIED_STAGES)
-        checked = tuple(s for s in VERIFIED_STAGES if s in {name for name, _, _ in specs})
-        # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
-        verify_inputs = checked + (("source", "tokenizer") if d["verify"]["prompts"] else ("source",))
-        specs.append(("verify", verify_inputs, {**_pick(d["verify"], "prompts", "token_ids", "tolerances"),
-                                                **_pick(d["source"], "trust_remote_code")}))
-    if "engine" in d and legacy:
-        specs.append(("build-engine", ("shard",), thaw(d["engine"])))
-    stages = [Stage(name, inputs, params) for name, inputs, params in specs]
-    if verified and "engine" in d:  # the engine waits for verify, whose key it does not include
-        stages[-1] = dataclasses.replace(stages[-1], after=("verify",))
-    return stages
+    """Every stage the recipe uses, in registry order, before --until/--no-verify cuts."""
+    uses = ((name, spec.uses(recipe.data)) for name, spec in STAGES.items())
+    return [Stage(name, use.inputs, use.params, use.after) for name, use in uses if use is not None]
 
 
 def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False) -> Plan:

@@ -1,9 +1,11 @@
 """Every stage of the pipeline, one StageSpec each: the single table of what a stage is.
 
 Plan, keys, the scheduler and its executors, `--until`, verify and publishing all read it, so a new
-stage (a new output format, say) is one entry here plus the module that fills its entry. Data only:
-the executors are named as "module:function" and imported when the stage runs, because most of
-them import torch, which a warm no-op build never needs.
+stage (a new output format, say) is one entry here plus the module that fills its entry. A spec says
+whether a recipe uses the stage and, if so, its inputs and exactly the recipe fields its result depends
+on (`uses`), which become its key's params: all its run function ever sees (StageJob). The executors
+are named as "module:function" and imported when the stage runs, because most of them import torch,
+which a warm no-op build never needs.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from recipe_runner.recipe.model import freeze
+from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT, TRTLLM_CHECKPOINT, output_targets
+from recipe_runner.quant.algorithms import ALGORITHMS, needs_calibration, quantizes, statistics_families
+from recipe_runner.recipe.model import freeze, thaw
 
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
@@ -30,9 +34,103 @@ def _layer(m: "ModelConfig") -> int:  # one decoder layer's linears in float32
 
 
 @dataclass(frozen=True)
+class StageUse:
+    """How one recipe uses a stage."""
+
+    inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data" / "tokenizer"
+    params: dict[str, Any]  # exactly the recipe fields its result depends on
+    after: tuple[str, ...] = ()  # stages that must succeed first without entering the key
+
+
+Recipe = Mapping[str, Any]  # a normalized recipe's data
+
+
+def _pick(section: Mapping[str, Any] | None, *keys: str) -> dict:
+    section = section or {}
+    return {k: thaw(section[k]) for k in keys if k in section}
+
+
+def _calibrated(d: Recipe) -> bool:
+    return needs_calibration(d["quantization"]["algo"], d["quantization"]["kv_cache"])
+
+
+def _quantized(d: Recipe) -> bool:
+    return quantizes(d["quantization"]["algo"], d["quantization"]["kv_cache"])
+
+
+def _quantizing_inputs(d: Recipe) -> tuple[str, ...]:
+    """The stages that quantize read the source weights, beside the model facts and statistics."""
+    return ("convert", "calibrate", "source") if _calibrated(d) else ("convert", "source")
+
+
+def _convert(d: Recipe) -> StageUse:
+    return StageUse(("source",), _pick(d["source"], "dtype", "trust_remote_code"))
+
+
+def _calibrate(d: Recipe) -> StageUse | None:
+    if not _calibrated(d):
+        return None
+    quant = d["quantization"]
+    params = dict(thaw(quant["calibration"]))
+    # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
+    params["statistics"] = statistics_families(quant["algo"], quant["kv_cache"])
+    params.update(_pick(quant, *ALGORITHMS[quant["algo"]].calibration_params))  # AWQ's search uses group_size
+    params["trust_remote_code"] = d["source"]["trust_remote_code"]  # the tokenizer may be the model's code
+    # the tokenizer turns the calibration texts into the tokens the statistics come from
+    return StageUse(("source", "calibration-data", "tokenizer"), params)
+
+
+def _quantize(d: Recipe) -> StageUse | None:
+    if not (_quantized(d) and TRTLLM_CHECKPOINT in output_targets(d)):
+        return None
+    fields = ("algo", "kv_cache", "group_size", "smoothquant_alpha", "exclude_modules")
+    return StageUse(_quantizing_inputs(d), _pick(d["quantization"], *fields))
+
+
+def _shard(d: Recipe) -> StageUse | None:
+    if TRTLLM_CHECKPOINT not in output_targets(d):
+        return None
+    return StageUse(("quantize" if _quantized(d) else "convert", "source"), thaw(d["mapping"]))
+
+
+def _export_hf(target: str) -> Callable[[Recipe], StageUse | None]:
+    """An HF target quantizes for its own consumers from the shared convert + calibrate outputs."""
+    def use(d: Recipe) -> StageUse | None:
+        if target not in output_targets(d):
+            return None
+        quant = d["quantization"]
+        fields = ("algo", "kv_cache", *ALGORITHMS[quant["algo"]].params, "exclude_modules")
+        return StageUse(_quantizing_inputs(d), _pick(quant, *fields))
+    return use
+
+
+def _verifies(d: Recipe) -> bool:
+    return "verify" in d and d["verify"]["enabled"]
+
+
+def _verify(d: Recipe) -> StageUse | None:
+    if not _verifies(d):
+        return None
+    # every checkpoint the recipe writes: the rank files, then each HF export (VERIFIED_STAGES order)
+    checked = tuple(name for name in VERIFIED_STAGES if STAGES[name].uses(d) is not None)
+    # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
+    inputs = checked + (("source", "tokenizer") if d["verify"]["prompts"] else ("source",))
+    params = {**_pick(d["verify"], "prompts", "token_ids", "tolerances"), **_pick(d["source"], "trust_remote_code")}
+    return StageUse(inputs, params)
+
+
+def _build_engine(d: Recipe) -> StageUse | None:
+    if "engine" not in d or TRTLLM_CHECKPOINT not in output_targets(d):
+        return None
+    # the engine waits for verify, whose key it does not include
+    return StageUse(("shard",), thaw(d["engine"]), after=("verify",) if _verifies(d) else ())
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     version: int  # enters the stage's key: bump it whenever its code changes what it writes
+    uses: Callable[[Recipe], StageUse | None]  # its inputs and params for a recipe; None: the recipe has no use
     run: str  # "module:function" filling the entry: f(job: StageJob)
     memory: Callable[["ModelConfig", int], int]  # peak bytes, roughly (model, workers), for --max-memory
     publishes: str | None = None  # the folder of the output directory its entry is published as
@@ -40,22 +138,25 @@ class StageSpec:
     until_alias: str | None = None  # another name `build --until` accepts for it
 
 
-# In this order verify checks the targets: the first one's report is <output>/verify/verify.*,
-# the others' <output>/verify/<target>/verify.*.
+# In this order the plan lists the stages and verify checks the targets: the first one's report is
+# <output>/verify/verify.*, the others' <output>/verify/<target>/verify.*.
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
-    StageSpec("convert", 1, "recipe_runner.stages.model_facts:run_convert", lambda m, w: GiB // 2),
-    StageSpec("calibrate", 2, "recipe_runner.stages.calibrate:run_calibrate", lambda m, w: _layer(m) + 2 * GiB),
-    StageSpec("quantize", 1, "recipe_runner.stages.quantize:run_quantize", lambda m, w: _layer(m) + 2 * GiB),
-    StageSpec("shard", 1, "recipe_runner.stages.shard:run_shard", lambda m, w: w * (2 * _largest(m) + GiB),
-              publishes="checkpoint", target="trtllm-checkpoint", until_alias="checkpoint"),
-    StageSpec("export-hf-modelopt", 3, "recipe_runner.stages.export_hf:run_export_hf",
-              lambda m, w: 2 * _largest(m) + GiB, publishes="hf-modelopt", target="hf-modelopt"),
-    StageSpec("export-hf-compressed-tensors", 3, "recipe_runner.stages.export_hf:run_export_hf",
-              lambda m, w: 2 * _largest(m) + GiB, publishes="hf-compressed-tensors", target="hf-compressed-tensors"),
-    StageSpec("verify", 4, "recipe_runner.stages.verify:run_verify", lambda m, w: _layer(m) + _largest(m) + GiB,
-              publishes="verify"),
+    StageSpec("convert", 1, _convert, "recipe_runner.stages.model_facts:run_convert", lambda m, w: GiB // 2),
+    StageSpec("calibrate", 2, _calibrate, "recipe_runner.stages.calibrate:run_calibrate",
+              lambda m, w: _layer(m) + 2 * GiB),
+    StageSpec("quantize", 1, _quantize, "recipe_runner.stages.quantize:run_quantize",
+              lambda m, w: _layer(m) + 2 * GiB),
+    StageSpec("shard", 1, _shard, "recipe_runner.stages.shard:run_shard", lambda m, w: w * (2 * _largest(m) + GiB),
+              publishes="checkpoint", target=TRTLLM_CHECKPOINT, until_alias="checkpoint"),
+    StageSpec("export-hf-modelopt", 3, _export_hf(HF_MODELOPT), "recipe_runner.stages.export_hf:run_export_hf",
+              lambda m, w: 2 * _largest(m) + GiB, publishes="hf-modelopt", target=HF_MODELOPT),
+    StageSpec("export-hf-compressed-tensors", 3, _export_hf(HF_COMPRESSED_TENSORS),
+              "recipe_runner.stages.export_hf:run_export_hf", lambda m, w: 2 * _largest(m) + GiB,
+              publishes="hf-compressed-tensors", target=HF_COMPRESSED_TENSORS),
+    StageSpec("verify", 4, _verify, "recipe_runner.stages.verify:run_verify",
+              lambda m, w: _layer(m) + _largest(m) + GiB, publishes="verify"),
     # trtllm-build's memory is unknown here, so it runs alone under --max-memory
-    StageSpec("build-engine", 2, "recipe_runner.stages.engine:run_engine", lambda m, w: 1 << 62,
+    StageSpec("build-engine", 2, _build_engine, "recipe_runner.stages.engine:run_engine", lambda m, w: 1 << 62,
               publishes="engine", until_alias="engine"),
 )}
 
