@@ -75,7 +75,10 @@ def test_quantization_section_can_be_filled_by_later_stages():
 
 def test_resolve_dtype():
     assert resolve_dtype("auto", "bfloat16") == "bfloat16"
-    assert resolve_dtype("auto", None) == "float32"
+    # TensorRT-LLM's infer_dtype: float32 and a missing torch_dtype become float16
+    assert resolve_dtype("auto", None) == "float16"
+    assert resolve_dtype("auto", "float32") == "float16"
+    assert resolve_dtype("float32", "float32") == "float32"
     assert resolve_dtype("float16", "bfloat16") == "float16"
     with pytest.raises(UserError, match=r"dtype 'auto' cannot use the model's torch_dtype "
                                         r"'float64'; set dtype to one of float16, bfloat16, "

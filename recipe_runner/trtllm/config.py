@@ -34,14 +34,16 @@ QUANT_CONFIG_DEFAULTS: dict[str, Any] = {
 
 
 def resolve_dtype(dtype: str, hf_torch_dtype: str | None) -> str:
-    """The checkpoint dtype: an explicit one, or "auto" = the HF torch_dtype (float32 if absent)."""
+    """The checkpoint dtype: an explicit one, or "auto" as TensorRT-LLM's infer_dtype resolves it
+    (tensorrt_llm/models/convert_utils.py, 0.12 through 1.x): the HF torch_dtype, except that float32
+    and a missing torch_dtype become float16. A float32 checkpoint needs `dtype: float32`."""
     if dtype != "auto":
         if dtype not in CHECKPOINT_DTYPES:
             raise UserError(f"dtype '{dtype}' is not supported (allowed: auto, "
                             + ", ".join(CHECKPOINT_DTYPES) + ")")
         return dtype
-    if hf_torch_dtype is None:
-        return "float32"  # what TRT-LLM's infer_dtype does when the HF config has no dtype
+    if hf_torch_dtype is None or hf_torch_dtype == "float32":
+        return "float16"
     if hf_torch_dtype not in CHECKPOINT_DTYPES:
         raise UserError(f"dtype 'auto' cannot use the model's torch_dtype '{hf_torch_dtype}'; "
                         "set dtype to one of " + ", ".join(CHECKPOINT_DTYPES))
