@@ -314,7 +314,7 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
 def run_shard(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: Path, workers: int) -> None:
     """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
     from recipe_runner.hf.config import read_model_config
-    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.shard_plan import plan_rank_tensors
     from recipe_runner.stages.model_facts import MODEL_FILE
     from recipe_runner.trtllm.mapping import ParallelMapping
 
@@ -328,6 +328,6 @@ def run_shard(resolved: "ResolvedPlan", entries: dict[str, "Entry"], data_dir: P
     else:
         quantized, dirs, reader = None, resolved.source_dir, SourceCheckpoint(resolved.source_dir)
         dtype = json.loads((entries["convert"].path / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
-    manifest = plan_tensors(read_model_config(resolved.source_dir), reader, mapping=mapping, dtype=dtype,
+    manifest = plan_rank_tensors(read_model_config(resolved.source_dir), reader, mapping=mapping, dtype=dtype,
                             quantized=quantized)
     write_checkpoint(manifest, dirs, data_dir, workers=workers)

@@ -1,9 +1,11 @@
-"""Convert stage: plan every TensorRT-LLM tensor of every rank as lazy reads of the HF source.
+"""The shard stage's tensor planner: every TensorRT-LLM tensor of every rank as lazy reads of the
+HF source (and of the quantize stage's artifact, when there is one).
 
-The result, a `ConvertManifest`, is small and JSON-serializable; it is the convert stage's cached
-artifact. No tensor is materialized here: each planned tensor says which HF tensor(s) to read,
-which rows/columns, where zero padding goes and how the pieces are concatenated. The shard stage
-executes it.
+The result, a `ConvertManifest`, is the in-memory plan of every rank tensor: the shard stage makes
+it and executes it straight away (stages/shard.py), and the Python API does the same; it is never
+cached or written. No tensor is materialized here: each planned tensor says which HF tensor(s) to
+read, which rows/columns, where zero padding goes and how the pieces are concatenated. It is small
+and JSON-serializable, so tests and scripts can inspect it.
 
 The manifest's data model lives in `stages/manifest.py` (re-exported here). KV-head duplication
 needs no operation of its own: a rank holding a duplicated head reads that head's rows, so
@@ -195,7 +197,7 @@ def require_valid_mapping(model_config: ModelConfig, mapping: ParallelMapping) -
         raise UserError("\n".join(f"{path}: {msg}" for path, msg in problems))
 
 
-def plan_tensors(
+def plan_rank_tensors(
     model_config: ModelConfig,
     source: TensorSource,
     *,
@@ -221,7 +223,7 @@ def plan_tensors(
 
 def _plan_checked(model_config: ModelConfig, source: TensorSource, mapping: ParallelMapping, dtype: str,
                   quantized: "QuantizedArtifact | None") -> ConvertManifest:
-    """plan_tensors once `mapping` is known to be valid for `model_config`."""
+    """plan_rank_tensors once `mapping` is known to be valid for `model_config`."""
     out_dtype = resolve_dtype(dtype, model_config.torch_dtype)
     source.validate(model_config)
     config = build_checkpoint_config(
