@@ -20,13 +20,13 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from recipe_runner.calibration.stats import INPUT_GROUPS, CalibrationStats
-from recipe_runner.hf import names as hf
+from recipe_runner.calibration.stats import CalibrationStats
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hfexport import configs
 from recipe_runner.hfexport.exclusion import projection_excluded
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
+from recipe_runner.models.llama import LLAMA
 from recipe_runner.quant import awq, nvfp4, smoothquant as sq
 from recipe_runner.quant.chunks import row_slices
 from recipe_runner.quant.fp8 import E4M3_MAX, MIN_AMAX, quantize_fp8
@@ -38,8 +38,8 @@ MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (spec §1.2)
 INDEX_FILE = "model.safetensors.index.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-PROJECTIONS = tuple(p for group in INPUT_GROUPS for p in group)
-NORMS = {INPUT_GROUPS[0]: hf.INPUT_LAYERNORM, INPUT_GROUPS[2]: hf.POST_ATTENTION_LAYERNORM}
+PROJECTIONS = LLAMA.projection_names  # every architecture accepted today has LLaMA's layout (models/)
+NORMS = {g.projections: g.norm.hf_weight for g in LLAMA.groups if g.norm is not None}
 PACK_BITS = {"w8a16": 8, "w4a16": 4, "w4a16_awq": 4}
 
 
@@ -59,7 +59,7 @@ class ExportSettings:
 
 
 def _group(projection: str) -> tuple[str, ...]:
-    return next(g for g in INPUT_GROUPS if projection in g)
+    return LLAMA.group_of(projection).projections
 
 
 def _scalar(value: float) -> torch.Tensor:
@@ -78,7 +78,7 @@ class LayerExport:
     def weight(self, projection: str, cast: bool = True) -> torch.Tensor:
         """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is
         false; read in row chunks, so only the float32 result is as big as the weight."""
-        name = hf.layer_tensor(self.index, projection + ".weight")
+        name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
         rows, cols = self.reader.shape(name)
         w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
         for chunk in row_slices(rows, cols):
@@ -108,7 +108,7 @@ class LayerExport:
             s = sq.factors_from_column_max(self.x_amax(group[0]), colmax, self.s.smoothquant_alpha)
             v["pqs"] = (1.0 / s).to(self.dtype)
         if "pqs" in v and folded:  # the norm applies exactly f16(ln·pqs)/ln: divide W by that
-            ln = self.reader.read(hf.layer_tensor(self.index, NORMS[group])).to(self.dtype).float()
+            ln = self.reader.read(LLAMA.hf_layer_tensor(self.index, NORMS[group])).to(self.dtype).float()
             v["norm"] = (ln * v["pqs"].float()).to(self.dtype)
             v["pqs_eff"] = torch.where(ln != 0, v["norm"].float() / ln, v["pqs"].float())
         if algo == "fp8":
@@ -125,7 +125,7 @@ class LayerExport:
         """A norm weight, with the smoothing of the group it feeds folded in (model dtype)."""
         group = next(g for g, n in NORMS.items() if n == norm)
         folded = self.group(group).get("norm")
-        return folded if folded is not None else self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype)
+        return folded if folded is not None else self.reader.read(LLAMA.hf_layer_tensor(self.index, norm)).to(self.dtype)
 
     def projection(self, projection: str) -> dict[str, torch.Tensor]:
         """suffix -> tensor of one projection (weight, scales, KV scales)."""
@@ -173,10 +173,10 @@ class LayerExport:
                 out["pre_quant_scale"] = g["pqs"]
         else:
             raise ValueError(f"{self.s.target}: algo {algo} cannot be exported")
-        if self.s.kv_cache == "fp8" and projection in (hf.K_PROJ, hf.V_PROJ):
+        if self.s.kv_cache == "fp8" and projection in (LLAMA.key, LLAMA.value):
             # k_scale: amax of K after RoPE (the key states the cache holds; RoPE can grow |K| up to √2 over
             # the k_proj output); v_scale: amax of the v_proj output (V is not rotated)
-            y = (self.stats.k_after_rope_amax(self.index) if projection == hf.K_PROJ
+            y = (self.stats.k_after_rope_amax(self.index) if projection == LLAMA.key
                  else float(self.stats.linear(self.index, projection).y_absmax.max()))
             out[projection[-6] + "_scale"] = _scalar(max(y, MIN_AMAX) / E4M3_MAX)
         return out
@@ -250,7 +250,7 @@ def _projection_specs(settings: ExportSettings, layer: int, projection: str, sha
         s = {"weight": (torch.uint8, (o // 2, i)), "weight_scale": (f32, (o, i // g))}
         if _group(projection) not in NORMS:
             s["pre_quant_scale"] = (dtype, (i,))
-    if settings.kv_cache == "fp8" and projection in (hf.K_PROJ, hf.V_PROJ):
+    if settings.kv_cache == "fp8" and projection in (LLAMA.key, LLAMA.value):
         s[projection[-6] + "_scale"] = (f32, ())
     return s
 
