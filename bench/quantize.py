@@ -59,12 +59,12 @@ elif args["phase"] == "export":
 else:
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.layered import open_checkpoint
-    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.shard_plan import plan_rank_tensors
     from recipe_runner.stages.quantized import read_artifact
     from recipe_runner.stages.shard import write_checkpoint
     from recipe_runner.trtllm.mapping import ParallelMapping
     dirs = (Path(args["quant"]), src)
-    manifest = plan_tensors(read_model_config(src), open_checkpoint(dirs), mapping=ParallelMapping(args["tp"]),
+    manifest = plan_rank_tensors(read_model_config(src), open_checkpoint(dirs), mapping=ParallelMapping(args["tp"]),
                             dtype="bfloat16",
                             quantized=read_artifact(Path(args["quant"])))
     write_checkpoint(manifest, dirs, Path(args["out"]))

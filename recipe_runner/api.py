@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipe_runner.stages.convert import plan_convert
+from recipe_runner.stages.shard_plan import plan_convert
 from recipe_runner.stages.shard import write_checkpoint
 from recipe_runner.trtllm.mapping import ParallelMapping
 

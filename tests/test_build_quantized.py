@@ -97,13 +97,13 @@ def artifacts(quant_model, calibration, tmp_path_factory):
 def test_checkpoint_holds_exactly_the_spec_tensor_set(artifacts, quant_model, tmp_path, algo, kv, tp):
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.layered import open_checkpoint
-    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.shard_plan import plan_rank_tensors
     from recipe_runner.stages.shard import write_checkpoint
     from recipe_runner.trtllm.mapping import ParallelMapping
 
     directory, artifact = artifacts[(algo, kv)]
     dirs = (directory, quant_model)
-    manifest = plan_tensors(read_model_config(quant_model), open_checkpoint(dirs), mapping=ParallelMapping(tp),
+    manifest = plan_rank_tensors(read_model_config(quant_model), open_checkpoint(dirs), mapping=ParallelMapping(tp),
                             quantized=artifact)
     write_checkpoint(manifest, dirs, tmp_path / "ckpt")
     expected_layer = expected_layer_tensors(algo, kv, tp)
@@ -130,7 +130,7 @@ def test_sharded_tensors_reassemble_to_the_unsharded_ones(artifacts, quant_model
     packed int4 rows halved, per-row scales with their rows, prequant/smoother with the input split."""
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.layered import open_checkpoint
-    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.shard_plan import plan_rank_tensors
     from recipe_runner.stages.shard import write_checkpoint
     from recipe_runner.trtllm.mapping import ParallelMapping
     from tests.conftest import load_ranks
@@ -139,7 +139,7 @@ def test_sharded_tensors_reassemble_to_the_unsharded_ones(artifacts, quant_model
         directory, artifact = artifacts[(algo, "none")]
         dirs = (directory, quant_model)
         for tp in (1, 2):
-            m = plan_tensors(read_model_config(quant_model), open_checkpoint(dirs), mapping=ParallelMapping(tp),
+            m = plan_rank_tensors(read_model_config(quant_model), open_checkpoint(dirs), mapping=ParallelMapping(tp),
                              quantized=artifact)
             write_checkpoint(m, dirs, tmp_path / f"{algo}-{tp}")
         _, (whole,) = load_ranks(tmp_path / f"{algo}-1")

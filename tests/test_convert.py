@@ -235,7 +235,7 @@ def test_output_is_deterministic_and_loads_with_safe_open(tiny_model, tmp_path):
 @pytest.mark.parametrize("variant", ["gqa", "sharded"])
 def test_kernel_copies_and_small_blocks_give_same_bytes(variant, tiny_model, tmp_path):
     """Kernel byte-range copies, whole-tensor writes and tiny row blocks: one result."""
-    from recipe_runner.stages.convert import plan_convert
+    from recipe_runner.stages.shard_plan import plan_convert
     from recipe_runner.stages.shard import write_checkpoint
 
     model = tiny_model(variant)

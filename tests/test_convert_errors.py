@@ -185,7 +185,7 @@ def test_refuses_to_replace_unrelated_directory(tiny_model, tmp_path):
 
 
 def test_source_changed_after_planning(tiny_model, copy_model, tmp_path):
-    from recipe_runner.stages.convert import plan_convert
+    from recipe_runner.stages.shard_plan import plan_convert
     from recipe_runner.stages.shard import write_checkpoint
 
     model = copy_model(tiny_model("gqa"))
@@ -202,7 +202,7 @@ def test_source_changed_after_planning(tiny_model, copy_model, tmp_path):
 
 def test_worker_failure_propagates(tiny_model, copy_model, tmp_path):
     """An error inside a worker process reaches the caller as the same UserError."""
-    from recipe_runner.stages.convert import plan_convert
+    from recipe_runner.stages.shard_plan import plan_convert
     from recipe_runner.stages.shard import write_checkpoint
 
     model = copy_model(tiny_model("gqa"))

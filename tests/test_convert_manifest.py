@@ -1,4 +1,4 @@
-"""The convert stage's manifest: lazy, deterministic, serializable, equal to the reference math."""
+"""The shard planner's manifest: lazy, deterministic, serializable, equal to the reference math."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.stages.convert import (
+from recipe_runner.stages.shard_plan import (
     Concat,
     ConvertManifest,
     Read,
@@ -32,7 +32,7 @@ def test_json_round_trip_and_determinism(tiny_model):
     text = m.to_json()
     assert ConvertManifest.from_json(text) == m
     assert plan_convert(model, mapping=mapping).to_json() == text
-    assert str(model) not in text  # the artifact does not depend on where the source lives
+    assert str(model) not in text  # the plan does not depend on where the source lives
     assert m.world_size == 8 and m.config["mapping"]["world_size"] == 8
 
 

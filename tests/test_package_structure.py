@@ -1,5 +1,5 @@
 """The package reads top-down: no import cycles among recipe_runner's modules (imports at the top and
-inside functions alike), and no module over ~400 lines."""
+inside functions alike; those under `if TYPE_CHECKING:` never run), and no module over ~400 lines."""
 from __future__ import annotations
 
 import ast
@@ -27,10 +27,22 @@ def _owner(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node but the bodies of `if TYPE_CHECKING:` blocks (type hints only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
 def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     found = set()
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {_owner(a.name, modules) for a in node.names if a.name.startswith("recipe_runner")}
         elif isinstance(node, ast.ImportFrom):

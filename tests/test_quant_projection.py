@@ -6,12 +6,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recipe_runner.calibration.stats import INPUT_GROUPS, AwqResult, CalibrationStats, LinearStats
+from recipe_runner.calibration.stats import AwqResult, CalibrationStats, LinearStats
+from recipe_runner.models.llama import LLAMA
 from recipe_runner.hfexport.export import FORMS
 from recipe_runner.quant import smoothquant as sq
 from recipe_runner.quant.algorithms import ALGORITHMS
 from recipe_runner.quant.projection import NO_SCALING, ProjectionQuantizer
 from recipe_runner.quant.settings import QuantSettings
+
+INPUT_GROUPS = tuple(g.projections for g in LLAMA.groups)
 from recipe_runner.stages.quantize import TRTLLM, TRTLLM_SQ_PLUGIN
 
 F16 = torch.float16

@@ -21,14 +21,14 @@ import torch
 
 from recipe_runner.calibration.stats import (
     AWQ_SEARCH_TOKENS,
-    INPUT_GROUPS,
     AwqResult,
     CalibrationStats,
     LayerCollector,
 )
 from recipe_runner.calibration.tokens import Batch
-from recipe_runner.hf import names as hf
+from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.models import layout_for
 
 SPILL_BYTES = 1 << 30
 EMBED_BLOCK_BYTES = 64 << 20
@@ -65,9 +65,10 @@ def _decoder_classes(config):
     return m.LlamaDecoderLayer, m.LlamaRotaryEmbedding
 
 
-def embed(reader: SourceCheckpoint, ids: torch.Tensor, max_block_bytes: int = EMBED_BLOCK_BYTES) -> torch.Tensor:
-    """float32 embeddings of `ids` [B, T], reading only the embedding row blocks that hold them."""
-    vocab, hidden = reader.shape(hf.EMBED_TOKENS)
+def embed(reader: SourceCheckpoint, table: str, ids: torch.Tensor,
+          max_block_bytes: int = EMBED_BLOCK_BYTES) -> torch.Tensor:
+    """float32 embeddings of `ids` [B, T], reading only the row blocks of the embedding `table` that hold them."""
+    vocab, hidden = reader.shape(table)
     rows_per_block = max(1, max_block_bytes // (hidden * 4))
     wanted = torch.unique(ids)
     out = torch.empty((*ids.shape, hidden), dtype=torch.float32)
@@ -76,18 +77,18 @@ def embed(reader: SourceCheckpoint, ids: torch.Tensor, max_block_bytes: int = EM
         in_block = wanted[(wanted >= r0) & (wanted < r1)]
         if not in_block.numel():
             continue
-        block = reader.read(hf.EMBED_TOKENS, 0, r0, r1).float()
+        block = reader.read(table, 0, r0, r1).float()
         hit = (ids >= r0) & (ids < r1)
         out[hit] = block[ids[hit] - r0]
     return out
 
 
-def build_layer(config, layer_cls, reader: SourceCheckpoint, index: int) -> torch.nn.Module:
-    """Decoder layer `index` with its weights read from the source in float32 (no double allocation:
-    the module is created on the meta device and the loaded tensors are assigned)."""
+def build_layer(config, layer_cls, reader: SourceCheckpoint, prefix: str, index: int) -> torch.nn.Module:
+    """Decoder layer `index` with its weights (below `prefix`) read from the source in float32 (no double
+    allocation: the module is created on the meta device and the loaded tensors are assigned)."""
     with torch.device("meta"):
         layer = layer_cls(config, index)
-    state = {name: reader.read(hf.layer_tensor(index, name)).float() for name, _ in layer.named_parameters()}
+    state = {name: reader.read(prefix + name).float() for name, _ in layer.named_parameters()}
     reader.release()
     layer.load_state_dict(state, assign=True, strict=True)
     return layer.eval()
@@ -130,6 +131,7 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
     config = hf_config(model_dir, trust_remote_code=trust_remote_code)
     layer_cls, rotary_cls = _decoder_classes(config)
     reader = SourceCheckpoint(model_dir)
+    layout = layout_for(read_model_config(model_dir))
     rotary = rotary_cls(config=config)
     hidden_size = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden_size // config.num_attention_heads
@@ -139,11 +141,12 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
     quota = -(-AWQ_SEARCH_TOKENS // len(batches)) if options.awq_group_size else 0
     try:
         for b, batch in enumerate(batches):
-            states.put(b, embed(reader, batch.ids))
+            states.put(b, embed(reader, layout.embedding.hf, batch.ids))
         reader.release()
         for index in range(config.num_hidden_layers):
-            layer = build_layer(config, layer_cls, reader, index)
-            collector = LayerCollector(layer, with_mean=options.collect_mean, awq_quota=quota, head_dim=head_dim)
+            layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index)
+            collector = LayerCollector(layer, layout, with_mean=options.collect_mean, awq_quota=quota,
+                                       head_dim=head_dim)
             with torch.no_grad():
                 for b, batch in enumerate(batches):
                     collector.mask = batch.mask
@@ -173,8 +176,8 @@ def _awq_search(layer: torch.nn.Module, collector: LayerCollector, stats: Calibr
     from recipe_runner.quant.awq import search_scales
 
     with torch.no_grad():
-        for group in INPUT_GROUPS:
-            weights = [layer.get_submodule(p).weight for p in group]
-            x_mean = stats.linears[(index, group[0])].x_absmean
-            result = search_scales(collector.awq_inputs(group[0]), weights, x_mean, group_size)
-            stats.awq[(index, group[0])] = AwqResult(result.alpha, result.scales, list(result.errors))
+        for group in collector.layout.groups:
+            weights = [layer.get_submodule(p).weight for p in group.projections]
+            x_mean = stats.linears[(index, group.first)].x_absmean
+            result = search_scales(collector.awq_inputs(group.first), weights, x_mean, group_size)
+            stats.awq[(index, group.first)] = AwqResult(result.alpha, result.scales, list(result.errors))

@@ -5,7 +5,8 @@ Per linear (HF module names, e.g. model.layers.3.self_attn.q_proj) over all real
   x_absmax [in]   max |input| per input channel   (SmoothQuant a_j, FP8 activation amax)
   y_absmax [out]  max |output| per output channel (SmoothQuant static scales, KV cache scales)
   x_absmean [in]  mean |input| per input channel  (AWQ's x̄; collected for the awq family only)
-Per AWQ group (linears sharing an input, named by the first): the searched scales s [in].
+Per AWQ group (linears sharing an input, named by the first; the model layout's input groups):
+  the searched scales s [in].
 Per layer: k_rope_absmax [] = max |K after RoPE| over real tokens (the key states the attention
   sees; FP8 KV k_scale of the Hugging Face targets). Stored as layers.<i>.self_attn.k_rope_absmax;
   artifacts written before it existed simply lack it (readers raise "rebuild" only when it is needed).
@@ -20,15 +21,11 @@ import torch
 
 from recipe_runner.errors import UserError
 from recipe_runner.io.safetensors_writer import write_safetensors
+from recipe_runner.models.layout import ModelLayout
 
 STATS_FILE = "statistics.safetensors"
 META_FILE = "calibration.json"
 FORMAT = "recipe-runner/calibration/1"
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Linears that read the same input share one AWQ scale (and one SmoothQuant smoother).
-INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 K_ROPE_ABSMAX = "self_attn.k_rope_absmax"  # per-layer tensor name (no linear is called self_attn)
 AWQ_SEARCH_TOKENS = 1024  # tokens per group for the α search (α is one number; s uses every token)
 
@@ -118,22 +115,25 @@ def keys_after_rope(k_proj_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 class LayerCollector:
-    """Forward hooks on one decoder layer's linears; `mask` selects the real tokens of the batch
-    being run. With `awq_quota`, also keeps evenly spaced input rows per input group for the
-    AWQ scale search. With `head_dim`, also records max |K after RoPE| over the real tokens, from
-    the k_proj output and the batch's rotary tables `rope` = (cos, sin), set per batch like `mask`."""
+    """Forward hooks on one decoder layer's linears (the layout's projections); `mask` selects the
+    real tokens of the batch being run. With `awq_quota`, also keeps evenly spaced input rows per
+    input group for the AWQ scale search. With `head_dim`, also records max |K after RoPE| over the
+    real tokens, from the key projection's output and the batch's rotary tables `rope` = (cos, sin),
+    set per batch like `mask`."""
 
-    def __init__(self, layer: torch.nn.Module, *, with_mean: bool, awq_quota: int = 0, head_dim: int | None = None):
+    def __init__(self, layer: torch.nn.Module, layout: ModelLayout, *, with_mean: bool, awq_quota: int = 0,
+                 head_dim: int | None = None):
+        self.layout = layout
         self.mask: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.acc = {p: _Accumulator(with_mean) for p in PROJECTIONS}
+        self.acc = {p: _Accumulator(with_mean) for p in layout.projection_names}
         self.awq_quota = awq_quota
-        self.samples: dict[str, list[torch.Tensor]] = {g[0]: [] for g in INPUT_GROUPS}
+        self.samples: dict[str, list[torch.Tensor]] = {g.first: [] for g in layout.groups}
         self.head_dim = head_dim
         self.k_rope_absmax: torch.Tensor | None = None
-        self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in PROJECTIONS]
+        self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in self.acc]
         if head_dim is not None:
-            self._handles.append(layer.get_submodule("self_attn.k_proj").register_forward_hook(self._k_rope_hook))
+            self._handles.append(layer.get_submodule(layout.key).register_forward_hook(self._k_rope_hook))
 
     def _k_rope_hook(self, module, inputs, output) -> None:
         assert self.mask is not None and self.rope is not None and self.head_dim is not None

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Mapping
 
 from recipe_runner.hf.config import ModelConfig
 from recipe_runner.quant.algorithms import ALGORITHMS, SMOOTHQUANT
+from recipe_runner.models import layout_for
 from recipe_runner.trtllm import quant as tq
 from recipe_runner.trtllm.mapping import ParallelMapping, pp_layers
 
@@ -30,7 +31,7 @@ def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int,
     layer-indexed pattern must mean the same with pipeline-local indices (what trtllm-build sees)."""
     field = "quantization.exclude_modules"
     patterns = list(quant["exclude_modules"])
-    modules = tq.model_modules(model.num_hidden_layers)
+    modules = layout_for(model).trtllm_modules(model.num_hidden_layers)
     layer_modules = [m for m in modules if m.startswith("transformer.layers.")]
     for p in patterns:
         if not any(tq.is_excluded(m, [p]) for m in modules):
@@ -47,11 +48,12 @@ def exclude_findings(model: ModelConfig, quant: Mapping[str, Any], pp_size: int,
 
 
 def _pipeline_findings(model: ModelConfig, patterns: list[str], pp_size: int) -> Iterator[Finding]:
+    layout = layout_for(model)
     for stage in range(pp_size):
         for local, layer in enumerate(pp_layers(model.num_hidden_layers, pp_size, stage)):
-            for lin in tq.LINEARS:
-                wanted = tq.is_excluded(tq.layer_module(layer, lin.name), patterns)
-                seen = tq.is_excluded(tq.layer_module(local, lin.name), patterns)
+            for lin in layout.linears:
+                wanted = tq.is_excluded(layout.trtllm_layer_tensor(layer, lin.name), patterns)
+                seen = tq.is_excluded(layout.trtllm_layer_tensor(local, lin.name), patterns)
                 if wanted != seen:
                     yield "quantization.exclude_modules", (
                         f"with pp_size={pp_size}, trtllm-build matches exclude patterns against pipeline-local "

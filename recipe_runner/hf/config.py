@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import SourceModelError
+from recipe_runner.models import LAYOUTS
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = tuple(LAYOUTS)  # the architectures with a model layout (models/)
 # rope types trtllm-build understands for LLaMA (RotaryScalingType); "default" means no scaling.
 SUPPORTED_ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn")
 CONFIG_FILE = "config.json"

@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 from recipe_runner.errors import SourceModelError
 from recipe_runner.hf.config import CONFIG_FILE, ModelConfig
 from recipe_runner.hf.files import BIN_INDEX, SAFETENSORS_INDEX, SAFETENSORS_SINGLE, _read_index, map_index
-from recipe_runner.hf.names import expected_tensors
 from recipe_runner.hf.safetensors_header import DTYPES, FLOAT_DTYPES, parse_safetensors_header
+from recipe_runner.models import layout_for
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -33,7 +33,7 @@ def check_weights(model_dir: Path, files: Sequence[Path], weights: Mapping[str, 
     present with the right shape and a float dtype."""
     where = ", ".join(p.name for p in files)
     _check_layer_count(model_dir, where, weights, cfg.num_hidden_layers)
-    for name, shape in expected_tensors(cfg).items():
+    for name, shape in layout_for(cfg).hf_tensors(cfg).items():
         if name not in weights:
             raise SourceModelError(
                 f"{model_dir}: tensor '{name}' is missing from {where}, but config.json describes a "

@@ -21,13 +21,13 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from recipe_runner.calibration.stats import INPUT_GROUPS, CalibrationStats
-from recipe_runner.hf import names as hf
+from recipe_runner.calibration.stats import CalibrationStats
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hfexport import configs
 from recipe_runner.hfexport.exclusion import projection_excluded
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
+from recipe_runner.models.llama import LLAMA
 from recipe_runner.quant import nvfp4
 from recipe_runner.quant.algorithms import KV_CACHES
 from recipe_runner.quant.chunks import row_slices
@@ -41,12 +41,12 @@ MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (spec §1.2)
 INDEX_FILE = "model.safetensors.index.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-PROJECTIONS = tuple(p for group in INPUT_GROUPS for p in group)
-NORMS = {INPUT_GROUPS[0]: hf.INPUT_LAYERNORM, INPUT_GROUPS[2]: hf.POST_ATTENTION_LAYERNORM}
+PROJECTIONS = LLAMA.projection_names  # every architecture accepted today has LLaMA's layout (models/)
+NORMS = {g.projections: g.norm.hf_weight for g in LLAMA.groups if g.norm is not None}
 
 
 def _group(projection: str) -> tuple[str, ...]:
-    return next(g for g in INPUT_GROUPS if projection in g)
+    return LLAMA.group_of(projection).projections
 
 
 # What each HF format decides about the math (quant/projection.py): both fold the smoothing into the
@@ -112,7 +112,7 @@ class LayerExport:
     def weight(self, projection: str, cast: bool = True) -> torch.Tensor:
         """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is
         false; read in row chunks, so only the float32 result is as big as the weight."""
-        name = hf.layer_tensor(self.index, projection + ".weight")
+        name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
         rows, cols = self.reader.shape(name)
         w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
         for chunk in row_slices(rows, cols):
@@ -121,7 +121,7 @@ class LayerExport:
         return w
 
     def _source_norm(self, norm: str) -> torch.Tensor:
-        return self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype)
+        return self.reader.read(LLAMA.hf_layer_tensor(self.index, norm)).to(self.dtype)
 
     def group(self, group: tuple[str, ...]) -> GroupScaling:
         """The input group's shared values (smoothing, NVFP4's ws2, input scales), computed once."""
@@ -161,14 +161,14 @@ class LayerExport:
         if _writes_kv_scale(self.s, projection):
             # k_scale: amax of K after RoPE (the key states the cache holds; RoPE can grow |K| up to √2 over
             # the k_proj output); v_scale: amax of the v_proj output (V is not rotated)
-            y = (self.stats.k_after_rope_amax(self.index) if projection == hf.K_PROJ
+            y = (self.stats.k_after_rope_amax(self.index) if projection == LLAMA.key
                  else float(self.stats.linear(self.index, projection).y_absmax.max()))
             out[projection[-6] + "_scale"] = fp8_scale(y).reshape(())
         return out
 
 
 def _writes_kv_scale(settings: QuantSettings, projection: str) -> bool:
-    return KV_CACHES[settings.kv_cache].hf_kv_algo is not None and projection in (hf.K_PROJ, hf.V_PROJ)
+    return KV_CACHES[settings.kv_cache].hf_kv_algo is not None and projection in (LLAMA.key, LLAMA.value)
 
 
 # ---- planning the files --------------------------------------------------------------------------

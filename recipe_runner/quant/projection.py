@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from recipe_runner.calibration.stats import INPUT_GROUPS
+from recipe_runner.models.llama import LLAMA
 from recipe_runner.quant import fp8, nvfp4, smoothquant as sq
 from recipe_runner.quant.algorithms import AWQ, FP8, NVFP4, WEIGHT_ONLY, Algorithm
 from recipe_runner.quant.reductions import absmax
@@ -145,7 +145,7 @@ class ProjectionQuantizer:
         """s: AWQ's searched scales (named by the group's first projection in calibration), or SmoothQuant's
         s_j = a_j^α / w_j^(1-α) over every weight of the group."""
         if self.algorithm.family == AWQ:
-            return stats.awq_scales(layer, next(g for g in INPUT_GROUPS if projections[0] in g)[0])
+            return stats.awq_scales(layer, LLAMA.group_of(projections[0]).first)  # searched per input group
         colmax = torch.stack([sq.column_absmax(read(p)) for p in projections]).amax(dim=0)
         x = stats.linear(layer, projections[0]).x_absmax
         return sq.factors_from_column_max(x, colmax, self.settings.smoothquant_alpha)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from recipe_runner.errors import SourceModelError
-from recipe_runner.hf import names as hf
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.models import layout_for
 
 
 def _modules(architecture: str):
@@ -41,6 +41,7 @@ class HFLayerwiseModel:
         self.model_dir = Path(model_dir)
         refuse_remote_code(self.model_dir, trust_remote_code)
         self.model_config = read_model_config(self.model_dir)  # validates the architecture
+        self.layout = layout_for(self.model_config)
         self.source = SourceCheckpoint(self.model_dir)
         self.source.validate(self.model_config)
         try:
@@ -58,7 +59,7 @@ class HFLayerwiseModel:
         return self.source.read(name).to(torch.float32)
 
     def _layer(self, index: int) -> torch.nn.Module:
-        prefix = hf.layer_tensor(index, "")
+        prefix = self.layout.hf_layer_tensor(index, "")
         state = {n[len(prefix):]: self._read(n) for n in self.source.names() if n.startswith(prefix)}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, index)
@@ -68,7 +69,7 @@ class HFLayerwiseModel:
     def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """[len(seq), vocab_size] float32 logits for each token sequence."""
         with torch.no_grad():
-            table = self._read(hf.EMBED_TOKENS)
+            table = self._read(self.layout.embedding.hf)
             hidden = [table[torch.tensor(seq)].unsqueeze(0) for seq in sequences]  # [1, T, H]
             del table
             for index in range(self.model_config.num_hidden_layers):
@@ -88,6 +89,6 @@ class HFLayerwiseModel:
     def _head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.device("meta"):
             norm = self.norm_cls(self.model_config.hidden_size, eps=self.model_config.rms_norm_eps)
-        norm.load_state_dict({"weight": self._read(hf.FINAL_NORM)}, assign=True)
-        head = self._read(hf.EMBED_TOKENS if self.model_config.tie_word_embeddings else hf.LM_HEAD)
+        norm.load_state_dict({"weight": self._read(self.layout.final_norm.hf)}, assign=True)
+        head = self._read(self.layout.embedding.hf if self.model_config.tie_word_embeddings else self.layout.lm_head.hf)
         return [(norm(h) @ head.T)[0] for h in hidden]

@@ -1,4 +1,4 @@
-"""The convert stage's artifact: a JSON-serializable plan of every rank's tensors.
+"""The shard planner's result: a JSON-serializable, in-memory plan of every rank's tensors.
 
 Source expressions (all concatenation is along dim 0, i.e. row blocks):
   Read(tensor, dim, start, stop)  HF `tensor[start:stop]` along `dim` (whole tensor if dim None)

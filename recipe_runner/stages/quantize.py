@@ -33,9 +33,10 @@ import torch
 
 from recipe_runner.calibration.stats import CalibrationStats, read_stats
 from recipe_runner.errors import UserError
-from recipe_runner.hf import names as hf
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.models import layout_for
+from recipe_runner.models.layout import Linear, ModelLayout
 from recipe_runner.quant import kv, smoothquant as sq
 from recipe_runner.quant.algorithms import AWQ, FP8, KV_CACHES, NONE, SMOOTHQUANT, WEIGHT_ONLY
 from recipe_runner.quant.packing import pack_int4_rows
@@ -104,14 +105,18 @@ class LayerJob:
         form = TRTLLM_SQ_PLUGIN if self.settings.algorithm.sq_plugin else TRTLLM
         return ProjectionQuantizer(self.settings, form, self.dtype)
 
+    @property
+    def layout(self) -> ModelLayout:
+        return layout_for(self.cfg)
+
     def weight(self, projection: str) -> torch.Tensor:
         """The projection's weight as the checkpoint stores it (model dtype), in float32."""
-        w = self.reader.read(hf.layer_tensor(self.index, projection + ".weight"))
+        w = self.reader.read(self.layout.hf_layer_tensor(self.index, projection + ".weight"))
         self.reader.release()
         return w.to(self.dtype).float()
 
     def name(self, module: str, suffix: str) -> str:
-        return f"model.layers.{self.index}.{module}.{suffix}"
+        return self.layout.hf_layer_tensor(self.index, f"{module}.{suffix}")
 
     def file(self, what: str) -> str:
         return f"layer{self.index:05d}.{what}.safetensors"
@@ -124,15 +129,15 @@ class LayerJob:
     def flush(self, what: str) -> None:
         self.writer.flush(self.file(what))
 
-    def is_excluded(self, linear: tq.LinearModule) -> bool:
-        return tq.is_excluded(tq.layer_module(self.index, linear.name), self.settings.exclude_modules)
+    def is_excluded(self, linear: Linear) -> bool:
+        return tq.is_excluded(self.layout.trtllm_layer_tensor(self.index, linear.name), self.settings.exclude_modules)
 
-    def linears(self) -> list[tq.LinearModule]:
+    def linears(self) -> list[Linear]:
         """This layer's linears to quantize; the excluded ones are recorded and skipped."""
         keep = []
-        for lin in tq.LINEARS:
+        for lin in self.layout.linears:
             if self.is_excluded(lin):
-                self.excluded.append(tq.layer_module(self.index, lin.name))
+                self.excluded.append(self.layout.trtllm_layer_tensor(self.index, lin.name))
             else:
                 keep.append(lin)
         return keep
@@ -142,7 +147,7 @@ class LayerJob:
         when the form folds the smoothing into it."""
         read_norm = None
         if norm is not None:
-            read_norm = lambda: self.reader.read(hf.layer_tensor(self.index, norm)).to(self.dtype).float()  # noqa: E731
+            read_norm = lambda: self.reader.read(self.layout.hf_layer_tensor(self.index, norm)).to(self.dtype).float()  # noqa: E731
         return self.quantizer.scale_group(self.stats, self.index, projections, self.weight, read_norm)
 
     def quantize(self, projection: str, scaling: GroupScaling) -> QuantizedProjection:
@@ -156,20 +161,19 @@ class LayerJob:
         self.rules.append(TensorRule(suffix, split, tuple(sources), **kw))
 
 
-def _weight_split(lin: tq.LinearModule) -> str:
+def _weight_split(lin: Linear) -> str:
     return "out" if lin.parallel == "column" else "in"
 
 
-def _input_groups(linears: list[tq.LinearModule]) -> list[list[tq.LinearModule]]:
-    """Linears reading the same input: qkv | dense | fc + gate | proj."""
-    groups: dict[str, list[tq.LinearModule]] = {}
+def _input_groups(linears: list[Linear]) -> list[list[Linear]]:
+    """Linears reading the same input (the layout's input groups): qkv | dense | fc + gate | proj."""
+    groups: dict[str, list[Linear]] = {}
     for lin in linears:
-        key = "mlp.in" if lin.name in ("mlp.fc", "mlp.gate") else lin.name
-        groups.setdefault(key, []).append(lin)
+        groups.setdefault(lin.group.first, []).append(lin)
     return list(groups.values())
 
 
-def _projections(group: list[tq.LinearModule]) -> list[str]:
+def _projections(group: list[Linear]) -> list[str]:
     return [p for lin in group for p in lin.projections]
 
 
@@ -224,20 +228,18 @@ def _sq_plugin(job: LayerJob) -> None:
     """TensorRT-LLM's SmoothQuant plugin form (spec §4.2): smoothers folded into the norms (qkv,
     fc/gate) or kept as `smoother` tensors (dense, proj); static or per-token activations."""
     per_token = job.settings.algorithm.activations == "dynamic"
-    norms = {"attention.qkv": (hf.INPUT_LAYERNORM, tq.INPUT_LAYERNORM),
-             "mlp.fc": (hf.POST_ATTENTION_LAYERNORM, tq.POST_LAYERNORM)}
     module_scale = {"attention.dense": tq.ATTENTION_QUANTIZATION_SCALING_FACTOR,
                     "mlp.proj": tq.MLP_QUANTIZATION_SCALING_FACTOR}
     linears = job.linears()
-    if len(linears) != len(tq.LINEARS):  # plan.py refuses such recipes; this guards direct API use
+    if len(linears) != len(job.layout.linears):  # plan.py refuses such recipes; this guards direct API use
         raise UserError(f"the SmoothQuant plugin form ({job.settings.algo}) quantizes every decoder layer; "
                         f"exclude_modules cannot exclude {job.excluded[0]}")
     for group in _input_groups(linears):
-        head = group[0].name
-        hf_norm, tl_norm = norms.get(head, (None, None))
+        norm = group[0].group.norm  # qkv and fc/gate: s folded into the preceding RMSNorm, norm / s
+        hf_norm, tl_norm = (norm.hf_weight, norm.trtllm) if norm is not None else (None, None)
         scaling = job.scaling(_projections(group), hf_norm)
         x_max = scaling.input_amax  # the smoothed input's range
-        if tl_norm is not None:  # s folded into the preceding RMSNorm: norm / s
+        if tl_norm is not None:
             smoothed = job.add(tl_norm, "smoothed", scaling.smoothing.norm)
             job.rule(f"{tl_norm}.weight", "none", [("", smoothed)])
             scale_to_int = 1.0 if per_token else sq.static_scales(x_max, 1.0).x_orig_quant
@@ -256,7 +258,7 @@ def _sq_plugin(job: LayerJob) -> None:
     job.flush("scales")
 
 
-def _sq_plugin_linear(job: LayerJob, lin: tq.LinearModule, scaling: GroupScaling, per_token: bool) -> None:
+def _sq_plugin_linear(job: LayerJob, lin: Linear, scaling: GroupScaling, per_token: bool) -> None:
     row = lin.parallel == "row"
     # y of the fused qkv is the concatenation of q, k and v: one static output range
     static = sq.static_scales(scaling.input_amax, max(job.y_amax(p) for p in lin.projections))
@@ -303,8 +305,9 @@ def _awq(job: LayerJob) -> None:
 
 
 def _kv_cache(job: LayerJob) -> None:
-    scale = kv.kv_cache_scale(job.settings.kv_cache, job.y_amax("self_attn.q_proj"), job.y_amax("self_attn.k_proj"),
-                              job.y_amax("self_attn.v_proj"))
+    layout = job.layout
+    scale = kv.kv_cache_scale(job.settings.kv_cache, job.y_amax(layout.query), job.y_amax(layout.key),
+                              job.y_amax(layout.value))
     name = job.add("attention", "kv_cache_scaling_factor", scale, file="kv")
     job.rule(tq.KV_CACHE_SCALING_FACTOR, "none", [("", name)])
     job.flush("kv")

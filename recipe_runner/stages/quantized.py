@@ -13,8 +13,10 @@ A rule names one per-layer checkpoint tensor (below `transformer.layers.{i}.`) a
         gate/up rows), concatenated; `pack` stored rows hold pack output rows (int4: 2)
   in    the rank's block of the input dimension (the last dim; `in_group` input channels per
         stored column for group scales)
-`lead_one` writes the result as [1, n] (SmoothQuant plugin scales). A rule replaces the
-convert plan's tensor of the same name, or adds one.
+`lead_one` writes the result as [1, n] (SmoothQuant plugin scales). "out" and "in" take the rank's
+rows/columns from the projection's split in the model layout, through the same functions the shard
+planner cuts the plain weights with (trtllm/sharding.py out_rows, in_cols). A rule replaces the
+shard plan's tensor of the same name, or adds one.
 """
 from __future__ import annotations
 
@@ -25,8 +27,8 @@ from typing import Any
 
 from recipe_runner.hf.config import ModelConfig
 from recipe_runner.stages.manifest import Concat, Read, Source, SourceTensor, TensorPlan
-from recipe_runner.trtllm import names as tl
-from recipe_runner.trtllm.sharding import kv_heads_for_rank, q_heads_for_rank, split_range
+from recipe_runner.models import layout_for
+from recipe_runner.trtllm.sharding import in_cols, out_rows
 
 ARTIFACT_FILE = "quantized.json"
 FORMAT = "recipe-runner/quantized/1"
@@ -88,26 +90,6 @@ def read_artifact(directory: Path) -> QuantizedArtifact:
 
 # ---- per-rank expansion ---------------------------------------------------------------------------
 
-def _out_rows(cfg: ModelConfig, projection: str, tp: int, tp_rank: int) -> tuple[int, int]:
-    """Rows of an HF projection's output held by this rank (the convert planner's rules)."""
-    d = cfg.head_dim
-    if projection == "self_attn.q_proj":
-        return q_heads_for_rank(cfg.num_attention_heads, tp, tp_rank).rows(d)
-    if projection in ("self_attn.k_proj", "self_attn.v_proj"):
-        return kv_heads_for_rank(cfg.num_key_value_heads, tp, tp_rank).rows(d)
-    if projection in ("mlp.gate_proj", "mlp.up_proj"):
-        return split_range(cfg.intermediate_size, tp, tp_rank)
-    raise ValueError(f"{projection} is not split on its output dimension")
-
-
-def _in_cols(cfg: ModelConfig, projection: str, tp: int, tp_rank: int) -> tuple[int, int]:
-    if projection == "self_attn.o_proj":
-        return split_range(cfg.num_attention_heads * cfg.head_dim, tp, tp_rank)
-    if projection == "mlp.down_proj":
-        return split_range(cfg.intermediate_size, tp, tp_rank)
-    raise ValueError(f"{projection} is not split on its input dimension")
-
-
 def _divide(value: int, by: int, what: str) -> int:
     if value % by:
         raise ValueError(f"{what}: {value} is not a multiple of {by}")
@@ -117,7 +99,8 @@ def _divide(value: int, by: int, what: str) -> int:
 def rank_tensor(rule: TensorRule, artifact: QuantizedArtifact, cfg: ModelConfig, tp: int, tp_rank: int,
                 local: int) -> TensorPlan:
     """The checkpoint tensor `rule` describes, for one rank and local layer index."""
-    name = tl.layer_tensor(local, rule.suffix)
+    layout = layout_for(cfg)
+    name = layout.trtllm_layer_tensor(local, rule.suffix)
     stored = {n: artifact.tensors[n] for _, n in rule.sources}
     dtype = {t.dtype for t in stored.values()}
     if len(dtype) != 1:
@@ -129,7 +112,7 @@ def rank_tensor(rule: TensorRule, artifact: QuantizedArtifact, cfg: ModelConfig,
     elif rule.split == "out":
         parts, rows = [], 0
         for projection, tensor in rule.sources:
-            r0, r1 = _out_rows(cfg, projection, tp, tp_rank)
+            r0, r1 = out_rows(layout.projection(projection), cfg, tp, tp_rank)  # the shard planner's rule
             a, b = _divide(r0, rule.pack, name), _divide(r1, rule.pack, name)
             parts.append(Read(tensor, 0, a, b))
             rows += b - a
@@ -138,7 +121,7 @@ def rank_tensor(rule: TensorRule, artifact: QuantizedArtifact, cfg: ModelConfig,
     elif rule.split == "in":
         (projection, tensor), = rule.sources
         full = stored[tensor].shape
-        c0, c1 = _in_cols(cfg, projection, tp, tp_rank)
+        c0, c1 = in_cols(layout.projection(projection), cfg, tp, tp_rank)
         a, b = _divide(c0, rule.in_group, name), _divide(c1, rule.in_group, name)
         dim = len(full) - 1
         source = Read(tensor, dim, a, b)
@@ -160,7 +143,7 @@ def _note(rule: TensorRule) -> str:
 
 def apply_layer_rules(plans: list[TensorPlan], artifact: QuantizedArtifact, cfg: ModelConfig, tp: int,
                       tp_rank: int, layer: int, local: int) -> list[TensorPlan]:
-    """The convert plan of one layer with the artifact's tensors replacing or joining it."""
+    """The shard plan of one layer with the artifact's tensors replacing or joining it."""
     out = list(plans)
     index = {p.name: i for i, p in enumerate(out)}
     for rule in artifact.layers.get(layer, ()):

@@ -313,7 +313,7 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
 def run_shard(job: "StageJob") -> None:
     """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
     from recipe_runner.hf.config import read_model_config
-    from recipe_runner.stages.convert import plan_tensors
+    from recipe_runner.stages.shard_plan import plan_rank_tensors
     from recipe_runner.stages.model_facts import MODEL_FILE
     from recipe_runner.trtllm.mapping import ParallelMapping
 
@@ -328,5 +328,5 @@ def run_shard(job: "StageJob") -> None:
     else:
         quantized, dirs, reader = None, source, SourceCheckpoint(source)
         dtype = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
-    manifest = plan_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized)
+    manifest = plan_rank_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized)
     write_checkpoint(manifest, dirs, job.out_dir, workers=job.workers)

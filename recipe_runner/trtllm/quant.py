@@ -1,6 +1,6 @@
 """The quantized parts of the TensorRT-LLM checkpoint format: the `quantization` section of
-config.json (each algo's QuantAlgo name is in quant/algorithms.py), module names that
-`exclude_modules` matches, and the tensor names each algorithm adds (spec §2.4, §4, §4.6;
+config.json (each algo's QuantAlgo name is in quant/algorithms.py), how `exclude_modules` matches
+(module names: models/), and the tensor names each algorithm adds (spec §2.4, §4, §4.6;
 verified-layouts.md).
 
 Facts copied here (trtllm-build reads them; nothing reads ../shared at run time):
@@ -17,7 +17,6 @@ Facts copied here (trtllm-build reads them; nothing reads ../shared at run time)
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from recipe_runner.quant.algorithms import AWQ, KV_CACHES, SMOOTHQUANT
@@ -28,36 +27,6 @@ if TYPE_CHECKING:
 
 DEFAULT_EXCLUDES = ("*lm_head", "*router", "*vocab_embedding", "*position_embedding", "*block_embedding",
                     "*shared_expert_gate")
-
-
-@dataclass(frozen=True)
-class LinearModule:
-    """One TensorRT-LLM linear of a decoder layer and the HF projections it fuses."""
-
-    name: str  # below transformer.layers.{i}.
-    projections: tuple[str, ...]  # HF module names below model.layers.{i}.
-    parallel: str  # "column" (output dim split) or "row" (input dim split)
-
-
-LINEARS = (
-    LinearModule("attention.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "column"),
-    LinearModule("attention.dense", ("self_attn.o_proj",), "row"),
-    LinearModule("mlp.fc", ("mlp.gate_proj",), "column"),  # fc = HF gate_proj (the SiLU branch)
-    LinearModule("mlp.gate", ("mlp.up_proj",), "column"),
-    LinearModule("mlp.proj", ("mlp.down_proj",), "row"),
-)
-LINEAR_OF_PROJECTION = {p: lin for lin in LINEARS for p in lin.projections}
-
-
-def layer_module(layer: int, linear: str) -> str:
-    return f"transformer.layers.{layer}.{linear}"
-
-
-def model_modules(num_layers: int) -> list[str]:
-    """Every module name an exclude pattern may usefully match."""
-    names = ["transformer.vocab_embedding", "lm_head"]
-    names += [layer_module(i, lin.name) for i in range(num_layers) for lin in LINEARS]
-    return names
 
 
 def is_excluded(module: str, patterns: Iterable[str]) -> bool:
@@ -101,5 +70,3 @@ SCALE_TO_INT = "scale_to_int"  # SQ plugin norms: float32 [1]
 ATTENTION_QUANTIZATION_SCALING_FACTOR = "attention.quantization_scaling_factor"  # SQ plugin static
 MLP_QUANTIZATION_SCALING_FACTOR = "mlp.quantization_scaling_factor"  # SQ plugin static
 KV_CACHE_SCALING_FACTOR = "attention.kv_cache_scaling_factor"  # float32 [1]
-INPUT_LAYERNORM = "input_layernorm"
-POST_LAYERNORM = "post_layernorm"

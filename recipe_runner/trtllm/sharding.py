@@ -3,8 +3,10 @@
 Two views of the same rules, kept side by side so they cannot drift apart:
 
 * range functions (`split_range`, `q_heads_for_rank`, `kv_heads_for_rank`, `vocab_rows_for_rank`)
-  say which rows/columns of a Hugging Face tensor a rank needs. The convert planner uses them to
-  read only those bytes.
+  say which rows/columns of a Hugging Face tensor a rank needs. `out_rows` / `in_cols` apply the one
+  a model layout names for a projection (models/layout.py says which rule, this module the
+  arithmetic); the shard planner and the quantize artifact's per-rank rules both go through them,
+  so they read only those bytes and cannot cut a tensor two ways.
 * tensor functions (`split`, `pad_vocab`, `duplicate_kv_heads`, `shard_qkv`) apply the rules to
   whole tensors, the way TensorRT-LLM's own converter does. Tests check the planner against them;
   later stages that must materialize tensors (quantization) can use them directly.
@@ -12,8 +14,14 @@ Two views of the same rules, kept side by side so they cannot drift apart:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from recipe_runner.models.layout import COLUMN, KV_HEADS, Q_HEADS, ROW, Projection
+
+if TYPE_CHECKING:
+    from recipe_runner.hf.config import ModelConfig
 
 
 def split_range(size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:
@@ -52,6 +60,32 @@ def kv_heads_for_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadRang
     if tp_size % num_kv_heads:
         raise ValueError(f"tp_size {tp_size} is not a multiple of num_kv_heads {num_kv_heads}")
     return HeadRange(tp_rank * num_kv_heads // tp_size, 1)
+
+
+def heads_for_rank(projection: Projection, cfg: "ModelConfig", tp_size: int, tp_rank: int) -> HeadRange:
+    """The heads of a head-split projection (Q_HEADS or KV_HEADS) that rank `tp_rank` holds."""
+    heads = projection.out.count(cfg)
+    if projection.split == Q_HEADS:
+        return q_heads_for_rank(heads, tp_size, tp_rank)
+    if projection.split == KV_HEADS:
+        return kv_heads_for_rank(heads, tp_size, tp_rank)
+    raise ValueError(f"{projection.hf} is not split by heads")
+
+
+def out_rows(projection: Projection, cfg: "ModelConfig", tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """[start, stop) of the output rows of `projection` (weight rows, bias entries) on rank `tp_rank`."""
+    if projection.split == COLUMN:
+        return split_range(projection.out.size(cfg), tp_size, tp_rank)
+    if projection.split in (Q_HEADS, KV_HEADS):
+        return heads_for_rank(projection, cfg, tp_size, tp_rank).rows(cfg.head_dim)
+    raise ValueError(f"{projection.hf} is not split on its output dimension")
+
+
+def in_cols(projection: Projection, cfg: "ModelConfig", tp_size: int, tp_rank: int) -> tuple[int, int]:
+    """[start, stop) of the input columns of a row-split projection on rank `tp_rank`."""
+    if projection.split == ROW:
+        return split_range(projection.in_.size(cfg), tp_size, tp_rank)
+    raise ValueError(f"{projection.hf} is not split on its input dimension")
 
 
 def padded_vocab_size(vocab_size: int, tp_size: int) -> int:

@@ -1,11 +1,14 @@
-"""Convert stage: plan every TensorRT-LLM tensor of every rank as lazy reads of the HF source.
+"""The shard stage's tensor planner: every TensorRT-LLM tensor of every rank as lazy reads of the
+HF source (and of the quantize stage's artifact, when there is one).
 
-The result, a `ConvertManifest`, is small and JSON-serializable; it is the convert stage's cached
-artifact. No tensor is materialized here: each planned tensor says which HF tensor(s) to read,
-which rows/columns, where zero padding goes and how the pieces are concatenated. The shard stage
-executes it.
+The result, a `ConvertManifest`, is the in-memory plan of every rank tensor: the shard stage makes
+it and executes it straight away (stages/shard.py), and the Python API does the same; it is never
+cached or written. No tensor is materialized here: each planned tensor says which HF tensor(s) to
+read, which rows/columns, where zero padding goes and how the pieces are concatenated. It is small
+and JSON-serializable, so tests and scripts can inspect it.
 
-The manifest's data model lives in `stages/manifest.py` (re-exported here). KV-head duplication
+The manifest's data model lives in `stages/manifest.py`; names and splits come from the model
+layout (models/). KV-head duplication
 needs no operation of its own: a rank holding a duplicated head reads that head's rows, so
 several ranks read the same rows.
 """
@@ -18,32 +21,27 @@ from typing import TYPE_CHECKING, Protocol, Union
 import torch
 
 from recipe_runner.errors import SourceModelError, UserError
-from recipe_runner.hf import names as hf
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.stages.manifest import (  # noqa: F401  (re-exported for callers)
-    MANIFEST_FORMAT,
-    Concat,
-    ConvertManifest,
-    RankPlan,
-    Read,
-    Source,
-    SourceTensor,
-    TensorPlan,
-    Zeros,
-    source_shape,
-    source_tensors_of,
+from recipe_runner.models import layout_for
+from recipe_runner.models.layout import (
+    KV_HEADS,
+    Q_HEADS,
+    REPLICATED,
+    ROW,
+    VOCAB,
+    WEIGHT,
+    Linear,
+    ModelLayout,
+    ModelTensor,
+    Projection,
 )
-from recipe_runner.trtllm import names as tl
+from recipe_runner.stages.manifest import (Concat, ConvertManifest, RankPlan, Read, Source, SourceTensor, TensorPlan,
+                                           Zeros, source_shape, source_tensors_of)
 from recipe_runner.trtllm.config import build_checkpoint_config, quant_config, resolve_dtype
 from recipe_runner.checks.mapping import mapping_findings
 from recipe_runner.trtllm.mapping import ParallelMapping, all_ranks, pp_layers
-from recipe_runner.trtllm.sharding import (
-    kv_heads_for_rank,
-    q_heads_for_rank,
-    split_range,
-    vocab_rows_for_rank,
-)
+from recipe_runner.trtllm.sharding import heads_for_rank, in_cols, out_rows, split_range, vocab_rows_for_rank
 
 if TYPE_CHECKING:
     from recipe_runner.stages.quantized import QuantizedArtifact
@@ -73,108 +71,119 @@ class _Ctx:
     def tp(self) -> int:
         return self.mapping.tp_size
 
+    @property
+    def layout(self) -> ModelLayout:
+        return layout_for(self.cfg)
 
-def _rows(tensor: str, start: int, stop: int) -> Read:
-    return Read(tensor, 0, start, stop)
 
-
-def _padded_vocab_rows(c: _Ctx, tensor: str) -> tuple[Source, str]:
+def _padded_vocab_rows(c: _Ctx, tensor: str, shape: tuple[int, ...]) -> tuple[Source, str]:
     """This rank's block of a vocabulary-row-split tensor, zero-padded to ceil(V/tp) rows."""
-    rows = vocab_rows_for_rank(c.cfg.vocab_size, c.tp, c.tp_rank)
+    rows = vocab_rows_for_rank(shape[0], c.tp, c.tp_rank)
     parts: list[Union[Read, Zeros]] = []
     if rows.stop > rows.start:
-        parts.append(_rows(tensor, rows.start, rows.stop))
+        parts.append(Read(tensor, 0, rows.start, rows.stop))
     if rows.pad_rows:
-        parts.append(Zeros((rows.pad_rows, c.cfg.hidden_size)))
+        parts.append(Zeros((rows.pad_rows, *shape[1:])))
     note = (f"vocab rows {rows.start}..{rows.stop - 1} + {rows.pad_rows} zero rows"
             if rows.pad_rows else "")
     src: Source = parts[0] if len(parts) == 1 else Concat(tuple(parts))
     return src, note
 
 
+def _model_tensor(c: _Ctx, tensor: ModelTensor, split: str, source: str | None = None,
+                  note: str = "") -> TensorPlan:
+    """A tensor outside the layers, read from `source` (its own HF tensor by default), cut by `split`."""
+    name, shape = source or tensor.hf, tensor.size(c.cfg)
+    if split == REPLICATED:
+        return TensorPlan(tensor.trtllm, shape, c.dtype, Read(name), note)
+    if split == VOCAB:
+        src, vocab_note = _padded_vocab_rows(c, name, shape)
+        rows = vocab_rows_for_rank(shape[0], c.tp, c.tp_rank).total
+        return TensorPlan(tensor.trtllm, (rows, *shape[1:]), c.dtype, src,
+                          "; ".join(n for n in (note, vocab_note) if n))
+    if split == ROW:  # the columns (the embedding with embedding_sharding_dim 1)
+        start, stop = split_range(shape[1], c.tp, c.tp_rank)
+        return TensorPlan(tensor.trtllm, (shape[0], stop - start), c.dtype, Read(name, 1, start, stop), note)
+    raise ValueError(f"{tensor.trtllm}: no plan for split {split!r}")
+
+
 def _embedding(c: _Ctx) -> TensorPlan:
-    V, H = c.cfg.vocab_size, c.cfg.hidden_size
-    if not c.mapping.use_parallel_embedding:
-        return TensorPlan(tl.VOCAB_EMBEDDING, (V, H), c.dtype, Read(hf.EMBED_TOKENS))
-    if c.mapping.embedding_sharding_dim == 0:
-        src, note = _padded_vocab_rows(c, hf.EMBED_TOKENS)
-        rows = vocab_rows_for_rank(V, c.tp, c.tp_rank).total
-        return TensorPlan(tl.VOCAB_EMBEDDING, (rows, H), c.dtype, src, note)
-    start, stop = split_range(H, c.tp, c.tp_rank)
-    return TensorPlan(tl.VOCAB_EMBEDDING, (V, stop - start), c.dtype,
-                      Read(hf.EMBED_TOKENS, 1, start, stop))
+    m, embedding = c.mapping, c.layout.embedding
+    # TensorRT-LLM cuts the embedding only with use_parallel_embedding: as the layout says along
+    # embedding_sharding_dim 0, by hidden columns along 1
+    split = REPLICATED if not m.use_parallel_embedding else embedding.split if m.embedding_sharding_dim == 0 else ROW
+    return _model_tensor(c, embedding, split)
 
 
 def _lm_head(c: _Ctx) -> TensorPlan:
+    layout = c.layout
+    if not c.cfg.tie_word_embeddings:
+        return _model_tensor(c, layout.lm_head, layout.lm_head.split)
     # Tied models use the embedding as lm_head (HF semantics); it is written as its own tensor.
-    tensor = hf.EMBED_TOKENS if c.cfg.tie_word_embeddings else hf.LM_HEAD
-    src, note = _padded_vocab_rows(c, tensor)
-    if c.cfg.tie_word_embeddings:
-        note = "tied: from embed_tokens" + (f"; {note}" if note else "")
-    rows = vocab_rows_for_rank(c.cfg.vocab_size, c.tp, c.tp_rank).total
-    return TensorPlan(tl.LM_HEAD, (rows, c.cfg.hidden_size), c.dtype, src, note)
+    tied = f"tied: from {layout.embedding.hf_module.rsplit('.', 1)[-1]}"
+    return _model_tensor(c, layout.lm_head, layout.lm_head.split, layout.embedding.hf, tied)
 
 
-def _qkv(c: _Ctx, layer: int, kind: str) -> tuple[Source, tuple[int, ...], str]:
-    """Fused [q_r; k_r; v_r] of this rank, for kind "weight" or "bias"."""
-    cfg, d = c.cfg, c.cfg.head_dim
-    q = q_heads_for_rank(cfg.num_attention_heads, c.tp, c.tp_rank)
-    kv = kv_heads_for_rank(cfg.num_key_value_heads, c.tp, c.tp_rank)
-    parts = tuple(
-        _rows(hf.layer_tensor(layer, f"{proj}.{kind}"), *heads.rows(d))
-        for proj, heads in ((hf.Q_PROJ, q), (hf.K_PROJ, kv), (hf.V_PROJ, kv))
-    )
-    rows = (q.count + 2 * kv.count) * d
-    shape = (rows, cfg.hidden_size) if kind == "weight" else (rows,)
+def _projection_block(c: _Ctx, layer: int, projection: Projection, kind: str) -> tuple[Read, tuple[int, ...]]:
+    """This rank's block of one HF projection's `kind` tensor (weight or bias), and its shape."""
+    name = c.layout.hf_layer_tensor(layer, f"{projection.hf}.{kind}")
+    shape, split = projection.shape(c.cfg, kind), projection.split_of(kind)
+    if split == REPLICATED:
+        return Read(name), shape
+    if split == ROW:
+        start, stop = in_cols(projection, c.cfg, c.tp, c.tp_rank)
+        return Read(name, 1, start, stop), (shape[0], stop - start)
+    start, stop = out_rows(projection, c.cfg, c.tp, c.tp_rank)
+    return Read(name, 0, start, stop), (stop - start, *shape[1:])
+
+
+def _heads_note(c: _Ctx, projections: list[Projection]) -> str:
+    """Which heads a head-split linear (the fused qkv) holds on this rank."""
+    q_proj = next(p for p in projections if p.split == Q_HEADS)
+    kv_proj = next(p for p in projections if p.split == KV_HEADS)
+    q, kv = (heads_for_rank(p, c.cfg, c.tp, c.tp_rank) for p in (q_proj, kv_proj))
     note = (f"q heads {q.first}..{q.first + q.count - 1}; "
             f"kv heads {kv.first}..{kv.first + kv.count - 1}")
-    if cfg.num_key_value_heads < c.tp:
-        note += (f" (kv head {kv.first} duplicated on {c.tp // cfg.num_key_value_heads} ranks, "
-                 f"tp_size {c.tp} > num_key_value_heads {cfg.num_key_value_heads})")
-    return Concat(parts), shape, note
+    nkv = kv_proj.out.count(c.cfg)
+    if nkv < c.tp:
+        note += (f" (kv head {kv.first} duplicated on {c.tp // nkv} ranks, "
+                 f"tp_size {c.tp} > num_key_value_heads {nkv})")
+    return note
+
+
+def _linear(c: _Ctx, layer: int, local: int, linear: Linear, kind: str) -> TensorPlan:
+    """One TensorRT-LLM linear's weight or bias on this rank: the rank's block of every projection it
+    fuses, stacked by rows ([q_r; k_r; v_r] for the qkv)."""
+    projections = [c.layout.projection(p) for p in linear.projections]
+    blocks = [_projection_block(c, layer, p, kind) for p in projections]
+    if len(blocks) == 1:
+        (source, shape), = blocks
+    else:
+        source = Concat(tuple(read for read, _ in blocks))
+        shape = (sum(s[0] for _, s in blocks), *blocks[0][1][1:])
+    if any(p.split in (Q_HEADS, KV_HEADS) for p in projections):
+        note = _heads_note(c, projections)
+    else:
+        note = projections[0].note if kind == WEIGHT else ""
+    name = c.layout.trtllm_layer_tensor(local, f"{linear.name}.{kind}")
+    return TensorPlan(name, shape, c.dtype, source, note)
 
 
 def _layer(c: _Ctx, layer: int, local: int) -> list[TensorPlan]:
-    cfg, dt = c.cfg, c.dtype
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    attn = cfg.num_attention_heads * cfg.head_dim
-    src = lambda suffix: hf.layer_tensor(layer, suffix)  # noqa: E731
-    out = lambda suffix, shape, source, note="": TensorPlan(  # noqa: E731
-        tl.layer_tensor(local, suffix), shape, dt, source, note)
-    i0, i1 = split_range(I, c.tp, c.tp_rank)
-    a0, a1 = split_range(attn, c.tp, c.tp_rank)
-    qkv_src, qkv_shape, qkv_note = _qkv(c, layer, "weight")
-    plans = [
-        out(tl.INPUT_LAYERNORM, (H,), Read(src(hf.INPUT_LAYERNORM))),
-        out(tl.QKV_WEIGHT, qkv_shape, qkv_src, qkv_note),
-    ]
-    if cfg.attention_bias:
-        bias_src, bias_shape, bias_note = _qkv(c, layer, "bias")
-        plans.append(out(tl.QKV_BIAS, bias_shape, bias_src, bias_note))
-    plans.append(out(tl.DENSE_WEIGHT, (H, a1 - a0), Read(src(hf.O_PROJ + ".weight"), 1, a0, a1)))
-    if cfg.attention_bias:
-        # RowLinear adds its bias once after the all-reduce, so every rank holds all of it.
-        plans.append(out(tl.DENSE_BIAS, (H,), Read(src(hf.O_PROJ + ".bias"))))
-    plans += [
-        out(tl.POST_LAYERNORM, (H,), Read(src(hf.POST_ATTENTION_LAYERNORM))),
-        out(tl.MLP_FC_WEIGHT, (i1 - i0, H), _rows(src(hf.GATE_PROJ + ".weight"), i0, i1),
-            "HF gate_proj (the SiLU branch)"),
-        out(tl.MLP_GATE_WEIGHT, (i1 - i0, H), _rows(src(hf.UP_PROJ + ".weight"), i0, i1),
-            "HF up_proj"),
-        out(tl.MLP_PROJ_WEIGHT, (H, i1 - i0), Read(src(hf.DOWN_PROJ + ".weight"), 1, i0, i1)),
-    ]
-    if cfg.mlp_bias:
-        # Not written by TRT-LLM's own LLaMA converter; layout follows the layer classes:
-        # ColumnLinear biases are split like their rows, the RowLinear bias is replicated.
-        plans += [
-            out(tl.MLP_FC_BIAS, (i1 - i0,), _rows(src(hf.GATE_PROJ + ".bias"), i0, i1)),
-            out(tl.MLP_GATE_BIAS, (i1 - i0,), _rows(src(hf.UP_PROJ + ".bias"), i0, i1)),
-            out(tl.MLP_PROJ_BIAS, (H,), Read(src(hf.DOWN_PROJ + ".bias"))),
-        ]
+    """Decoder layer `layer` (`local` on this pipeline stage): each input group's norm, then its linears."""
+    layout, plans = c.layout, []
+    for group in layout.groups:
+        if group.norm is not None:
+            plans.append(TensorPlan(layout.trtllm_layer_tensor(local, group.norm.trtllm_weight),
+                                    (c.cfg.hidden_size,), c.dtype,
+                                    Read(layout.hf_layer_tensor(layer, group.norm.hf_weight))))
+        for linear in (lin for lin in layout.linears if lin.group == group):
+            kinds = layout.projection(linear.projections[0]).kinds(c.cfg)
+            plans += [_linear(c, layer, local, linear, kind) for kind in kinds]
     if c.quantized is not None:  # quantized tensors and scales replace or join the plain ones
         from recipe_runner.stages.quantized import apply_layer_rules
 
-        plans = apply_layer_rules(plans, c.quantized, cfg, c.tp, c.tp_rank, layer, local)
+        plans = apply_layer_rules(plans, c.quantized, c.cfg, c.tp, c.tp_rank, layer, local)
     return plans
 
 
@@ -185,7 +194,7 @@ def _rank_tensors(c: _Ctx, pp_rank: int, pp_size: int, layers: list[int]) -> lis
     for local, layer in enumerate(layers):
         plans += _layer(c, layer, local)
     if pp_rank == pp_size - 1:
-        plans.append(TensorPlan(tl.LN_F, (c.cfg.hidden_size,), c.dtype, Read(hf.FINAL_NORM)))
+        plans.append(_model_tensor(c, c.layout.final_norm, c.layout.final_norm.split))
         plans.append(_lm_head(c))
     return plans
 
@@ -196,7 +205,7 @@ def require_valid_mapping(model_config: ModelConfig, mapping: ParallelMapping) -
         raise UserError("\n".join(f"{path}: {msg}" for path, msg in problems))
 
 
-def plan_tensors(
+def plan_rank_tensors(
     model_config: ModelConfig,
     source: TensorSource,
     *,
@@ -222,7 +231,7 @@ def plan_tensors(
 
 def _plan_checked(model_config: ModelConfig, source: TensorSource, mapping: ParallelMapping, dtype: str,
                   quantized: "QuantizedArtifact | None") -> ConvertManifest:
-    """plan_tensors once `mapping` is known to be valid for `model_config`."""
+    """plan_rank_tensors once `mapping` is known to be valid for `model_config`."""
     out_dtype = resolve_dtype(dtype, model_config.torch_dtype)
     source.validate(model_config)
     config = build_checkpoint_config(
