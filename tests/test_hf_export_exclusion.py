@@ -18,7 +18,7 @@ from recipe_runner.verify.run import verify_checkpoint
 from tests.conftest import load_hf_tensors
 from tests.recipe_files import run_cli
 from tests.test_hf_export_build import write_recipe
-from tests.test_hf_export_formats import FOLDED, OUT, expected
+from tests.test_hf_export_formats import OUT, expected
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Explain tensor parallelism in one sentence:"]
 F16, F32 = torch.float16, torch.float32

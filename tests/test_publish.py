@@ -13,7 +13,6 @@ import pytest
 
 from recipe_runner.store import fsutil, publish
 from recipe_runner.store.fsutil import copy_tree
-from recipe_runner.store.lock import verify_lock
 from tests.fake_trtllm import install_fake_toolchain
 from tests.recipe_files import run_cli
 
@@ -377,12 +376,12 @@ def test_a_cache_that_overlaps_home_or_the_source_is_refused(tiny_model, copy_mo
 
 
 def test_a_full_disk_while_a_stage_runs_is_one_line(tiny_model, tmp_path, capsys, monkeypatch):
-    from recipe_runner.stages import model_facts
+    from recipe_runner.stages import convert
 
     def full(job):
         raise OSError(errno.ENOSPC, "No space left on device", str(job.out_dir / "model.json"))
 
-    monkeypatch.setattr(model_facts, "run_convert", full)
+    monkeypatch.setattr(convert, "run_convert", full)
     cache = tmp_path / "cache"
     code, _, err = build(capsys, recipe(tmp_path, tiny_model()), cache)
     line = one_line_error(err)

@@ -3,8 +3,6 @@ checkpoint each, from the source weights, the convert stage's dtype and the cali
 statistics. The formats themselves live in hfexport/; the stage's registry entry names its target."""
 from __future__ import annotations
 
-import json
-
 from recipe_runner.stages.registry import STAGES, StageJob
 
 
@@ -12,9 +10,9 @@ def run_export_hf(job: StageJob) -> None:
     from recipe_runner.calibration.stats import read_stats
     from recipe_runner.hfexport.export import export_checkpoint
     from recipe_runner.quant.settings import QuantSettings
-    from recipe_runner.stages.model_facts import MODEL_FILE
+    from recipe_runner.stages.convert import read_model_facts
 
     settings = QuantSettings.from_params(job.params)
-    model = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))
+    model = read_model_facts(job.inputs["convert"])
     stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None
     export_checkpoint(job.inputs["source"], stats, settings, STAGES[job.stage].target, model["dtype"], job.out_dir)

@@ -43,7 +43,7 @@ from recipe_runner.quant.packing import pack_int4_rows
 from recipe_runner.quant.projection import (FLOAT, NO_SCALING, PREQUANT, Form, GroupScaling, ProjectionQuantizer,
                                             QuantizedProjection)
 from recipe_runner.quant.settings import QuantSettings
-from recipe_runner.stages.model_facts import MODEL_FILE
+from recipe_runner.stages.convert import read_model_facts
 from recipe_runner.stages.manifest import SourceTensor
 from recipe_runner.stages.registry import StageJob
 from recipe_runner.stages.quantized import ARTIFACT_FILE, QuantizedArtifact, TensorRule
@@ -362,6 +362,6 @@ def quantize_checkpoint(source_dir: Path, stats: CalibrationStats | None, settin
 def run_quantize(job: StageJob) -> None:
     """Build executor: quantize the source with the calibrate stage's statistics (if any)."""
     settings = QuantSettings.from_params(job.params)
-    model = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))
+    model = read_model_facts(job.inputs["convert"])
     stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None
     quantize_checkpoint(job.inputs["source"], stats, settings, model["dtype"], job.out_dir)

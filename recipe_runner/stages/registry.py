@@ -141,7 +141,7 @@ class StageSpec:
 # In this order the plan lists the stages and verify checks the targets: the first one's report is
 # <output>/verify/verify.*, the others' <output>/verify/<target>/verify.*.
 STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
-    StageSpec("convert", 2, _convert, "recipe_runner.stages.model_facts:run_convert", lambda m, w: GiB // 2),
+    StageSpec("convert", 2, _convert, "recipe_runner.stages.convert:run_convert", lambda m, w: GiB // 2),
     StageSpec("calibrate", 2, _calibrate, "recipe_runner.stages.calibrate:run_calibrate",
               lambda m, w: _layer(m) + 2 * GiB),
     StageSpec("quantize", 1, _quantize, "recipe_runner.stages.quantize:run_quantize",

@@ -13,7 +13,6 @@ done. On any failure the temp dir is removed and an existing `out_dir` is left u
 from __future__ import annotations
 
 import errno
-import json
 import multiprocessing
 import shutil
 import sys
@@ -314,7 +313,7 @@ def run_shard(job: "StageJob") -> None:
     """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.stages.shard_plan import plan_rank_tensors
-    from recipe_runner.stages.model_facts import MODEL_FILE
+    from recipe_runner.stages.convert import read_model_facts
     from recipe_runner.trtllm.mapping import ParallelMapping
 
     mapping = ParallelMapping.from_recipe(job.params)
@@ -327,6 +326,6 @@ def run_shard(job: "StageJob") -> None:
         dtype, reader = quantized.dtype, open_checkpoint(dirs)
     else:
         quantized, dirs, reader = None, source, SourceCheckpoint(source)
-        dtype = json.loads((job.inputs["convert"] / MODEL_FILE).read_text(encoding="utf-8"))["dtype"]
+        dtype = read_model_facts(job.inputs["convert"])["dtype"]
     manifest = plan_rank_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized)
     write_checkpoint(manifest, dirs, job.out_dir, workers=job.workers)

@@ -9,7 +9,6 @@ the cache keeps nothing, so the next build checks again.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recipe_runner.errors import StageFailed

@@ -1,6 +1,7 @@
-"""The convert stage: the model's facts, read once (config, tensor names, dtypes, shapes) and the
-checkpoint dtype, as model.json; no tensor is read. Later stages read it instead of the source's
-config again."""
+"""The convert stage: it validates the source against its config.json and fixes the checkpoint dtype,
+writing the model's facts (config, tensor names, dtypes, shapes, checkpoint dtype) as model.json; no
+tensor is read. This module owns model.json: later stages read it with `read_model_facts`. The
+tensors themselves are converted by the stages after it (quantize, shard, the HF exports)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,11 @@ if TYPE_CHECKING:
     from recipe_runner.stages.registry import StageJob
 
 MODEL_FILE = "model.json"
+
+
+def read_model_facts(entry_dir: Path) -> dict:
+    """The convert stage's model.json from its entry: {"model_config", "dtype", "tensors"}."""
+    return json.loads((entry_dir / MODEL_FILE).read_text(encoding="utf-8"))
 
 
 def run_convert(job: "StageJob") -> None:
