@@ -39,6 +39,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -149,7 +150,9 @@ class Tree:
             if text is None:
                 self._modules[path] = None
             else:
-                tree = ast.parse(text, filename=path)
+                with warnings.catch_warnings():  # e.g. invalid escapes in their strings
+                    warnings.simplefilter("ignore", SyntaxWarning)
+                    tree = ast.parse(text, filename=path)
                 mod = Module(path, tree, text)
                 for stmt in tree.body:
                     self._index(mod, stmt)
