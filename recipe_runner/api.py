@@ -6,6 +6,7 @@ from pathlib import Path
 from recipe_runner.stages.shard_plan import plan_convert
 from recipe_runner.stages.shard import write_checkpoint
 from recipe_runner.trtllm.mapping import ParallelMapping
+from recipe_runner.trtllm.releases import release_named
 
 
 def convert(
@@ -18,13 +19,16 @@ def convert(
     use_parallel_embedding: bool = False,
     embedding_sharding_dim: int = 0,
     workers: int = 1,
+    tensorrt_llm: str | None = None,
 ) -> Path:
     """Write config.json + rank{N}.safetensors for `model_dir` into `out_dir`; returns out_dir.
 
-    dtype "auto" keeps the model's torch_dtype (float32 when config.json has none). Raises
+    dtype "auto" keeps the model's torch_dtype, as TensorRT-LLM's infer_dtype does (float16 for float32
+    or when config.json has none). `tensorrt_llm`: the release config.json is for ("0.14"; default the
+    newest recorded, trtllm/releases.py). Raises
     UserError (SourceModelError for problems with the source) with an actionable message.
     """
     # the documented keyword signature stays; inside, the mapping travels as one value
     mapping = ParallelMapping(tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
-    manifest = plan_convert(model_dir, mapping=mapping, dtype=dtype)
+    manifest = plan_convert(model_dir, mapping=mapping, dtype=dtype, release=release_named(tensorrt_llm))
     return write_checkpoint(manifest, model_dir, out_dir, workers=workers)

@@ -106,7 +106,19 @@ def show(
         if index:
             typer.echo("---")
         typer.echo(f"# {recipe.path}: normalized recipe, sha256 {recipe.canonical_hash()}")
+        typer.echo(f"# {_target_release_line(recipe)}")
         typer.echo(yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True, width=4096).rstrip())
+
+
+def _target_release_line(recipe) -> str:
+    from recipe_runner.stages.registry import target_release
+    from recipe_runner.trtllm.releases import FIELD, release_named
+
+    release = release_named(target_release(recipe.data))
+    if recipe.data.get(FIELD):
+        return f"{FIELD}: {release.describe()}"
+    engine = " (a build of its engine targets the installed trtllm-build's release instead)" if "engine" in recipe.data else ""
+    return f"{FIELD} unset: {release.describe()}, the newest recorded{engine}"
 
 
 CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-runner)."

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from recipe_runner.trtllm.engine_options import ENGINE_FIELD_OPTIONS, build_options, engine_argv
+from recipe_runner.trtllm.engine_options import ENGINE_FIELD_OPTIONS, build_options, engine_argv, option_releases
+from recipe_runner.trtllm.releases import releases
 from tests.fake_trtllm import install_fake_toolchain
 from tests.fake_trtllm.trtllm_build import parser as fake_parser
 from tests.recipe_files import MINIMAL, run_cli, write
@@ -24,6 +26,7 @@ ALL_FIELDS = {
     "extra_args": {"weight_sparsity": True, "fast_build": False, "profiling_verbosity": "detailed",
                    "max_draft_len": 4},
 }
+GOLDEN_ARGV_DIR = Path(__file__).parent / "golden" / "argv"
 GOLDEN_ARGV = [
     "--checkpoint_dir", "/ck", "--output_dir", "/out", "--output_timing_cache", "/out/timing.cache",
     "--max_batch_size", "16", "--max_input_len", "2048", "--max_seq_len", "4096", "--max_num_tokens", "4096",
@@ -43,16 +46,45 @@ def test_every_engine_field_maps_to_a_recorded_option():
     assert all(name in options for name in ENGINE_FIELD_OPTIONS.values())
 
 
-def test_golden_argv_for_every_engine_field():
-    argv = engine_argv(ALL_FIELDS, "/ck", "/out", "0.14.0")
+def test_golden_argv_for_every_engine_field(monkeypatch):
+    monkeypatch.setenv("FAKE_TRTLLM_RELEASE", "0.14")
+    argv = engine_argv(ALL_FIELDS, "/ck", "/out", "0.14")
     assert argv == GOLDEN_ARGV
     parsed = fake_parser().parse_args(argv)  # the recorded option list accepts every word
     assert parsed.tokens_per_block == 64 and parsed.weight_sparsity is True and parsed.fast_build is False
 
 
+@pytest.mark.parametrize("release", list(releases()))
+def test_argv_per_release_matches_its_golden_file_and_that_release_parses_it(release, monkeypatch):
+    """tests/golden/argv/<release>.json (RECIPE_RECORD_GOLDEN=1 re-records); the FAKE trtllm-build of
+    that release (its recorded argparse options) accepts every word."""
+    argv = engine_argv(ALL_FIELDS, "/ck", "/out", release)
+    golden = GOLDEN_ARGV_DIR / f"{release}.json"
+    if os.environ.get("RECIPE_RECORD_GOLDEN") == "1":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(json.dumps(argv, indent=1) + "\n")
+    assert argv == json.loads(golden.read_text())
+    monkeypatch.setenv("FAKE_TRTLLM_RELEASE", release)
+    parsed = fake_parser().parse_args(argv)
+    assert parsed.max_seq_len == 4096 and parsed.tokens_per_block == 64
+
+
+def test_a_flag_one_release_lacks_is_refused_for_that_release_only(monkeypatch):
+    """--monitor_memory first appears in 0.15 (recorded options); 0.14's parser refuses it too."""
+    assert option_releases("monitor_memory") == ["0.15", "0.16"]
+    engine = {"max_seq_len": 8, "extra_args": {"monitor_memory": True}}
+    assert "--monitor_memory" in engine_argv(engine, "/ck", "/out", "0.15")
+    monkeypatch.setenv("FAKE_TRTLLM_RELEASE", "0.14")
+    with pytest.raises(SystemExit):
+        fake_parser().parse_args(["--monitor_memory"])
+    with pytest.raises(KeyError):
+        engine_argv(engine, "/ck", "/out", "0.14")  # plan time refuses it first (checks/release.py)
+
+
 def test_old_releases_get_paged_kv_cache_switch():
-    argv = engine_argv({"kv_cache_type": "continuous", "max_seq_len": 8}, "/ck", "/out", "0.12.0")
+    argv = engine_argv({"kv_cache_type": "continuous", "max_seq_len": 8}, "/ck", "/out", "0.12")
     assert argv[argv.index("--paged_kv_cache") + 1] == "disable" and "--kv_cache_type" not in argv
+    assert "--kv_cache_type" in engine_argv({"kv_cache_type": "continuous"}, "/ck", "/out", "0.13")
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -30,6 +30,8 @@ What the recorded digests depend on besides recipe_runner's code:
 * Nothing recipe_runner writes embeds a tool version: TensorRT-LLM rank files have no safetensors
   __metadata__, HF exports only {"format": "pt"}, and hf_quant_config.json's producer version is a
   constant of hfexport/configs.py (the transformers_version above comes from the source model).
+* The engine shape leaves tensorrt_llm unset, so it targets the fake's TensorRT-LLM 0.14.0 (its
+  checkpoint/config.json has 0.14's QuantConfig fields); the other shapes target the newest recorded release.
 * Engines come from the FAKE trtllm-build (tests/fake_trtllm). Its rank<N>.engine markers record
   the argv, whose --checkpoint_dir/--output_dir are this cache's paths, so their bytes differ per
   cache: they are left out (the shape asserts that exactly they differ between two builds).

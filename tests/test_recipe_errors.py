@@ -71,7 +71,7 @@ BROKEN = {
     ),
     "extra_arg_unknown": (
         MINIMAL + "engine:\n  max_seq_len: 4096\n  extra_args:\n    weight_sparsty: true\n",
-        "bad.yaml:8:21: engine.extra_args.weight_sparsty: trtllm-build has no option --weight_sparsty "
+        "bad.yaml:8:21: engine.extra_args.weight_sparsty: trtllm-build of TensorRT-LLM 0.16 has no option --weight_sparsty "
         "(did you mean 'weight_sparsity'?)",
     ),
     "extra_arg_managed": (

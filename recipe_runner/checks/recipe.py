@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterator, Mapping
 
 from recipe_runner.quant import algorithms
 from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES
-from recipe_runner.trtllm.engine_options import check_extra_arg
 from recipe_runner.trtllm.mapping import ParallelMapping
 
 Finding = tuple[str, str]
@@ -82,12 +81,12 @@ def engine_matches_quantization(recipe: Mapping[str, Any]) -> Iterator[Finding]:
         yield "engine.use_fp8_context_fmha", f"needs quantization.algo: fp8 (is {algo!r})"
 
 
-def extra_args_known(recipe: Mapping[str, Any]) -> Iterator[Finding]:
-    engine = recipe.get("engine")
-    for name, value in (engine or {}).get("extra_args", {}).items():
-        problem = check_extra_arg(name, value)
-        if problem:
-            yield f"engine.extra_args.{name}", problem
+def target_release_supports(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """The algo, KV cache and trtllm-build options exist in the targeted TensorRT-LLM release
+    (checks/release.py; a build with trtllm-build installed checks its release again)."""
+    from recipe_runner.checks.release import release_findings
+
+    yield from release_findings(recipe, recipe.get("tensorrt_llm"))
 
 
 def verify_has_inputs(recipe: Mapping[str, Any]) -> Iterator[Finding]:
@@ -109,7 +108,7 @@ RULES: tuple[Rule, ...] = (
     embedding_dim_needs_parallel_embedding,
     engine_lengths_consistent,
     engine_matches_quantization,
-    extra_args_known,
+    target_release_supports,
     verify_has_inputs,
     output_targets_load,
 )

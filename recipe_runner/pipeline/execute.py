@@ -3,6 +3,7 @@ one stage's cache entry (execute_stage), publish a finished plan as one generati
 file (finish). recipe_runner.pipeline.build runs one plan through them."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
@@ -12,9 +13,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
+from recipe_runner.checks.release import release_findings
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
-from recipe_runner.errors import StageFailed, UserError
+from recipe_runner.errors import Problem, RecipeError, StageFailed, UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.recipe import Recipe
@@ -23,7 +25,8 @@ from recipe_runner.store.ownership import check_cache_location, check_output_loc
 from recipe_runner.store.publish import Generation, OutputDir
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.stages.registry import PUBLISHED, StageJob, stage_executor
-from recipe_runner.trtllm.toolchain import require_toolchain
+from recipe_runner.trtllm.releases import FIELD, recorded_names, release_of_version, releases
+from recipe_runner.trtllm.toolchain import Toolchain, require_toolchain
 
 Echo = Callable[[str], None]
 
@@ -44,7 +47,34 @@ def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, force: bool =
     if any(plan.stage("build-engine") is not None for plan in plans):  # fail at plan time
         toolchain = require_toolchain()
         echo(f"[build-engine] using {toolchain.describe()}")
+        plans = [for_installed_release(plan, toolchain) for plan in plans]
     return [resolve(plan, store, rehash=rehash, toolchain=toolchain) for plan in plans]
+
+
+def for_installed_release(plan: Plan, toolchain: Toolchain) -> Plan:
+    """A plan that builds an engine targets the installed trtllm-build's TensorRT-LLM release: a recipe
+    naming another release is refused; one naming none takes the installed one into its keys."""
+    recipe = plan.recipe
+    if plan.stage("build-engine") is None:
+        return plan
+    installed, wanted = release_of_version(toolchain.version), recipe.data.get(FIELD)
+    if wanted is not None:
+        if wanted != installed:
+            raise UserError(f"{recipe.location(FIELD)}: {FIELD}: the recipe targets TensorRT-LLM {wanted}, but the "
+                            f"installed trtllm-build is TensorRT-LLM {toolchain.version}; install {wanted}, or set "
+                            f'{FIELD}: "{installed}" after reviewing what changes')
+        return plan
+    if installed not in releases():
+        raise UserError(f"{recipe.location('engine')}: engine: the installed trtllm-build is TensorRT-LLM "
+                        f"{toolchain.version}, a release recipe-runner has no recorded facts for (recorded: "
+                        f"{recorded_names()}); install a recorded release and set {FIELD}, or record this one "
+                        "with scripts/trtllm_release_facts.py")
+    findings = release_findings(recipe.data, installed)
+    if findings:
+        raise RecipeError([Problem(recipe.location(f), f, m) for f, m in findings])
+    stages = tuple(dataclasses.replace(s, params={**s.params, FIELD: installed}) if FIELD in s.params else s
+                   for s in plan.stages)
+    return dataclasses.replace(plan, stages=stages)
 
 
 def check_outputs(plans: list[Plan], store: CacheStore, force: bool) -> None:

@@ -12,7 +12,8 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from recipe_runner.pipeline.execute import BuildResult, Echo, check_lock_inputs, execute_stage, finish, prepare
+from recipe_runner.pipeline.execute import (BuildResult, Echo, check_lock_inputs, execute_stage, finish,
+                                           for_installed_release, prepare)
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
@@ -96,7 +97,8 @@ def run_stage_task(task: StageTask) -> dict:
         recipe = load_recipes(task.recipe_path, task.variables)[task.variant or 0]
         store = CacheStore(task.cache_root)
         toolchain = require_toolchain() if task.stage == "build-engine" else None
-        resolved = resolve(make_plan(recipe), store, toolchain=toolchain)
+        plan = for_installed_release(make_plan(recipe), toolchain) if toolchain else make_plan(recipe)
+        resolved = resolve(plan, store, toolchain=toolchain)
         if resolved.status(task.stage).key.digest != task.key:
             raise UserError(f"{task.stage}: its inputs changed while the build ran (a source file or recipe was "
                             "edited); run the build again")

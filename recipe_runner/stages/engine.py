@@ -32,7 +32,7 @@ def run_engine(job: "StageJob") -> None:
     assert toolchain is not None, "the build checks for trtllm-build before any stage runs"
     engine = job.params
     checkpoint = str(job.inputs["shard"])
-    argv = [*toolchain.command, *engine_argv(engine, checkpoint, str(data_dir), toolchain.version)]
+    argv = [*toolchain.command, *engine_argv(engine, checkpoint, str(data_dir), job.params["tensorrt_llm"])]
     # The log is the entry's (engine/build.log once published), so its header names no path of this
     # machine (the cache, where trtllm-build is installed): the same key, the same header.
     command = [os.path.basename(part) for part in toolchain.command]  # where it is installed is no key

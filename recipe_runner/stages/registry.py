@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT, TRTLLM_CHECKPOINT, output_targets
 from recipe_runner.quant.algorithms import ALGORITHMS, needs_calibration, quantizes, statistics_families
 from recipe_runner.recipe.model import freeze, thaw
+from recipe_runner.trtllm.releases import FIELD as RELEASE_FIELD, newest
 
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
@@ -87,10 +88,17 @@ def _quantize(d: Recipe) -> StageUse | None:
     return StageUse(_quantizing_inputs(d), _pick(d["quantization"], *fields))
 
 
+def target_release(d: Recipe) -> str:
+    """The TensorRT-LLM release config.json and trtllm-build's argv are for: the recipe's, else the
+    newest recorded (a build with trtllm-build installed puts its release here: execute.prepare)."""
+    return d.get(RELEASE_FIELD) or newest().name
+
+
 def _shard(d: Recipe) -> StageUse | None:
     if TRTLLM_CHECKPOINT not in output_targets(d):
         return None
-    return StageUse(("quantize" if _quantized(d) else "convert", "source"), thaw(d["mapping"]))
+    params = {**thaw(d["mapping"]), RELEASE_FIELD: target_release(d)}
+    return StageUse(("quantize" if _quantized(d) else "convert", "source"), params)
 
 
 def _export_hf(target: str) -> Callable[[Recipe], StageUse | None]:
@@ -123,7 +131,8 @@ def _build_engine(d: Recipe) -> StageUse | None:
     if "engine" not in d or TRTLLM_CHECKPOINT not in output_targets(d):
         return None
     # the engine waits for verify, whose key it does not include
-    return StageUse(("shard",), thaw(d["engine"]), after=("verify",) if _verifies(d) else ())
+    params = {**thaw(d["engine"]), RELEASE_FIELD: target_release(d)}
+    return StageUse(("shard",), params, after=("verify",) if _verifies(d) else ())
 
 
 @dataclass(frozen=True)

@@ -315,6 +315,7 @@ def run_shard(job: "StageJob") -> None:
     from recipe_runner.stages.shard_plan import plan_rank_tensors
     from recipe_runner.stages.convert import read_model_facts
     from recipe_runner.trtllm.mapping import ParallelMapping
+    from recipe_runner.trtllm.releases import release_named
 
     mapping = ParallelMapping.from_recipe(job.params)
     source = job.inputs["source"]
@@ -327,5 +328,6 @@ def run_shard(job: "StageJob") -> None:
     else:
         quantized, dirs, reader = None, source, SourceCheckpoint(source)
         dtype = read_model_facts(job.inputs["convert"])["dtype"]
-    manifest = plan_rank_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized)
+    manifest = plan_rank_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized,
+                                 release=release_named(job.params["tensorrt_llm"]))
     write_checkpoint(manifest, dirs, job.out_dir, workers=job.workers)

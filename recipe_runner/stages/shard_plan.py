@@ -38,12 +38,13 @@ from recipe_runner.models.layout import (
 )
 from recipe_runner.stages.manifest import (Concat, ConvertManifest, RankPlan, Read, Source, SourceTensor, TensorPlan,
                                            Zeros, source_shape, source_tensors_of)
-from recipe_runner.trtllm.config import build_checkpoint_config, quant_config, resolve_dtype
+from recipe_runner.trtllm.config import build_checkpoint_config, resolve_dtype
 from recipe_runner.checks.mapping import mapping_findings
 from recipe_runner.trtllm.mapping import ParallelMapping, all_ranks, pp_layers
 from recipe_runner.trtllm.sharding import heads_for_rank, in_cols, out_rows, split_range, vocab_rows_for_rank
 
 if TYPE_CHECKING:
+    from recipe_runner.trtllm.releases import Release
     from recipe_runner.stages.quantized import QuantizedArtifact
 
 
@@ -212,8 +213,10 @@ def plan_rank_tensors(
     mapping: ParallelMapping,
     dtype: str = "auto",
     quantized: "QuantizedArtifact | None" = None,
+    release: "Release | None" = None,
 ) -> ConvertManifest:
-    """Plan every rank's tensors (no tensor data is read).
+    """Plan every rank's tensors (no tensor data is read); config.json for `release` (default: the
+    newest recorded TensorRT-LLM release).
 
     With `quantized` (the quantize stage's artifact), `source` must also hold the artifact's
     tensors (a LayeredCheckpoint); its rules replace or add per-layer tensors and its
@@ -226,18 +229,18 @@ def plan_rank_tensors(
     # may not have been checked against the model at plan time; scripts); plan_convert checks
     # earlier itself and calls _plan_checked.
     require_valid_mapping(model_config, mapping)
-    return _plan_checked(model_config, source, mapping, dtype, quantized)
+    return _plan_checked(model_config, source, mapping, dtype, quantized, release)
 
 
 def _plan_checked(model_config: ModelConfig, source: TensorSource, mapping: ParallelMapping, dtype: str,
-                  quantized: "QuantizedArtifact | None") -> ConvertManifest:
+                  quantized: "QuantizedArtifact | None", release: "Release | None" = None) -> ConvertManifest:
     """plan_rank_tensors once `mapping` is known to be valid for `model_config`."""
     out_dtype = resolve_dtype(dtype, model_config.torch_dtype)
     source.validate(model_config)
     config = build_checkpoint_config(
         model_config, dtype=out_dtype, mapping=mapping,
-        # rebuilt through quant_config(): QuantConfig's field order, whatever order the artifact kept
-        quantization=quant_config(**quantized.quant_config) if quantized is not None else None,
+        # rebuilt through quant_config(): the release's QuantConfig fields, in its order
+        quantization=quantized.quant_config if quantized is not None else None, release=release,
     )
     ranks = []
     used: dict[str, SourceTensor] = {}
@@ -271,9 +274,10 @@ def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(d for d in shape if d != 1)
 
 
-def plan_convert(model_dir: str | Path, *, mapping: ParallelMapping, dtype: str = "auto") -> ConvertManifest:
-    """Read config.json, open and validate the weights, and plan the conversion."""
+def plan_convert(model_dir: str | Path, *, mapping: ParallelMapping, dtype: str = "auto",
+                 release: "Release | None" = None) -> ConvertManifest:
+    """Read config.json, open and validate the weights, and plan the conversion (for `release`)."""
     cfg = read_model_config(model_dir)
     # mapping problems are reported before the weights are even opened (the only check here)
     require_valid_mapping(cfg, mapping)
-    return _plan_checked(cfg, SourceCheckpoint(model_dir), mapping, dtype, None)
+    return _plan_checked(cfg, SourceCheckpoint(model_dir), mapping, dtype, None, release)

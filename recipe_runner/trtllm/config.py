@@ -1,8 +1,9 @@
 """The checkpoint's config.json (spec §2): fields, dtype resolution, quantization section.
 
-trtllm-build loads it with `LLaMAConfig(**config)`: unknown top-level keys are accepted (stored
-with a warning), but `mapping` and `quantization` are strict (`Mapping(**d)`, `QuantConfig(**d)`:
-unknown keys raise TypeError), so those two carry only fields every 0.12–1.2 release accepts.
+trtllm-build loads it with `LLaMAConfig.from_dict(config)`: unknown top-level keys are kept (set as
+attributes), but `mapping` and `quantization` are strict (`Mapping(**d)`, `QuantConfig(**d)`: unknown
+keys raise TypeError) in every recorded release (trtllm/releases.py), so `quantization` carries
+exactly the target release's QuantConfig fields and `mapping` only keys every release accepts.
 """
 from __future__ import annotations
 
@@ -15,22 +16,9 @@ from recipe_runner.errors import UserError
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
     from recipe_runner.trtllm.mapping import ParallelMapping
+    from recipe_runner.trtllm.releases import Release
 
 CHECKPOINT_DTYPES = ("float16", "bfloat16", "float32")
-
-# QuantConfig dataclass fields and defaults (0.14; unchanged through 1.x). `sq_use_plugin` is
-# deliberately absent: it is not a field and would make trtllm-build raise TypeError.
-QUANT_CONFIG_DEFAULTS: dict[str, Any] = {
-    "quant_algo": None,
-    "kv_cache_quant_algo": None,
-    "group_size": 128,
-    "smoothquant_val": 0.5,
-    "clamp_val": None,
-    "use_meta_recipe": False,
-    "has_zero_point": False,
-    "pre_quant_scale": False,
-    "exclude_modules": None,
-}
 
 
 def resolve_dtype(dtype: str, hf_torch_dtype: str | None) -> str:
@@ -50,19 +38,36 @@ def resolve_dtype(dtype: str, hf_torch_dtype: str | None) -> str:
     return hf_torch_dtype
 
 
-def quant_config(**overrides: Any) -> dict[str, Any]:
-    """The `quantization` dict: QuantConfig defaults with `overrides` (only known fields)."""
-    unknown = sorted(set(overrides) - set(QUANT_CONFIG_DEFAULTS))
+def quant_config(release: "Release | None" = None, **overrides: Any) -> dict[str, Any]:
+    """The `quantization` dict for `release` (the newest recorded when None): its QuantConfig fields in
+    declaration order with their defaults, then `overrides`. QuantConfig(**d) raises TypeError on a key
+    it lacks (every recorded release), so a field this release does not have is left out when it holds
+    the newest release's default (`use_meta_recipe: false` for 0.12-0.14) and refused otherwise."""
+    from recipe_runner.trtllm.releases import newest, releases
+
+    release = release or newest()
+    anywhere = set().union(*(r.quant_config for r in releases().values()))
+    unknown = sorted(set(overrides) - anywhere)
     if unknown:
         raise ValueError(f"not QuantConfig fields (trtllm-build would reject them): {unknown}")
-    out = dict(QUANT_CONFIG_DEFAULTS)
-    out.update(overrides)
+    out = dict(release.quant_config)
+    for name, value in overrides.items():
+        if name in out:
+            out[name] = value
+        elif value != newest().quant_config.get(name):
+            raise ValueError(f"TensorRT-LLM {release.name}'s QuantConfig has no field {name} (needed for {value!r})")
     return out
 
 
-def mapping_config(mapping: "ParallelMapping") -> dict[str, int]:
-    """Only the keys every Mapping(**d) accepts; the rest keep their defaults at build time."""
-    return {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size}
+def mapping_config(mapping: "ParallelMapping", release: "Release | None" = None) -> dict[str, int]:
+    """Only the keys every recorded Mapping(**d) accepts; the rest keep their defaults at build time."""
+    from recipe_runner.trtllm.releases import newest
+
+    config = {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size}
+    missing = set(config) - (release or newest()).mapping_parameters
+    if missing:
+        raise ValueError(f"TensorRT-LLM {(release or newest()).name}'s Mapping lacks {sorted(missing)}")
+    return config
 
 
 def build_checkpoint_config(
@@ -71,8 +76,10 @@ def build_checkpoint_config(
     dtype: str,
     mapping: "ParallelMapping",
     quantization: dict[str, Any] | None = None,
+    release: "Release | None" = None,
 ) -> dict[str, Any]:
-    """config.json for a LLaMA-family checkpoint; `dtype` must already be resolved."""
+    """config.json for a LLaMA-family checkpoint for `release` (newest recorded when None);
+    `dtype` must already be resolved."""
     if dtype not in CHECKPOINT_DTYPES:
         raise ValueError(f"dtype must be resolved to one of {CHECKPOINT_DTYPES}, got {dtype!r}")
     m = model_config
@@ -114,8 +121,8 @@ def build_checkpoint_config(
         "output_multiplier_scale": 1.0,
         # `moe` is omitted on purpose: LLaMAConfig builds a dense default when it is absent,
         # which is safer than guessing MoeConfig's version-dependent field list.
-        "mapping": mapping_config(mapping),
-        "quantization": quantization if quantization is not None else quant_config(),
+        "mapping": mapping_config(mapping, release),
+        "quantization": quant_config(release, **(quantization or {})),
     }
 
 

@@ -1,15 +1,15 @@
-"""trtllm-build's option list, and the checks recipes' `engine:` sections get against it.
+"""trtllm-build's options per TensorRT-LLM release, and the argv a recipe's `engine:` section becomes.
 
-The list is data (recipe_runner/data/trtllm_build_options.json), recorded from
-TensorRT-LLM's tensorrt_llm/commands/build.py and plugin.py; see its `_about`.
+The option lists are data: each recorded release's trtllm-build argparse options, read from its
+tensorrt_llm/commands/build.py and plugin.py at the release tag (trtllm/releases.py).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from typing import Any, Mapping
+
+from recipe_runner.trtllm.releases import Release, release_named
 
 # Options recipe-runner sets itself: a recipe may not override them.
 MANAGED_OPTIONS = {
@@ -55,6 +55,11 @@ class BuildOption:
     help: str
 
 
+# argparse types that are enums: trtllm-build parses --kv_cache_type with KVCacheType.from_string
+# (tensorrt_llm/bindings, case-insensitive member names), which the recorded option has no choices for.
+ENUM_TYPES = {"KVCacheType": ("continuous", "paged", "disabled")}
+
+
 def _kind(raw: Mapping[str, Any]) -> str:
     if raw.get("action") == "store_true":
         return "switch"
@@ -62,29 +67,36 @@ def _kind(raw: Mapping[str, Any]) -> str:
         return "list"
     if raw.get("type") == "int":
         return "int"
-    if str(raw.get("type", "")).startswith("enum"):
+    if raw.get("type") in ENUM_TYPES:
         return "enum"
     return "str"
 
 
-@lru_cache(maxsize=1)
-def build_options() -> dict[str, BuildOption]:
-    """Every trtllm-build option by name (aliases included), from the recorded list."""
-    text = (resources.files("recipe_runner") / "data" / "trtllm_build_options.json").read_text("utf-8")
+@lru_cache(maxsize=None)
+def build_options(release: str | None = None) -> dict[str, BuildOption]:
+    """Every trtllm-build option of `release` (newest recorded when None) by name, aliases included."""
     options: dict[str, BuildOption] = {}
-    for raw in json.loads(text)["options"]:
-        option = BuildOption(raw["flag"].lstrip("-"), _kind(raw),
-                             tuple(raw["choices"]) if raw.get("choices") else None, raw.get("help", ""))
+    for raw in release_named(release).build_options:
+        choices = raw.get("choices") or ENUM_TYPES.get(raw.get("type"))
+        option = BuildOption(raw["flag"].lstrip("-"), _kind(raw), tuple(choices) if choices else None,
+                             raw.get("help", ""))
         for flag in [raw["flag"], *raw.get("aliases", [])]:
             options[flag.lstrip("-")] = option
     return options
 
 
-def check_extra_arg(name: str, value: Any) -> str | None:
-    """Why `engine.extra_args.<name>: value` cannot be passed to trtllm-build, or None if it can."""
+def option_releases(name: str) -> list[str]:
+    """The recorded releases whose trtllm-build has option --name."""
+    from recipe_runner.trtllm.releases import having
+
+    return having(lambda r: name in build_options(r.name))
+
+
+def check_extra_arg(name: str, value: Any, release: str | None = None) -> str | None:
+    """Why `engine.extra_args.<name>: value` cannot be passed to `release`'s trtllm-build, or None."""
     import difflib
 
-    options = build_options()
+    options = build_options(release)
     bare = name.lstrip("-")
     if bare in MANAGED_OPTIONS:
         return f"--{bare} is set by recipe-runner ({MANAGED_OPTIONS[bare]}); remove it"
@@ -93,9 +105,14 @@ def check_extra_arg(name: str, value: Any) -> str | None:
         return f"--{bare} has its own recipe field; set engine.{owner} instead"
     option = options.get(bare)
     if option is None:
+        name_ = release_named(release).name
+        elsewhere = option_releases(bare)
+        if elsewhere:
+            return (f"trtllm-build of TensorRT-LLM {name_} has no option --{bare} (releases that have it: "
+                    f"{', '.join(elsewhere)}); set tensorrt_llm to one of them or remove it")
         close = difflib.get_close_matches(bare, list(options), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"trtllm-build has no option --{bare}{hint}; see `trtllm-build --help`"
+        return f"trtllm-build of TensorRT-LLM {name_} has no option --{bare}{hint}; see `trtllm-build --help`"
     return _check_value(option, value)
 
 
@@ -116,19 +133,6 @@ def _check_value(option: BuildOption, value: Any) -> str | None:
     return None
 
 
-# TensorRT-LLM 0.14 introduced --kv_cache_type (BuildConfig.update_kv_cache_type); older
-# releases take the plugin switch --paged_kv_cache, which later ones still accept as an alias.
-_KV_CACHE_TYPE_SINCE = (0, 14)
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """(0, 14, 0) from "0.14.0", "0.14.0.dev2024092400" or "1.2.0rc1"; () if unreadable."""
-    import re
-
-    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
-    return tuple(int(p) for p in match.groups() if p is not None) if match else ()
-
-
 def _option_value(option: BuildOption, value: Any) -> list[str]:
     """argv words for one option: switches appear only when true, enable/disable options
     take those words, everything else its value."""
@@ -141,9 +145,10 @@ def _option_value(option: BuildOption, value: Any) -> list[str]:
 
 
 def engine_argv(engine: Mapping[str, Any], checkpoint_dir: str, output_dir: str,
-                trtllm_version: str | None = None) -> list[str]:
-    """trtllm-build's arguments for a recipe's normalized `engine:` section (without the program)."""
-    options = build_options()
+                release: str | None = None) -> list[str]:
+    """`release`'s trtllm-build arguments for a recipe's normalized `engine:` section (without the
+    program); checks/release.py refuses at plan time what a release cannot take."""
+    options = build_options(release)
     argv = ["--checkpoint_dir", checkpoint_dir, "--output_dir", output_dir,
             # the timing cache would otherwise be written to the current directory
             "--output_timing_cache", f"{output_dir}/timing.cache"]
@@ -151,9 +156,11 @@ def engine_argv(engine: Mapping[str, Any], checkpoint_dir: str, output_dir: str,
         if field_name not in engine:
             continue
         value = engine[field_name]
-        if field_name == "kv_cache_type" and trtllm_version and parse_version(trtllm_version)[:2] < _KV_CACHE_TYPE_SINCE:
+        if field_name == "kv_cache_type" and option_name not in options:
+            # 0.12 has no --kv_cache_type: its plugin switch --paged_kv_cache says paged or continuous
             if value == "disabled":
-                raise ValueError(f"kv_cache_type disabled needs TensorRT-LLM >= 0.14 (found {trtllm_version})")
+                raise ValueError(f"kv_cache_type disabled needs --kv_cache_type, which TensorRT-LLM "
+                                 f"{release_named(release).name} lacks")
             argv += ["--paged_kv_cache", "enable" if value == "paged" else "disable"]
             continue
         argv += _option_value(options[option_name], value)

@@ -27,4 +27,6 @@ def install_fake_toolchain(root: Path, monkeypatch: pytest.MonkeyPatch, *, versi
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: tensorrt-llm\nVersion: {version}\n")
     monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(site))
+    # the recorded release whose options and config classes the fake takes (its version's major.minor)
+    monkeypatch.setenv("FAKE_TRTLLM_RELEASE", ".".join(version.split(".")[:2]))
     return bin_dir
