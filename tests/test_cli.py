@@ -91,7 +91,7 @@ def test_stage_params_hold_only_their_fields(monkeypatch, capsys):
     params = {s["name"]: s["params"] for s in json.loads(out)["stages"]}
     assert params["convert"] == {"dtype": "float16", "trust_remote_code": False}
     assert params["shard"] == {"tp_size": 2, "pp_size": 1, "use_parallel_embedding": False,
-                               "embedding_sharding_dim": 0}
+                               "embedding_sharding_dim": 0, "tensorrt_llm": "0.16"}  # config.json's release
     assert params["calibrate"]["statistics"] == ["smoothquant", "kv"]
     assert "description" not in json.dumps(params)
     assert "max_batch_size" in params["build-engine"] and "tp_size" not in params["build-engine"]
