@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
+from recipe_runner.checks.targets import target_findings
 from recipe_runner.quant import algorithms
 from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES
 from recipe_runner.trtllm.engine_options import check_extra_arg
@@ -98,8 +99,6 @@ def verify_has_inputs(recipe: Mapping[str, Any]) -> Iterator[Finding]:
 
 def output_targets_load(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     """Every output target must be loadable by a consumer with the recipe's quantization (checks/targets.py)."""
-    from recipe_runner.checks.targets import target_findings
-
     yield from target_findings(recipe)
 
 

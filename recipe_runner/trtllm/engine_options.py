@@ -5,7 +5,9 @@ TensorRT-LLM's tensorrt_llm/commands/build.py and plugin.py; see its `_about`.
 """
 from __future__ import annotations
 
+import difflib
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -82,8 +84,6 @@ def build_options() -> dict[str, BuildOption]:
 
 def check_extra_arg(name: str, value: Any) -> str | None:
     """Why `engine.extra_args.<name>: value` cannot be passed to trtllm-build, or None if it can."""
-    import difflib
-
     options = build_options()
     bare = name.lstrip("-")
     if bare in MANAGED_OPTIONS:
@@ -123,8 +123,6 @@ _KV_CACHE_TYPE_SINCE = (0, 14)
 
 def parse_version(text: str) -> tuple[int, ...]:
     """(0, 14, 0) from "0.14.0", "0.14.0.dev2024092400" or "1.2.0rc1"; () if unreadable."""
-    import re
-
     match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
     return tuple(int(p) for p in match.groups() if p is not None) if match else ()
 
