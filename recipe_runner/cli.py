@@ -1,6 +1,11 @@
-"""The `recipe` command: thin; parses arguments, calls the API, maps errors to exit codes."""
+"""The `recipe` command: thin; parses arguments, calls the API, maps errors to exit codes.
+
+Imports inside functions keep torch (verify, demo) off the warm path and every other command, and
+jinja2/jsonschema (recipes, the pipeline) off the commands that read no recipe: `--help`, `cache`, `verify-lock`.
+"""
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -11,6 +16,11 @@ import yaml
 
 from recipe_runner import __version__
 from recipe_runner.errors import RecipeError, RecipeRunnerError, UserError
+from recipe_runner.pipeline.progress import format_size
+from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.gc import parse_size
+from recipe_runner.store.lock import read_lock, verify_lock
+from recipe_runner.trtllm.toolchain import require_toolchain
 
 app = typer.Typer(
     help="Declarative, reproducible TensorRT-LLM checkpoint and engine builds from Hugging Face LLaMA-family models.",
@@ -125,15 +135,11 @@ CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-run
 
 
 def _store(cache_dir: Optional[Path]):
-    from recipe_runner.store.cache import CacheStore
-
     return CacheStore(cache_dir, warn=lambda message: typer.echo(f"warning: {message}", err=True))
 
 
 def _optional_toolchain(the_plan):
     """trtllm-build for `plan` to key the engine stage with, or None (plan still shows the rest)."""
-    from recipe_runner.trtllm.toolchain import require_toolchain
-
     if the_plan.stage("build-engine") is None:
         return None
     try:
@@ -192,8 +198,6 @@ def build(
     force: bool = typer.Option(False, "--force", help="Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of them is changed or removed)."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
-    from recipe_runner.store.gc import parse_size
-    from recipe_runner.store.lock import read_lock
     from recipe_runner.pipeline.plan import make_plan
     from recipe_runner.pipeline.scheduler import format_summary, make_executor, run_builds
 
@@ -249,8 +253,6 @@ def verify_lock_command(
     lock_file: Path = typer.Argument(..., help="A recipe.lock inside a published output directory."),
 ) -> None:
     """Recheck a published output directory against its lock file (sizes and sha256 of every file)."""
-    from recipe_runner.store.lock import verify_lock
-
     problems = verify_lock(lock_file)
     if problems:
         typer.echo(f"{lock_file}: {len(problems)} difference(s):", err=True)
@@ -267,10 +269,6 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("ls")
 def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
     """List cache entries, least recently used first."""
-    import datetime
-
-    from recipe_runner.pipeline.progress import format_size
-
     store = _store(cache_dir)
     entries = store.ls()
     for info in entries:
@@ -299,9 +297,6 @@ def cache_gc(
 ) -> None:
     """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
     running build uses, and its temporary directories, are never removed."""
-    from recipe_runner.pipeline.progress import format_size
-    from recipe_runner.store.gc import parse_size
-
     if max_size is None and older_than is None:
         raise UserError("give --max-size SIZE and/or --older-than DAYS")
     removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than, dry_run=dry_run)

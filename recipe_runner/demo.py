@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 WEIGHTS_FORMATS = ("safetensors", "bin")
@@ -23,8 +26,6 @@ def _seeded_values(seed: int, name: str, shape: torch.Size, is_norm: bool) -> to
 
 
 def _hf_config(architecture: str, **kwargs: Any):
-    import transformers
-
     if architecture == "LlamaForCausalLM":
         return transformers.LlamaConfig(**kwargs)
     if kwargs.pop("attention_bias"):
@@ -59,8 +60,6 @@ def make_tiny_llama(
     `max_shard_size` gives sharded safetensors with `model.safetensors.index.json`;
     `weights_format="bin"` gives a single `pytorch_model.bin` instead.
     """
-    import transformers
-
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if weights_format not in WEIGHTS_FORMATS:
@@ -124,9 +123,6 @@ _CORPUS = [
 def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1001) -> Path:
     """A byte-level BPE tokenizer (at most `vocab_size` tokens) trained on a fixed corpus and saved
     as tokenizer.json + tokenizer_config.json; deterministic, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -42,7 +42,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 SCHEMA = 1
 FIRST_RELEASE = (0, 12)

@@ -227,11 +227,12 @@ def test_cache_ls_and_gc_from_the_command_line(tiny_model, tmp_path, store, caps
 
 def test_warm_no_op_build_never_imports_torch(tiny_model, tmp_path, store):
     recipe = write_recipe(tmp_path, tiny_model("gqa"))
+    recipe.write_text(recipe.read_text() + "verify:\n  token_ids: [[1, 2, 3, 4]]\n")  # publishing names its reports
     build(recipe, store)
     code = ("import sys\nfrom recipe_runner.cli import main\n"
             f"try:\n    main(['build', {str(recipe)!r}, '--cache-dir', {str(store.root)!r}])\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\nprint('torch imported' if 'torch' in sys.modules else 'torch not imported')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "0 stage(s) run, 2 cached" in proc.stdout
+    assert "0 stage(s) run, 3 cached" in proc.stdout
     assert proc.stdout.strip().endswith("torch not imported")  # importing torch alone costs ~1 s

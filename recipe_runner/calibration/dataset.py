@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe_runner.errors import UserError
+from recipe_runner.hf.sources import hf_hub_cache  # datasets live in the same hub cache as models
 
 FIELD = "quantization.calibration.dataset"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -33,8 +34,6 @@ def looks_like_path(value: str) -> bool:
 
 
 def hf_datasets_cache() -> Path:
-    from recipe_runner.hf.sources import hf_hub_cache  # datasets live in the same hub cache as models
-
     return hf_hub_cache()
 
 
@@ -171,7 +170,7 @@ def read_texts(files: DatasetFiles, text_field: str) -> list[str]:
 
 def sample_texts(texts: list[str], num_samples: int, seed: int) -> list[str]:
     """`num_samples` texts drawn without replacement, in an order fixed by `seed` (all when fewer)."""
-    import torch
+    import torch  # torch: kept off the warm path (pipeline/resolve.py imports this module)
 
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     return [texts[i] for i in order[:num_samples]]

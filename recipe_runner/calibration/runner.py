@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from transformers import AutoConfig, masking_utils
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
 
 from recipe_runner.calibration.stats import (
     AWQ_SEARCH_TOKENS,
@@ -28,7 +31,9 @@ from recipe_runner.calibration.stats import (
 from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.hf.remote_code import refuse_remote_code
 from recipe_runner.models import layout_for
+from recipe_runner.quant.awq import search_scales
 
 SPILL_BYTES = 1 << 30
 EMBED_BLOCK_BYTES = 64 << 20
@@ -45,10 +50,6 @@ class RunnerOptions:
 def hf_config(model_dir: Path, *, trust_remote_code: bool = False):
     """The transformers config of the source, set up for an eager float32 CPU forward; custom config
     code (auto_map) runs only with `trust_remote_code`, passed explicitly (None would ask on stdin)."""
-    from transformers import AutoConfig
-
-    from recipe_runner.hf.remote_code import refuse_remote_code
-
     refuse_remote_code(model_dir, trust_remote_code)
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
     config._attn_implementation = "eager"
@@ -57,12 +58,8 @@ def hf_config(model_dir: Path, *, trust_remote_code: bool = False):
 
 def _decoder_classes(config):
     if config.model_type == "mistral":
-        from transformers.models.mistral import modeling_mistral as m
-
-        return m.MistralDecoderLayer, m.MistralRotaryEmbedding
-    from transformers.models.llama import modeling_llama as m
-
-    return m.LlamaDecoderLayer, m.LlamaRotaryEmbedding
+        return modeling_mistral.MistralDecoderLayer, modeling_mistral.MistralRotaryEmbedding
+    return modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaRotaryEmbedding
 
 
 def embed(reader: SourceCheckpoint, table: str, ids: torch.Tensor,
@@ -118,8 +115,6 @@ class HiddenStates:
 
 
 def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
-    from transformers import masking_utils
-
     make = (masking_utils.create_sliding_window_causal_mask if getattr(config, "sliding_window", None)
             else masking_utils.create_causal_mask)
     return make(config, hidden, None, None, positions)
@@ -173,8 +168,6 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
 
 def _awq_search(layer: torch.nn.Module, collector: LayerCollector, stats: CalibrationStats, index: int,
                 group_size: int) -> None:
-    from recipe_runner.quant.awq import search_scales
-
     with torch.no_grad():
         for group in collector.layout.groups:
             weights = [layer.get_submodule(p).weight for p in group.projections]

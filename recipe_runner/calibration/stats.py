@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from recipe_runner.errors import UserError
 from recipe_runner.io.safetensors_writer import write_safetensors
@@ -185,8 +186,6 @@ def write_stats(out_dir: Path, stats: CalibrationStats) -> None:
 
 
 def read_stats(stats_dir: Path) -> CalibrationStats:
-    from safetensors.torch import load_file
-
     meta = json.loads((stats_dir / META_FILE).read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
         raise UserError(f"{stats_dir / META_FILE}: not a {FORMAT} artifact; rebuild the calibrate stage")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from recipe_runner.errors import UserError
 from recipe_runner.hf.files import tokenizer_problem
@@ -23,8 +24,6 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False):
     if problem:
         raise UserError(problem)
     refuse_remote_code(model_dir, trust_remote_code)
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True,
                                              trust_remote_code=trust_remote_code)

@@ -14,6 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from recipe_runner.checks.mapping import mapping_findings
+from recipe_runner.checks.quantization import quantization_findings
+from recipe_runner.trtllm.mapping import ParallelMapping
+
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
 
@@ -22,9 +26,5 @@ Finding = tuple[str, str]
 
 def model_findings(model: "ModelConfig", recipe: Mapping[str, Any], source_dir: Path) -> list[Finding]:
     """The rules that need the source's config.json (and its tokenizer files), at plan time."""
-    from recipe_runner.checks.mapping import mapping_findings
-    from recipe_runner.checks.quantization import quantization_findings
-    from recipe_runner.trtllm.mapping import ParallelMapping
-
     mapping = ParallelMapping.from_recipe(recipe["mapping"])  # built once, for every rule below
     return [*mapping_findings(mapping, model), *quantization_findings(model, recipe, mapping, source_dir)]

@@ -8,7 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from recipe_runner.checks.recipe import needs_calibration
+from recipe_runner.checks.targets import model_findings
 from recipe_runner.hf.config import ModelConfig
+from recipe_runner.hf.files import tokenizer_problem
+from recipe_runner.hfexport.targets import TRTLLM_CHECKPOINT, output_targets
 from recipe_runner.quant.algorithms import ALGORITHMS, SMOOTHQUANT
 from recipe_runner.models import layout_for
 from recipe_runner.trtllm import quant as tq
@@ -83,9 +87,6 @@ def sharded_quantization_findings(model: ModelConfig, quant: Mapping[str, Any], 
 
 
 def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[Finding]:
-    from recipe_runner.hf.files import tokenizer_problem
-    from recipe_runner.checks.recipe import needs_calibration
-
     if needs_calibration(quant):
         problem = tokenizer_problem(source_dir)
         if problem:
@@ -95,9 +96,6 @@ def tokenizer_findings(source_dir: Path, quant: Mapping[str, Any]) -> Iterator[F
 def quantization_findings(model: ModelConfig, recipe: Mapping[str, Any], mapping: ParallelMapping,
                           source_dir: Path) -> list[Finding]:
     """`mapping` is the recipe's, built once by the caller (plan.check_against_model)."""
-    from recipe_runner.checks.targets import model_findings
-    from recipe_runner.hfexport.targets import TRTLLM_CHECKPOINT, output_targets
-
     quant = recipe["quantization"]
     legacy = TRTLLM_CHECKPOINT in output_targets(recipe)
     return [*combination_findings(quant), *exclude_findings(model, quant, mapping.pp_size, legacy),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
+from recipe_runner.checks.release import release_findings
+from recipe_runner.checks.targets import target_findings
 from recipe_runner.quant import algorithms
 from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES
 from recipe_runner.trtllm.mapping import ParallelMapping
@@ -84,8 +86,6 @@ def engine_matches_quantization(recipe: Mapping[str, Any]) -> Iterator[Finding]:
 def target_release_supports(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     """The algo, KV cache and trtllm-build options exist in the targeted TensorRT-LLM release
     (checks/release.py; a build with trtllm-build installed checks its release again)."""
-    from recipe_runner.checks.release import release_findings
-
     yield from release_findings(recipe, recipe.get("tensorrt_llm"))
 
 
@@ -97,8 +97,6 @@ def verify_has_inputs(recipe: Mapping[str, Any]) -> Iterator[Finding]:
 
 def output_targets_load(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     """Every output target must be loadable by a consumer with the recipe's quantization (checks/targets.py)."""
-    from recipe_runner.checks.targets import target_findings
-
     yield from target_findings(recipe)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
+from recipe_runner.hfexport.exclusion import partial_fused_groups
 from recipe_runner.hfexport.targets import HF_TARGETS, consumers, hf_targets, output_targets
 from recipe_runner.quant.algorithms import (ALGORITHMS, HF_COMPRESSED_TENSORS, KV_CACHES, TRTLLM_CHECKPOINT,
                                            quantizes)
@@ -60,8 +61,6 @@ def model_findings(model, recipe: Mapping[str, Any]) -> Iterator[Finding]:
     """Plan-time checks of the HF targets against the source model's shapes (`model` is a
     hf.config.ModelConfig): widths the formats pack or scale in blocks, and fused groups the
     exclude patterns would split."""
-    from recipe_runner.hfexport.exclusion import partial_fused_groups
-
     quant = recipe["quantization"]
     targets = hf_targets(recipe)
     if not targets or not quantizes(quant["algo"], quant["kv_cache"]):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import SourceModelError
+from recipe_runner.hf.safetensors_header import loads_strict
 from recipe_runner.models import LAYOUTS
 
 SUPPORTED_ARCHITECTURES = tuple(LAYOUTS)  # the architectures with a model layout (models/)
@@ -57,8 +58,6 @@ def _load_json(path: Path) -> dict[str, Any]:
             f"{path} not found: the source must be a Hugging Face model directory containing "
             "config.json and the weights (*.safetensors or pytorch_model*.bin)"
         )
-    from recipe_runner.hf.safetensors_header import loads_strict
-
     try:
         # strict: NaN / Infinity (which Python's json accepts) are not JSON, and a key given twice
         # leaves which value is meant unknown

@@ -6,6 +6,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Mapping, TypeVar
 
 from recipe_runner.errors import SourceModelError
+from recipe_runner.hf.safetensors_header import loads_strict
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -23,8 +24,6 @@ def _read_index(index_path: Path) -> dict[str, Path]:
 
 def _weight_map(index_path: Path) -> dict[str, str]:
     """The index's weight_map: an object of tensor name -> shard file name (strings only)."""
-    from recipe_runner.hf.safetensors_header import loads_strict
-
     try:
         index = loads_strict(index_path.read_text(encoding="utf-8"))
     except ValueError as e:  # also a key given twice: which shard holds that tensor cannot be told

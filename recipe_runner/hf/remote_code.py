@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from recipe_runner.errors import SourceModelError
+
 TRUST_FIELD = "source.trust_remote_code"
 
 
@@ -45,8 +47,6 @@ def refuse_remote_code(model_dir: Path, trust_remote_code: bool,
                        remedy: str = f"review that code, then set {TRUST_FIELD}: true to allow it") -> None:
     """Raise unless `model_dir` asks for no custom code or the user allowed it; callers that load with
     transformers check here first, so a model's code never runs unasked, whichever path got there."""
-    from recipe_runner.errors import SourceModelError
-
     if trust_remote_code:
         return
     found = auto_maps(model_dir)

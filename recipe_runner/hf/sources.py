@@ -32,7 +32,7 @@ def locate_source(recipe: Recipe) -> SourceLocation:
     hub_id, revision = recipe.get("source.hub_id"), recipe.get("source.revision")
     description = f"{hub_id}@{revision[:12]}"
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # huggingface_hub: kept off the warm path of local sources
 
         directory = Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
                                            cache_dir=hf_hub_cache()))

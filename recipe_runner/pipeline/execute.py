@@ -27,6 +27,7 @@ from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
 from recipe_runner.stages.registry import PUBLISHED, StageJob, stage_executor
 from recipe_runner.trtllm.releases import FIELD, recorded_names, release_of_version, releases
 from recipe_runner.trtllm.toolchain import Toolchain, require_toolchain
+from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, name_recipe
 
 Echo = Callable[[str], None]
 
@@ -190,8 +191,6 @@ def recipe_reports(resolved: ResolvedPlan, entries: dict[str, Entry]) -> dict[st
     sharing the verify key share its entry) with this recipe's name and hash filled in."""
     if "verify" not in entries:
         return {}
-    from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, name_recipe
-
     recipe, folder = resolved.plan.recipe, PUBLISHED["verify"]
     out = {}
     for rel in sorted(r for r in entries["verify"].files if r.rsplit("/", 1)[-1] == JSON_NAME):

@@ -6,7 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from recipe_runner.checks import model_findings
 from recipe_runner.errors import Problem, RecipeError, UserError
+from recipe_runner.hf.config import read_model_config
+from recipe_runner.hf.remote_code import TRUST_FIELD, auto_maps, describe
+from recipe_runner.hf.weights import check_source_weights
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
 from recipe_runner.hfexport.targets import target_notes
@@ -93,8 +97,6 @@ def _cut(stages: list[Stage], until: str) -> list[Stage]:
 def refuse_remote_code(recipe: Recipe, source: SourceLocation) -> None:
     """A model whose JSON files ask for custom Python code (auto_map in config.json,
     tokenizer_config.json, ...) is built only when the recipe allows that code to run."""
-    from recipe_runner.hf.remote_code import TRUST_FIELD, auto_maps, describe
-
     found = auto_maps(source.directory)
     if found and not recipe.data["source"]["trust_remote_code"]:
         raise RecipeError([Problem(recipe.location("source"), TRUST_FIELD,
@@ -104,10 +106,6 @@ def refuse_remote_code(recipe: Recipe, source: SourceLocation) -> None:
 
 def check_against_model(recipe: Recipe, source: SourceLocation) -> None:
     """The rules that need the source's config.json, reported at the recipe field they concern."""
-    from recipe_runner.checks import model_findings
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.hf.weights import check_source_weights
-
     refuse_remote_code(recipe, source)
     model = read_model_config(source.directory)
     findings = model_findings(model, recipe.data, source.directory)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from recipe_runner.calibration.dataset import cached_dataset_files
+from recipe_runner.errors import SourceModelError
+from recipe_runner.hf.files import tokenizer_files, weight_files
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.fsutil import atomic_write_text
 from recipe_runner.store.hashing import FileDigest
@@ -47,12 +50,9 @@ class ResolvedPlan:
 
 def source_files(model_dir: Path) -> list[Path]:
     """The files conversion reads: config.json, the weight index if any, the weight files."""
-    from recipe_runner.errors import SourceModelError
-    from recipe_runner.hf.files import weight_files
-
     weights = weight_files(model_dir)
     if not weights:
-        from recipe_runner.hf.reader import SourceCheckpoint
+        from recipe_runner.hf.reader import SourceCheckpoint  # torch: kept off the warm path
 
         SourceCheckpoint(model_dir)  # raises the reader's explanation of what is missing
         raise SourceModelError(f"{model_dir}: no weight files found")
@@ -65,8 +65,6 @@ def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:
     path = plan.recipe.resolve_path("quantization.calibration.dataset")
     if path is not None and path.is_file():
         return store.hash_memo().hash_file(path, rehash=rehash)
-    from recipe_runner.calibration.dataset import cached_dataset_files
-
     value = plan.recipe.get("quantization.calibration.dataset")
     found = cached_dataset_files(value)  # a snapshot in the local HF cache enters by its files' content
     if found is not None:
@@ -77,8 +75,6 @@ def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:
 
 def tokenizer_digest(model_dir: Path, store: CacheStore, rehash: bool) -> str:
     """The source's tokenizer files, which "source" (what conversion reads) leaves out."""
-    from recipe_runner.hf.files import tokenizer_files
-
     files = store.hash_memo().hash_files(tokenizer_files(model_dir), rehash=rehash, root=model_dir)
     return digest_of_files({n: d.to_dict() for n, d in files.items()})
 

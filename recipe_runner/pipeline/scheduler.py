@@ -7,6 +7,7 @@ inline (in this process, one job at a time), a local process pool, or Ray.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -14,14 +15,18 @@ from dataclasses import dataclass, field
 
 from recipe_runner.pipeline.execute import (BuildResult, Echo, check_lock_inputs, execute_stage, finish,
                                            for_installed_release, prepare)
+from recipe_runner.hf.config import read_model_config
+from recipe_runner.recipe import load_recipes
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
 from recipe_runner.store.lock import LockFile
-from recipe_runner.pipeline.plan import Plan
+from recipe_runner.pipeline.plan import Plan, make_plan
 from recipe_runner.pipeline.progress import Progress
-from recipe_runner.pipeline.resolve import ResolvedPlan
+from recipe_runner.pipeline.resolve import ResolvedPlan, resolve
 from recipe_runner.stages.registry import STAGES
+from recipe_runner.trtllm.mapping import ParallelMapping
+from recipe_runner.trtllm.toolchain import require_toolchain
 
 
 
@@ -87,11 +92,6 @@ class StageTask:
 def run_stage_task(task: StageTask) -> dict:
     """Worker side: reload the recipe, check the key is the driver's, build the stage's entry.
     Errors come back as data (exception objects with custom constructors do not pickle)."""
-    from recipe_runner.pipeline.plan import make_plan
-    from recipe_runner.recipe import load_recipes
-    from recipe_runner.pipeline.resolve import resolve
-    from recipe_runner.trtllm.toolchain import require_toolchain
-
     try:
         os.chdir(task.cwd)
         recipe = load_recipes(task.recipe_path, task.variables)[task.variant or 0]
@@ -137,8 +137,6 @@ class ProcessExecutor:
     """A local pool of `jobs` worker processes (spawned: torch does not survive fork reliably)."""
 
     def __init__(self, jobs: int):
-        import multiprocessing
-
         self.capacity = jobs
         self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
 
@@ -155,7 +153,7 @@ class RayExecutor:
 
     def __init__(self, address: str, capacity: int):
         try:
-            import ray
+            import ray  # optional: the [ray] extra
         except ImportError:
             raise UserError("--executor ray needs Ray: pip install 'recipe-runner[ray]'") from None
         if not ray.is_initialized():
@@ -176,8 +174,6 @@ class RayExecutor:
 
 def estimate_memory(resolved: ResolvedPlan, stage: str, workers: int) -> int:
     """A stage's peak memory, roughly, from the model's shapes (for the --max-memory budget)."""
-    from recipe_runner.hf.config import read_model_config
-
     return STAGES[stage].memory(read_model_config(resolved.source_dir), workers)
 
 
@@ -186,9 +182,6 @@ def expected_bytes(resolved: ResolvedPlan, stage: str) -> int | None:
     dtype, plus the embedding copies of TP ranks when it is not split."""
     if stage != "shard":
         return None
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.trtllm.mapping import ParallelMapping
-
     model = read_model_config(resolved.source_dir)
     item = {"float32": 4}.get(resolved.status("convert").stage.params["dtype"], 2)
     mapping = ParallelMapping.from_recipe(resolved.status("shard").stage.params)

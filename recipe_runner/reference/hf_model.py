@@ -12,21 +12,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
+from transformers.models.llama import modeling_llama
+from transformers.models.mistral import modeling_mistral
 
 from recipe_runner.errors import SourceModelError
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.hf.remote_code import refuse_remote_code
 from recipe_runner.models import layout_for
 
 
 def _modules(architecture: str):
     """(decoder layer, RMSNorm, rotary embedding) classes of the model's architecture."""
     if architecture == "MistralForCausalLM":
-        from transformers.models.mistral import modeling_mistral as m
-
+        m = modeling_mistral
         return m.MistralDecoderLayer, m.MistralRMSNorm, m.MistralRotaryEmbedding
-    from transformers.models.llama import modeling_llama as m
-
+    m = modeling_llama
     return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
 
 
@@ -34,10 +36,6 @@ class HFLayerwiseModel:
     """Logits of a HF LLaMA / Mistral model directory, computed layer by layer."""
 
     def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False):
-        from transformers import AutoConfig
-
-        from recipe_runner.hf.remote_code import refuse_remote_code
-
         self.model_dir = Path(model_dir)
         refuse_remote_code(self.model_dir, trust_remote_code)
         self.model_config = read_model_config(self.model_dir)  # validates the architecture

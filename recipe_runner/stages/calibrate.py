@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from recipe_runner.calibration.dataset import locate_dataset, read_texts, sample_texts
+from recipe_runner.calibration.runner import RunnerOptions, run_calibration
 from recipe_runner.calibration.stats import CalibrationStats, write_stats
+from recipe_runner.calibration.tokens import load_tokenizer, make_batches, tokenize
 from recipe_runner.errors import UserError
+from recipe_runner.hf.config import read_model_config
 from recipe_runner.stages.registry import StageJob
 from recipe_runner.quant.algorithms import AWQ_STATISTICS
 
@@ -40,10 +43,6 @@ class CalibrationSettings:
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
               log: Callable[[str], None] = lambda _: None, *, trust_remote_code: bool = False) -> CalibrationStats:
     """Statistics of `source_dir` over the calibration set; written to `out_dir` when given."""
-    from recipe_runner.calibration.runner import RunnerOptions, run_calibration
-    from recipe_runner.calibration.tokens import load_tokenizer, make_batches, tokenize
-    from recipe_runner.hf.config import read_model_config
-
     cfg = read_model_config(source_dir)
     files = locate_dataset(settings.dataset, settings.dataset_path, settings.split)
     tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)

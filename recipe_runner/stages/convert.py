@@ -9,6 +9,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recipe_runner.hf.config import read_model_config
+from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.trtllm.config import resolve_dtype
+
 if TYPE_CHECKING:
     from recipe_runner.stages.registry import StageJob
 
@@ -22,10 +26,6 @@ def read_model_facts(entry_dir: Path) -> dict:
 
 def run_convert(job: "StageJob") -> None:
     """Validate the source against its config.json and fix the checkpoint dtype (no tensors read)."""
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.hf.reader import SourceCheckpoint
-    from recipe_runner.trtllm.config import resolve_dtype
-
     model = read_model_config(job.inputs["source"])
     source = SourceCheckpoint(job.inputs["source"])
     source.validate(model)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from recipe_runner.trtllm.engine_options import engine_argv
 from recipe_runner.errors import StageFailed
+from recipe_runner.store.cache import failure_log_path
 
 if TYPE_CHECKING:
     from recipe_runner.stages.registry import StageJob
@@ -26,8 +27,6 @@ TAIL_LINES = 20
 
 
 def run_engine(job: "StageJob") -> None:
-    from recipe_runner.store.cache import failure_log_path
-
     toolchain, data_dir = job.toolchain, job.out_dir
     assert toolchain is not None, "the build checks for trtllm-build before any stage runs"
     engine = job.params

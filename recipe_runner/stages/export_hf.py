@@ -3,15 +3,14 @@ checkpoint each, from the source weights, the convert stage's dtype and the cali
 statistics. The formats themselves live in hfexport/; the stage's registry entry names its target."""
 from __future__ import annotations
 
+from recipe_runner.calibration.stats import read_stats
+from recipe_runner.hfexport.export import export_checkpoint
+from recipe_runner.quant.settings import QuantSettings
+from recipe_runner.stages.convert import read_model_facts
 from recipe_runner.stages.registry import STAGES, StageJob
 
 
 def run_export_hf(job: StageJob) -> None:
-    from recipe_runner.calibration.stats import read_stats
-    from recipe_runner.hfexport.export import export_checkpoint
-    from recipe_runner.quant.settings import QuantSettings
-    from recipe_runner.stages.convert import read_model_facts
-
     settings = QuantSettings.from_params(job.params)
     model = read_model_facts(job.inputs["convert"])
     stats = read_stats(job.inputs["calibrate"]) if "calibrate" in job.inputs else None

@@ -9,6 +9,7 @@ which a warm no-op build never needs.
 """
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,5 @@ class StageJob:
 
 def stage_executor(name: str) -> Callable[[StageJob], None]:
     """The function that fills stage `name`'s cache entry (imported now)."""
-    import importlib
-
     module, function = STAGES[name].run.split(":")
     return getattr(importlib.import_module(module), function)

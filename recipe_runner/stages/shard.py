@@ -24,8 +24,12 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from recipe_runner.errors import SourceModelError, UserError
+from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.layered import CheckpointDirs, open_checkpoint
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.stages.convert import read_model_facts
+from recipe_runner.stages.quantized import read_artifact
+from recipe_runner.stages.shard_plan import plan_rank_tensors
 from recipe_runner.store.publish import swap_into_place
 from recipe_runner.stages.manifest import (
     Concat,
@@ -39,6 +43,8 @@ from recipe_runner.stages.manifest import (
     source_tensors_of,
 )
 from recipe_runner.trtllm.config import config_json_bytes
+from recipe_runner.trtllm.mapping import ParallelMapping
+from recipe_runner.trtllm.releases import release_named
 from recipe_runner.io.safetensors_writer import (
     Block,
     FileRange,
@@ -311,17 +317,9 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
 
 def run_shard(job: "StageJob") -> None:
     """Write config.json + rank{N}.safetensors for the recipe's mapping, streaming from the source."""
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.stages.shard_plan import plan_rank_tensors
-    from recipe_runner.stages.convert import read_model_facts
-    from recipe_runner.trtllm.mapping import ParallelMapping
-    from recipe_runner.trtllm.releases import release_named
-
     mapping = ParallelMapping.from_recipe(job.params)
     source = job.inputs["source"]
     if "quantize" in job.inputs:  # quantized tensors and scales (read beside the source) and their config
-        from recipe_runner.stages.quantized import read_artifact
-
         quantized = read_artifact(job.inputs["quantize"])
         dirs: tuple[Path, ...] | Path = (job.inputs["quantize"], source)
         dtype, reader = quantized.dtype, open_checkpoint(dirs)

@@ -38,6 +38,7 @@ from recipe_runner.models.layout import (
 )
 from recipe_runner.stages.manifest import (Concat, ConvertManifest, RankPlan, Read, Source, SourceTensor, TensorPlan,
                                            Zeros, source_shape, source_tensors_of)
+from recipe_runner.stages.quantized import QuantizedArtifact, apply_layer_rules
 from recipe_runner.trtllm.config import build_checkpoint_config, resolve_dtype
 from recipe_runner.checks.mapping import mapping_findings
 from recipe_runner.trtllm.mapping import ParallelMapping, all_ranks, pp_layers
@@ -45,7 +46,6 @@ from recipe_runner.trtllm.sharding import heads_for_rank, in_cols, out_rows, spl
 
 if TYPE_CHECKING:
     from recipe_runner.trtllm.releases import Release
-    from recipe_runner.stages.quantized import QuantizedArtifact
 
 
 # ---- planning --------------------------------------------------------------------------------
@@ -182,8 +182,6 @@ def _layer(c: _Ctx, layer: int, local: int) -> list[TensorPlan]:
             kinds = layout.projection(linear.projections[0]).kinds(c.cfg)
             plans += [_linear(c, layer, local, linear, kind) for kind in kinds]
     if c.quantized is not None:  # quantized tensors and scales replace or join the plain ones
-        from recipe_runner.stages.quantized import apply_layer_rules
-
         plans = apply_layer_rules(plans, c.quantized, c.cfg, c.tp, c.tp_rank, layer, local)
     return plans
 

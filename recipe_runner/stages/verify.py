@@ -9,20 +9,14 @@ the cache keeps nothing, so the next build checks again.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from recipe_runner.errors import StageFailed
 from recipe_runner.recipe.model import thaw
-
-if TYPE_CHECKING:
-    from recipe_runner.stages.registry import StageJob
+from recipe_runner.stages.registry import STAGES, VERIFIED_STAGES, StageJob
+from recipe_runner.verify.report import ReportContext, write_report
+from recipe_runner.verify.run import failure_summary, verify_checkpoint
 
 
 def run_verify(job: "StageJob") -> None:
-    from recipe_runner.stages.registry import STAGES, VERIFIED_STAGES
-    from recipe_runner.verify.report import ReportContext, write_report
-    from recipe_runner.verify.run import failure_summary, verify_checkpoint
-
     spec = job.params
     checked = [s for s in VERIFIED_STAGES if s in job.inputs]
     failed = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -137,8 +138,6 @@ def _refuse_link(path: Path) -> None:
 
 def _reflink(src: Path, dest: Path) -> bool:
     """Clone `src` to the new file `dest` copy-on-write; False (and no `dest`) where unsupported."""
-    import fcntl
-
     with open(src, "rb") as fin:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

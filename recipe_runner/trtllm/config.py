@@ -12,6 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from recipe_runner.errors import UserError
+from recipe_runner.trtllm.releases import newest, releases
 
 if TYPE_CHECKING:
     from recipe_runner.hf.config import ModelConfig
@@ -43,8 +44,6 @@ def quant_config(release: "Release | None" = None, **overrides: Any) -> dict[str
     declaration order with their defaults, then `overrides`. QuantConfig(**d) raises TypeError on a key
     it lacks (every recorded release), so a field this release does not have is left out when it holds
     the newest release's default (`use_meta_recipe: false` for 0.12-0.14) and refused otherwise."""
-    from recipe_runner.trtllm.releases import newest, releases
-
     release = release or newest()
     anywhere = set().union(*(r.quant_config for r in releases().values()))
     unknown = sorted(set(overrides) - anywhere)
@@ -61,8 +60,6 @@ def quant_config(release: "Release | None" = None, **overrides: Any) -> dict[str
 
 def mapping_config(mapping: "ParallelMapping", release: "Release | None" = None) -> dict[str, int]:
     """Only the keys every recorded Mapping(**d) accepts; the rest keep their defaults at build time."""
-    from recipe_runner.trtllm.releases import newest
-
     config = {"world_size": mapping.world_size, "tp_size": mapping.tp_size, "pp_size": mapping.pp_size}
     missing = set(config) - (release or newest()).mapping_parameters
     if missing:

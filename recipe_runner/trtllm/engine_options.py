@@ -5,11 +5,12 @@ tensorrt_llm/commands/build.py and plugin.py at the release tag (trtllm/releases
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping
 
-from recipe_runner.trtllm.releases import Release, release_named
+from recipe_runner.trtllm.releases import having, release_named
 
 # Options recipe-runner sets itself: a recipe may not override them.
 MANAGED_OPTIONS = {
@@ -87,15 +88,11 @@ def build_options(release: str | None = None) -> dict[str, BuildOption]:
 
 def option_releases(name: str) -> list[str]:
     """The recorded releases whose trtllm-build has option --name."""
-    from recipe_runner.trtllm.releases import having
-
     return having(lambda r: name in build_options(r.name))
 
 
 def check_extra_arg(name: str, value: Any, release: str | None = None) -> str | None:
     """Why `engine.extra_args.<name>: value` cannot be passed to `release`'s trtllm-build, or None."""
-    import difflib
-
     options = build_options(release)
     bare = name.lstrip("-")
     if bare in MANAGED_OPTIONS:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from recipe_runner.calibration.tokens import load_tokenizer
 from recipe_runner.errors import UserError
+from recipe_runner.hf.files import tokenizer_problem
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,6 @@ def parse_token_ids(text: str) -> list[int]:
 
 
 def _tokenize(source_dir: Path, prompts: Sequence[str], trust_remote_code: bool) -> list[list[int]]:
-    from recipe_runner.calibration.tokens import load_tokenizer
-    from recipe_runner.hf.files import tokenizer_problem
-
     if tokenizer_problem(source_dir):
         raise UserError(f"verify prompts are tokenized with the source model's tokenizer, but {source_dir} has none "
                         "(tokenizer.json, tokenizer.model or vocab.json); copy the tokenizer files there or give "

@@ -10,12 +10,13 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from recipe_runner.verify.metrics import round_figure
-from recipe_runner.verify.run import VerifyResult
+if TYPE_CHECKING:
+    from recipe_runner.verify.run import VerifyResult
 
 REPORT_FORMAT = "recipe-runner/verify-report/1"
 JSON_NAME = "verify.json"
@@ -39,6 +40,8 @@ class ReportContext:
 
 
 def report_dict(result: VerifyResult, ctx: ReportContext) -> dict:
+    from recipe_runner.verify.metrics import round_figure  # torch: kept off the warm path (name_recipe)
+
     recipe = {"name": ctx.recipe_name, "sha256": ctx.recipe_sha256} if ctx.recipe_name else None
     checkpoint = {**result.checkpoint, "stage_key": ctx.checkpoint_key, "path": ctx.checkpoint_path}
     return {
