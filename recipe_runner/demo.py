@@ -1,4 +1,10 @@
-"""Tiny seeded LLaMA / Mistral models: the README demo's source and the tests' fixture factory.
+"""The built-in demo: its recipe (package data) and the tiny seeded LLaMA / Mistral models that are
+the demo's source and the tests' fixture factory.
+
+The demo recipe is `recipe_runner/data/demo/tiny-llama.yaml`, in a source checkout a link to the
+reviewed `recipes/demo/tiny-llama.yaml`, so `recipe demo` works from any directory and from a wheel.
+Its `verify.prompts` are also `recipe verify`'s default prompts. torch is imported only to make a
+model, so reading the recipe stays cheap.
 
 Every weight is drawn from its own generator seeded by (seed, tensor name), so the values do not
 depend on the transformers version's init order, and the same seed gives byte-identical files.
@@ -7,16 +13,33 @@ Norm weights are 1 + noise (not all ones) so that tests notice when two norms ar
 from __future__ import annotations
 
 import zlib
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+DEMO_RECIPE = ("data", "demo", "tiny-llama.yaml")  # under the recipe_runner package
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 WEIGHTS_FORMATS = ("safetensors", "bin")
 
 
+def demo_recipe_path() -> Path:
+    """The packaged demo recipe (in a source checkout, the reviewed recipes/demo/tiny-llama.yaml)."""
+    return Path(str(resources.files("recipe_runner").joinpath(*DEMO_RECIPE))).resolve()
+
+
+def demo_prompts() -> list[str]:
+    """The demo recipe's `verify.prompts`: `recipe verify`'s default inputs."""
+    import yaml
+
+    return list(yaml.safe_load(demo_recipe_path().read_text(encoding="utf-8"))["verify"]["prompts"])
+
+
 def _seeded_values(seed: int, name: str, shape: torch.Size, is_norm: bool) -> torch.Tensor:
+    import torch
+
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
     return 1.0 + 0.1 * noise if is_norm else 0.05 * noise
@@ -59,6 +82,7 @@ def make_tiny_llama(
     `max_shard_size` gives sharded safetensors with `model.safetensors.index.json`;
     `weights_format="bin"` gives a single `pytorch_model.bin` instead.
     """
+    import torch
     import transformers
 
     if architecture not in ARCHITECTURES:
