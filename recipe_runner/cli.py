@@ -347,24 +347,31 @@ def schema(
 @app.command()
 def demo(
     directory: Path = typer.Option(Path("build/demo"), "--dir", help="Where the tiny model is generated."),
-    recipe_file: Path = typer.Option(Path("recipes/demo/tiny-llama.yaml"), "--recipe", help="The demo recipe."),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="The demo recipe (default: the packaged recipes/demo/tiny-llama.yaml)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
-    """Generate a tiny seeded random LLaMA locally and build it with the shipped demo recipe."""
+    """Generate a tiny seeded random LLaMA locally, build it with the shipped demo recipe, print the verify figures."""
+    from recipe_runner.demo import demo_recipe_path, make_tiny_llama
     from recipe_runner.pipeline.build import run_build
-    from recipe_runner.demo import make_tiny_llama
     from recipe_runner.pipeline.plan import make_plan
     from recipe_runner.recipe import load_recipe
+    from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, read_report_summary
 
+    if recipe_file is None:
+        recipe_file = demo_recipe_path()
     if not recipe_file.is_file():
-        raise UserError(f"{recipe_file}: demo recipe not found; run `recipe demo` from the root of a recipe-runner "
-                        "checkout or pass --recipe PATH")
-    model_dir = make_tiny_llama(directory / "tiny-llama-hf", with_tokenizer=True)
+        raise UserError(f"{recipe_file}: demo recipe not found" + (
+            "" if recipe_file == demo_recipe_path() else "; leave out --recipe to build the packaged one"))
+    model_dir = make_tiny_llama(directory / "tiny-llama-hf", with_tokenizer=True).resolve()
     typer.echo(f"generated a tiny random LLaMA in {model_dir}")
-    the_plan = make_plan(load_recipe(recipe_file, {"model_dir": str(model_dir.resolve())}))
+    the_plan = make_plan(load_recipe(recipe_file, {"model_dir": str(model_dir)}))
     result = run_build(the_plan, store=_store(cache_dir), echo=typer.echo)
     typer.echo(f"built {the_plan.recipe.name}: checkpoint in {result.output_dir / 'checkpoint'}, "
                f"lock file {result.lock_path}")
+    verify_dir = result.output_dir / "verify"
+    if (verify_dir / JSON_NAME).is_file():
+        typer.echo(f"verify (checkpoint vs the source model's logits): {read_report_summary(verify_dir / JSON_NAME)}")
+        typer.echo(f"verify report: {verify_dir / MARKDOWN_NAME} (figures in {verify_dir / JSON_NAME})")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,4 +1,11 @@
-"""Tiny seeded LLaMA / Mistral models: the README demo's source and the tests' fixture factory.
+"""The built-in demo: its recipe (package data) and the tiny seeded LLaMA / Mistral models that are
+the demo's source and the tests' fixture factory.
+
+The demo recipe is `recipe_runner/data/demo/tiny-llama.yaml`, in a source checkout a link to the
+reviewed `recipes/demo/tiny-llama.yaml`, so `recipe demo` works from any directory and from a wheel.
+Its `verify.prompts` are also `recipe verify`'s default prompts. The imports inside functions keep
+torch, transformers and tokenizers off the warm path: they are imported only to make a model, so
+reading the recipe stays cheap.
 
 Every weight is drawn from its own generator seeded by (seed, tensor name), so the values do not
 depend on the transformers version's init order, and the same seed gives byte-identical files.
@@ -7,25 +14,41 @@ Norm weights are 1 + noise (not all ones) so that tests notice when two norms ar
 from __future__ import annotations
 
 import zlib
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:
+    import torch
 
+DEMO_RECIPE = ("data", "demo", "tiny-llama.yaml")  # under the recipe_runner package
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 WEIGHTS_FORMATS = ("safetensors", "bin")
 
 
+def demo_recipe_path() -> Path:
+    """The packaged demo recipe (in a source checkout, the reviewed recipes/demo/tiny-llama.yaml)."""
+    return Path(str(resources.files("recipe_runner").joinpath(*DEMO_RECIPE))).resolve()
+
+
+def demo_prompts() -> list[str]:
+    """The demo recipe's `verify.prompts`: `recipe verify`'s default inputs."""
+    import yaml
+
+    return list(yaml.safe_load(demo_recipe_path().read_text(encoding="utf-8"))["verify"]["prompts"])
+
+
 def _seeded_values(seed: int, name: str, shape: torch.Size, is_norm: bool) -> torch.Tensor:
+    import torch
+
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
     return 1.0 + 0.1 * noise if is_norm else 0.05 * noise
 
 
 def _hf_config(architecture: str, **kwargs: Any):
+    import transformers
+
     if architecture == "LlamaForCausalLM":
         return transformers.LlamaConfig(**kwargs)
     if kwargs.pop("attention_bias"):
@@ -60,6 +83,9 @@ def make_tiny_llama(
     `max_shard_size` gives sharded safetensors with `model.safetensors.index.json`;
     `weights_format="bin"` gives a single `pytorch_model.bin` instead.
     """
+    import torch
+    import transformers
+
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if weights_format not in WEIGHTS_FORMATS:
@@ -123,6 +149,9 @@ _CORPUS = [
 def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1001) -> Path:
     """A byte-level BPE tokenizer (at most `vocab_size` tokens) trained on a fixed corpus and saved
     as tokenizer.json + tokenizer_config.json; deterministic, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -3,6 +3,9 @@ cache keys."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.lock import read_lock
 from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe
-from tests.recipe_files import run_cli
+from tests.recipe_files import REPO, run_cli
 from tests.test_build_quantized import write_recipe as write_quantized_recipe
 
 RECIPE = """\
@@ -164,7 +167,6 @@ def test_cli_broken_layout_exits_1(checkpoint, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--token-ids", "1,x"], "expected comma-separated non-negative integers"),
-    ([], "verify needs inputs"),
     (["--token-ids", "1,5000"], "token id 5000 is outside the vocabulary (vocab_size 1001)"),
     (["--token-ids", "1", "--min-top1-agreement", "2"], "must be between 0 and 1"),
 ])
@@ -172,6 +174,38 @@ def test_cli_bad_input_exits_2(checkpoint, capsys, args, message):
     ckpt, model = checkpoint
     code, _, err = run_cli(capsys, "verify", str(ckpt), "--source", str(model), *args)
     assert code == 2 and message in err
+
+
+def test_cli_without_inputs_runs_the_default_prompts(checkpoint, tmp_path, capsys):
+    from recipe_runner.demo import demo_prompts
+
+    ckpt, model = checkpoint
+    code, out, err = run_cli(capsys, "verify", str(ckpt), "--source", str(model), "--report-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    assert out.startswith("no --prompt or --token-ids given: verifying on the 2 built-in default prompts (the demo "
+                          "recipe's verify.prompts): 'The capital of France is', 'def fibonacci(n):'\n")
+    report = json.loads((tmp_path / "r" / "verify.json").read_text())
+    assert [i["prompt"] for i in report["inputs"]] == demo_prompts() == ["The capital of France is", "def fibonacci(n):"]
+    assert f"2 input(s), {report['figures']['tokens']} tokens" in out and report["figures"]["tokens"] >= 4
+    assert report["passed"] and report["figures"]["max_abs_logit_error"] < 1e-3 and "\nPASS\n" in out
+
+
+def test_cli_default_prompts_without_a_tokenizer_fail_before_loading_anything(tiny_model, tmp_path, capsys):
+    """A source without tokenizer files: exit 2 at once, naming the remedy, torch never imported
+    (the checkpoint is not even read)."""
+    model = tiny_model("gqa")  # no tokenizer
+    script = ("import sys\nfrom recipe_runner.cli import main\ntry:\n    main(sys.argv[1:])\n"
+              "except SystemExit as exc:\n    print('exit', exc.code, 'torch' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", script, "verify", str(tmp_path / "no-checkpoint"), "--source", str(model)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.stdout.strip() == "exit 2 False", run.stdout + run.stderr
+    assert (f"error: verify's default prompts (used when no --prompt or --token-ids is given) are tokenized with the "
+            f"source model's tokenizer, but {model} has none (tokenizer.json, tokenizer.model or vocab.json); copy "
+            "the tokenizer files there or give token ids instead (verify.token_ids / --token-ids)") in run.stderr
+    # token ids need no tokenizer: the same source then gets as far as the (missing) checkpoint
+    code, _, err = run_cli(capsys, "verify", str(tmp_path / "no-checkpoint"), "--source", str(model), "--token-ids", "1")
+    assert code == 2 and "no config.json" in err and "tokenizer" not in err
 
 
 def test_cli_bad_directories_exit_2(checkpoint, tiny_model, tmp_path, capsys):

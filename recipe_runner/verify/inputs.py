@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from recipe_runner.calibration.tokens import load_tokenizer
 from recipe_runner.errors import UserError
 from recipe_runner.hf.files import tokenizer_problem
 
@@ -36,11 +35,18 @@ def parse_token_ids(text: str) -> list[int]:
     return ids
 
 
-def _tokenize(source_dir: Path, prompts: Sequence[str], trust_remote_code: bool) -> list[list[int]]:
+def require_tokenizer(source_dir: Path, what: str = "verify prompts are") -> None:
+    """UserError unless `source_dir` has tokenizer files for text prompts (a file check, nothing loaded)."""
     if tokenizer_problem(source_dir):
-        raise UserError(f"verify prompts are tokenized with the source model's tokenizer, but {source_dir} has none "
+        raise UserError(f"{what} tokenized with the source model's tokenizer, but {source_dir} has none "
                         "(tokenizer.json, tokenizer.model or vocab.json); copy the tokenizer files there or give "
                         "token ids instead (verify.token_ids / --token-ids)")
+
+
+def _tokenize(source_dir: Path, prompts: Sequence[str], trust_remote_code: bool) -> list[list[int]]:
+    require_tokenizer(source_dir)
+    from recipe_runner.calibration.tokens import load_tokenizer  # transformers: after the file check
+
     tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
     return [list(tokenizer(prompt)["input_ids"]) for prompt in prompts]
 

@@ -103,14 +103,24 @@ def name_recipe(report_json: bytes, recipe_name: str, recipe_sha256: str) -> tup
 
 def format_summary(result: VerifyResult) -> str:
     """A few lines for the terminal: each figure against its limit, then the verdict."""
-    figures, limits = result.figures.to_dict(), result.tolerances.to_dict()
-    failed = {f.figure for f in result.failures}
-    lines = [f"{len(result.inputs)} input(s), {result.figures.tokens} tokens"]
+    return format_report_summary(report_dict(result, ReportContext()))
+
+
+def format_report_summary(report: dict) -> str:
+    """format_summary from a report's data, e.g. a published verify.json (what `recipe demo` prints)."""
+    figures, limits, sources = report["figures"], report["tolerances"], report["tolerance_sources"]
+    failed = {f["figure"] for f in report["failures"]}
+    lines = [f"{len(report['inputs'])} input(s), {figures['tokens']} tokens"]
     for figure, limit, _, op in _ROWS:
         verdict = "OUT OF TOLERANCE" if figure in failed else "ok"
         lines.append(f"  {figure:<21} {_num(figures[figure]):>10}  {op} {_num(limits[limit]):<8} "
-                     f"({result.tolerance_sources[limit]})  {verdict}")
+                     f"({sources[limit]})  {verdict}")
     lines.append(f"  perplexity            source {_num(figures['perplexity_source'])}, "
                  f"checkpoint {_num(figures['perplexity_checkpoint'])}")
-    lines.append("PASS" if result.passed else "FAIL")
+    lines.append("PASS" if report["passed"] else "FAIL")
     return "\n".join(lines)
+
+
+def read_report_summary(json_path: Path) -> str:
+    """format_report_summary of a verify.json file."""
+    return format_report_summary(json.loads(json_path.read_text(encoding="utf-8")))

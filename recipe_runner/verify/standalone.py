@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from recipe_runner.demo import demo_prompts
 from recipe_runner.errors import UserError
 from recipe_runner.hf.remote_code import TRUST_FIELD, refuse_remote_code
-from recipe_runner.verify.inputs import parse_token_ids
-from recipe_runner.verify.report import ReportContext, format_summary, write_report
-from recipe_runner.verify.run import verify_checkpoint
+from recipe_runner.verify.inputs import parse_token_ids, require_tokenizer
 
 
 def check_limits(limits: Mapping[str, float | None]) -> dict[str, float]:
@@ -26,13 +25,34 @@ def check_limits(limits: Mapping[str, float | None]) -> dict[str, float]:
 def run_standalone(checkpoint: Path, source: Path, *, prompts: Sequence[str], token_ids: Sequence[str],
                    limits: Mapping[str, float | None], report_dir: Path | None,
                    echo: Callable[[str], None]) -> bool:
-    """Verify, print the figures, write the report if asked; True when every figure is in tolerance."""
+    """Verify, print the figures, write the report if asked; True when every figure is in tolerance.
+
+    Without prompts or token ids it runs the built-in default prompts (the demo recipe's
+    verify.prompts) and says so. Bad arguments and a source without the tokenizer that text prompts
+    need fail here, before torch or any model is loaded.
+    """
     # before anything loads: verify has no recipe to allow a model's own code, so it never runs it
     refuse_remote_code(source, False, remedy=f"`recipe verify` never runs a model's own code; to use it, build "
                        f"from a recipe that sets {TRUST_FIELD}: true after reviewing that code")
-    result = verify_checkpoint(checkpoint, source, prompts=prompts,
-                               token_ids=[parse_token_ids(text) for text in token_ids],
-                               tolerances=check_limits(limits), tolerances_from="command line")
+    tolerances = check_limits(limits)
+    ids = [parse_token_ids(text) for text in token_ids]
+    prompts = list(prompts)
+    defaulted = not prompts and not ids
+    if defaulted:
+        prompts = demo_prompts()
+    if prompts:
+        require_tokenizer(source, "verify's default prompts (used when no --prompt or --token-ids is given) are"
+                          if defaulted else "--prompt texts are")
+    if defaulted:
+        echo(f"no --prompt or --token-ids given: verifying on the {len(prompts)} built-in default prompts "
+             f"(the demo recipe's verify.prompts): {', '.join(repr(p) for p in prompts)}")
+
+    # torch: loaded only now, so that bad arguments and a missing tokenizer fail before it
+    from recipe_runner.verify.report import ReportContext, format_summary, write_report
+    from recipe_runner.verify.run import verify_checkpoint
+
+    result = verify_checkpoint(checkpoint, source, prompts=prompts, token_ids=ids,
+                               tolerances=tolerances, tolerances_from="command line")
     echo(f"verify {checkpoint} against {source}: {format_summary(result)}")
     if report_dir is not None:
         context = ReportContext(checkpoint_path=str(checkpoint), source_path=str(source))
