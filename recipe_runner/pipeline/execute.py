@@ -18,7 +18,7 @@ from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import Problem, RecipeError, StageFailed, UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_inputs, compare_outputs, tool_versions
-from recipe_runner.pipeline.plan import Plan
+from recipe_runner.pipeline.plan import Plan, make_plan
 from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.store.ownership import check_cache_location, check_output_location
@@ -271,8 +271,6 @@ def check_lock_inputs(resolved: ResolvedPlan, locked: LockFile) -> None:
 def recheck_inputs(recipe: Recipe, store: CacheStore) -> Callable[[LockFile], list[str]]:
     """For `verify_lock(..., inputs=)`: the recipe's inputs here, re-read (every byte) and compared with
     the lock's; the stages are those the lock names (so `--until` / `--no-verify` builds match)."""
-    from recipe_runner.pipeline.plan import make_plan
-
     def problems(locked: LockFile) -> list[str]:
         names = {s["name"] for s in locked.stages}
         plan = make_plan(recipe)

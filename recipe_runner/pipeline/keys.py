@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.recipe.model import canonical_json
+from recipe_runner.store.lock import differing_files
 from recipe_runner.stages.registry import STAGES
 
 
@@ -86,13 +87,12 @@ def _describe_input(name: str, before: Mapping[str, Mapping[str, Any]] | None,
     if before is None or after is None:
         return f"input {name} changed"
     changes = []
-    for rel in sorted(set(before) | set(after)):
-        old, new = before.get(rel), after.get(rel)
+    for rel, old, new in differing_files(before, after):
         if old is None:
             changes.append(f"{rel} added")
         elif new is None:
             changes.append(f"{rel} removed")
-        elif (old["size"], old["sha256"]) != (new["size"], new["sha256"]):
+        else:
             sizes = (format_size(old["size"]), format_size(new["size"]))
             if sizes[0] == sizes[1] and old["size"] != new["size"]:
                 sizes = (f"{old['size']} B", f"{new['size']} B")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.fsutil import atomic_write_text
@@ -101,20 +101,12 @@ def calibration_input(plan: Plan, store: CacheStore, rehash: bool) -> InputFiles
     return InputFiles("dataset-id:" + dataset, {}, dataset, revision)
 
 
-def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:
-    return calibration_input(plan, store, rehash).digest
-
-
 def tokenizer_input(model_dir: Path, store: CacheStore, rehash: bool) -> InputFiles:
     """The source's tokenizer files, which "source" (what conversion reads) leaves out."""
     from recipe_runner.hf.files import tokenizer_files
 
     files = store.hash_memo().hash_files(tokenizer_files(model_dir), rehash=rehash, root=model_dir)
     return InputFiles(_files_digest(files), files)
-
-
-def tokenizer_digest(model_dir: Path, store: CacheStore, rehash: bool) -> str:
-    return tokenizer_input(model_dir, store, rehash).digest
 
 
 def key_tools() -> dict[str, str]:
@@ -125,7 +117,8 @@ def key_tools() -> dict[str, str]:
 def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: Toolchain | None = None) -> ResolvedPlan:
     source_dir = require_source(plan.recipe)
     sources = store.hash_memo().hash_files(source_files(source_dir), rehash=rehash, root=source_dir)
-    inputs_by_name = {"source": _files_digest(sources)}
+    source = InputFiles(_files_digest(sources), sources)
+    inputs_by_name = {"source": source.digest}
     calibration = tokenizer = None
     if any("calibration-data" in s.inputs for s in plan.stages):
         calibration = calibration_input(plan, store, rehash)
@@ -134,7 +127,7 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: T
         tokenizer = tokenizer_input(source_dir, store, rehash)
         inputs_by_name["tokenizer"] = tokenizer.digest
     previous = read_record(store, plan.recipe.name)
-    known_files = previous.get(FILES, {})
+    known_files, new_files = previous.get(FILES, {}), listings([source, calibration, tokenizer])
     tools = key_tools()
     statuses = []
     for stage in plan.stages:
@@ -145,22 +138,16 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: T
         key = make_key(stage.name, stage.params, inputs, stage_tools)
         inputs_by_name[stage.name] = key.digest
         cached = store.get(key.digest) is not None
-        reasons = () if cached else tuple(explain_change(previous.get(stage.name), key.material, known_files,
-                                                               file_listings(inputs_by_name, sources, calibration, tokenizer)))
+        reasons = () if cached else tuple(explain_change(previous.get(stage.name), key.material, known_files, new_files))
         if stage.name == "build-engine" and toolchain is None:
             cached, reasons = False, ("trtllm-build is not available here",)
         statuses.append(StageStatus(stage, key, cached, reasons))
     return ResolvedPlan(plan, source_dir, sources, tuple(statuses), toolchain, calibration, tokenizer)
 
 
-def file_listings(inputs_by_name: Mapping[str, str], sources: Mapping[str, FileDigest],
-                  calibration: InputFiles | None, tokenizer: InputFiles | None) -> dict[str, dict]:
-    """{input digest: {relpath: {size, sha256}}} of this plan's file inputs."""
-    listings = {inputs_by_name["source"]: {n: d.to_dict() for n, d in sources.items()}}
-    for files in (calibration, tokenizer):
-        if files is not None and files.files:
-            listings[files.digest] = {n: d.to_dict() for n, d in files.files.items()}
-    return listings
+def listings(inputs: Iterable[InputFiles | None]) -> dict[str, dict]:
+    """{input digest: {relpath: {size, sha256}}} of the inputs made of files."""
+    return {f.digest: {n: d.to_dict() for n, d in f.files.items()} for f in inputs if f is not None and f.files}
 
 
 # The last build of each recipe (by name), to explain later key changes: every stage's key material,
@@ -186,10 +173,8 @@ def write_record(store: CacheStore, resolved: ResolvedPlan) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     previous = read_record(store, resolved.plan.recipe.name)
     record = {**previous, **{s.stage.name: s.key.material for s in resolved.statuses}}
-    listings = {**previous.get(FILES, {}),
-                **{f.digest: {n: d.to_dict() for n, d in f.files.items()}
-                   for f in resolved.input_files().values() if f.files}}
+    known = {**previous.get(FILES, {}), **listings(resolved.input_files().values())}
     named = {digest for name, material in record.items() if name != FILES and isinstance(material, dict)
              for digest in material.get("inputs", {}).values()}
-    record[FILES] = {digest: files for digest, files in listings.items() if digest in named}  # no stale listings
+    record[FILES] = {digest: files for digest, files in known.items() if digest in named}  # no stale listings
     atomic_write_text(path, json.dumps(record, sort_keys=True, indent=1) + "\n")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from recipe_runner.errors import UserError
 from recipe_runner.store.fsutil import atomic_write_text
@@ -152,12 +152,19 @@ def hash_outputs(directory: Path | str, exclude: Iterable[str] = (LOCK_NAME,)) -
     return dict(sorted(out.items()))
 
 
+def differing_files(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+                    ) -> Iterator[tuple[str, Mapping[str, Any] | None, Mapping[str, Any] | None]]:
+    """(name, before, after) of each file listed on one side only or with another size or sha256, by name."""
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None or (old["size"], old["sha256"]) != (new["size"], new["sha256"]):
+            yield name, old, new
+
+
 def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
     """One line per file that differs between the lock and the directory, sorted by name."""
-    expected, actual = _digests(expected), _digests(actual)
     problems = []
-    for name in sorted(set(expected) | set(actual)):
-        want, have = expected.get(name), actual.get(name)
+    for name, want, have in differing_files(_digests(expected), _digests(actual)):
         if have is None:
             problems.append(f"{name}: missing (the lock expects {want['size']} bytes)")
         elif want is None:
