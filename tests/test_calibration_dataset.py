@@ -100,7 +100,7 @@ def test_unknown_dataset_id_says_where_it_looked(tmp_path, monkeypatch):
     ({"HOME": "{t}"}, "{t}/.cache/huggingface/hub", "the default; HF_HUB_CACHE and HF_HOME are unset"),
 ])
 def test_the_searched_cache_is_resolved_as_huggingface_hub_does(tmp_path, monkeypatch, env, cache, origin):
-    from recipe_runner.hf.sources import hub_cache_origin
+    from recipe_runner.hf.hub_cache import hub_cache_origin
 
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)

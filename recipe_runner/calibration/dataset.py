@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe_runner.errors import UserError
+from recipe_runner.hf.hub_cache import download_hint, hf_hub_cache, missing_snapshot
 
 FIELD = "quantization.calibration.dataset"
 REVISION_FIELD = "quantization.calibration.revision"
@@ -36,16 +37,13 @@ def looks_like_path(value: str) -> bool:
 
 
 def hf_datasets_cache() -> Path:
-    from recipe_runner.hf.sources import hf_hub_cache  # datasets live in the same hub cache as models
-
+    """Datasets live in the same hub cache as models."""
     return hf_hub_cache()
 
 
 def _snapshot(dataset_id: str, revision: str | None = None) -> Path | None:
     """The dataset's snapshot in the local HF cache: `snapshots/<revision>`, else the one refs/main
     names (or the only one); None when the cache has no snapshot of it; UserError when it cannot tell."""
-    from recipe_runner.hf.sources import download_hint, missing_snapshot
-
     repo = hf_datasets_cache() / ("datasets--" + dataset_id.replace("/", "--"))
     snapshots = repo / "snapshots"
     if revision is not None:
@@ -98,8 +96,6 @@ def locate_dataset(value: str, resolved_path: Path | None, split: str, revision:
                         "for .txt, one JSON object per line for .jsonl) or fix the path")
     snapshot = _snapshot(value, revision)
     if snapshot is None:
-        from recipe_runner.hf.sources import download_hint, missing_snapshot
-
         repo = hf_datasets_cache() / ("datasets--" + value.replace("/", "--"))
         raise UserError(f"{FIELD}: {value!r} is not a local file ({resolved_path}), and the dataset is "
                         f"{missing_snapshot(repo, revision)}; fetch it once with "
