@@ -251,15 +251,21 @@ def verify_command(
 @app.command("verify-lock")
 def verify_lock_command(
     lock_file: Path = typer.Argument(..., help="A recipe.lock inside a published output directory."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Also recheck this recipe and its inputs here (source, tokenizer and calibration files, the dataset snapshot) against the lock."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a declared var of --recipe: name=value."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Recheck a published output directory against its lock file (sizes and sha256 of every file)."""
-    problems = verify_lock(lock_file)
+    from recipe_runner.pipeline.execute import recheck_inputs
+
+    inputs = recheck_inputs(_load(recipe, set_), _store(cache_dir)) if recipe is not None else None
+    problems = verify_lock(lock_file, inputs)
     if problems:
         typer.echo(f"{lock_file}: {len(problems)} difference(s):", err=True)
         for line in problems:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"OK {lock_file}: every output file matches")
+    typer.echo(f"OK {lock_file}: every output file matches" + (" and every input file" if recipe else ""))
 
 
 cache_app = typer.Typer(help="Inspect and maintain the content-addressed cache.", no_args_is_help=True)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -81,8 +83,77 @@ def test_dataset_from_the_local_hf_cache_by_split(tmp_path, monkeypatch):
 
 def test_unknown_dataset_id_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(UserError, match="neither a local file .* nor a dataset in the local Hugging Face cache"):
+    with pytest.raises(UserError) as error:
         locate_dataset("acme/nothing", tmp_path / "acme" / "nothing", "train")
+    assert str(error.value) == (
+        f"quantization.calibration.dataset: 'acme/nothing' is not a local file ({tmp_path / 'acme' / 'nothing'}), "
+        f"and the dataset is not in the local Hugging Face cache {tmp_path / 'hub'} ($HF_HUB_CACHE): no "
+        "datasets--acme--nothing there; fetch it once with `hf download acme/nothing --repo-type dataset` or "
+        "point to a .txt/.jsonl file")
+
+
+@pytest.mark.parametrize("env, cache, origin", [
+    ({"HF_HOME": "{t}/home"}, "{t}/home/hub", "$HF_HOME/hub"),
+    ({"HF_HOME": "{t}/home", "HF_HUB_CACHE": "{t}/hub"}, "{t}/hub", "$HF_HUB_CACHE"),
+    ({"HUGGINGFACE_HUB_CACHE": "{t}/legacy"}, "{t}/legacy", "$HUGGINGFACE_HUB_CACHE"),
+    ({"XDG_CACHE_HOME": "{t}/xdg"}, "{t}/xdg/huggingface/hub", "$XDG_CACHE_HOME/huggingface/hub"),
+    ({"HOME": "{t}"}, "{t}/.cache/huggingface/hub", "the default; HF_HUB_CACHE and HF_HOME are unset"),
+])
+def test_the_searched_cache_is_resolved_as_huggingface_hub_does(tmp_path, monkeypatch, env, cache, origin):
+    from recipe_runner.hf.hub_cache import hub_cache_origin
+
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(t=tmp_path))
+    assert hub_cache_origin() == (Path(cache.format(t=tmp_path)), origin)
+    with pytest.raises(UserError, match=re.escape(f"not in the local Hugging Face cache {cache.format(t=tmp_path)} "
+                                                  f"({origin}): no datasets--acme--nothing there")):
+        locate_dataset("acme/nothing", None, "train")
+
+
+REV_B = "b" * 39 + "c"
+
+
+def test_revision_selects_the_snapshot_and_a_missing_one_is_named_in_full(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_dataset(tmp_path / "hub", {"data/train.jsonl": json.dumps({"text": "at main"}) + "\n"})
+    other = tmp_path / "hub" / "datasets--acme--calib" / "snapshots" / REV_B / "data"
+    other.mkdir(parents=True)
+    (other / "train.jsonl").write_text(json.dumps({"text": "pinned"}) + "\n")
+    assert read_texts(locate_dataset("acme/calib", None, "train"), "text") == ["at main"]  # refs/main
+    found = locate_dataset("acme/calib", None, "train", REV_B)
+    assert found.revision == REV_B and read_texts(found, "text") == ["pinned"]
+    assert locate_dataset("acme/calib", None, "train").revision == "a" * 40
+    typo = "b" * 40  # the last digit differs
+    with pytest.raises(UserError) as error:
+        locate_dataset("acme/calib", None, "train", typo)
+    assert str(error.value) == (
+        f"quantization.calibration.revision: dataset 'acme/calib' at revision {typo} is not in the local Hugging "
+        f"Face cache {tmp_path / 'hub'} ($HF_HUB_CACHE): datasets--acme--calib has no snapshot {typo} (it holds "
+        f"{'a' * 40}, {REV_B}); fetch it once with `hf download acme/calib --repo-type dataset --revision {typo}` "
+        "or set revision to one it holds")
+
+
+def test_several_snapshots_without_refs_main_ask_for_a_revision(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_dataset(tmp_path / "hub", {"train.txt": "one\n"})
+    repo = tmp_path / "hub" / "datasets--acme--calib"
+    (repo / "refs" / "main").unlink()
+    (repo / "snapshots" / REV_B).mkdir()
+    with pytest.raises(UserError, match=re.escape(f"holds 2 snapshots of dataset 'acme/calib' ({'a' * 40}, {REV_B}) "
+                                                  "and no refs/main naming one; set "
+                                                  "quantization.calibration.revision to the one to use")):
+        locate_dataset("acme/calib", None, "train")
+    assert read_texts(locate_dataset("acme/calib", None, "train", "a" * 40), "text") == ["one"]
+
+
+def test_revision_of_a_local_file_is_refused(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("x\n")
+    with pytest.raises(UserError, match="quantization.calibration.revision: applies to a dataset in the local "
+                                        "Hugging Face cache"):
+        locate_dataset("calib.txt", path, "train", "a" * 40)
 
 
 def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):

@@ -115,3 +115,51 @@ def test_tool_versions():
     assert all(isinstance(v, str) and v for v in versions.values())
     versions["torch"] = "changed"
     assert tool_versions()["torch"] != "changed"  # callers get their own copy
+
+
+CALIBRATION = {"dataset": "acme/calib", "revision": "a" * 40,
+               "files": {"data/train.jsonl": {"size": 5, "sha256": "12" * 32}}}
+TOKENIZER = {"tokenizer.json": {"size": 3, "sha256": "34" * 32}}
+
+
+def test_input_sections_round_trip_and_are_checked(tmp_path):
+    import dataclasses
+
+    lock = dataclasses.replace(sample_lock({}), tokenizer=TOKENIZER, calibration=CALIBRATION)
+    data = json.loads(lock.to_json())
+    assert data["calibration"] == CALIBRATION and data["tokenizer"] == TOKENIZER
+    assert "calibration" not in json.loads(sample_lock({}).to_json())  # a plan that reads none
+    write_lock(tmp_path / LOCK_NAME, lock)
+    assert read_lock(tmp_path / LOCK_NAME).to_json() == lock.to_json()
+    assert read_lock(tmp_path / LOCK_NAME).calibration == CALIBRATION
+    broken = {**data, "calibration": {"dataset": "acme/calib", "files": {"x": {"size": 1}}}}
+    (tmp_path / "bad.lock").write_text(json.dumps(broken))
+    with pytest.raises(UserError, match=r"corrupt lock file \(x: expected \{size, sha256\}"):
+        read_lock(tmp_path / "bad.lock")
+
+
+def test_compare_inputs_names_each_differing_input():
+    import dataclasses
+
+    from recipe_runner.store.lock import compare_inputs
+
+    lock = dataclasses.replace(sample_lock({}), tokenizer=TOKENIZER, calibration=CALIBRATION)
+    sources = {"model.safetensors": {"size": 10, "sha256": "cd" * 32}, "config.json": {"size": 2, "sha256": "ef" * 32}}
+    assert compare_inputs(lock, sources, TOKENIZER, CALIBRATION) == []
+    moved = {"dataset": "acme/calib", "revision": "b" * 40,
+             "files": {"data/train.jsonl": {"size": 5, "sha256": "56" * 32}, "data/extra.jsonl": {"size": 1, "sha256": "78" * 32}}}
+    assert compare_inputs(lock, {**sources, "config.json": {"size": 3, "sha256": "ef" * 32}}, {}, moved) == [
+        "source config.json: size 3 bytes, the lock says 2",
+        "tokenizer tokenizer.json: missing (the lock expects 3 bytes)",
+        f"calibration revision {'b' * 40}, the lock says {'a' * 40}",
+        "calibration data/extra.jsonl: extra file, not in the lock",
+        f"calibration data/train.jsonl: content differs (sha256 {'56' * 6}..., the lock says {'12' * 6}...)",
+    ]
+    local = {"dataset": "calib.txt", "files": {"calib.txt": {"size": 5, "sha256": "12" * 32}}}
+    assert compare_inputs(lock, sources, None, local)[:2] == [
+        "calibration dataset 'calib.txt', the lock says 'acme/calib'",
+        f"calibration revision (a local file), the lock says {'a' * 40}"]
+    earlier = sample_lock({})  # written before the lock listed tokenizer and calibration files
+    assert compare_inputs(earlier, sources, TOKENIZER, None) == [
+        "tokenizer: the lock records no tokenizer files (an earlier recipe-runner wrote it); build without "
+        "--locked once to write a lock that pins them"]

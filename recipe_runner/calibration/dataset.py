@@ -1,6 +1,7 @@
 """Calibration texts: a local .txt (one sample per line) / .jsonl / .json file, or a dataset
 snapshot in the local Hugging Face cache (its .jsonl/.json/.txt files; .parquet only when pyarrow
-is importable). Never downloads. Sampling is deterministic in `seed`.
+is importable): `revision` (a commit) selects `snapshots/<revision>`, else the one `refs/main` names.
+Never downloads. Sampling is deterministic in `seed`.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recipe_runner.errors import UserError
-from recipe_runner.hf.sources import hf_hub_cache  # datasets live in the same hub cache as models
+from recipe_runner.hf.hub_cache import download_hint, hf_hub_cache, missing_snapshot
 
 FIELD = "quantization.calibration.dataset"
+REVISION_FIELD = "quantization.calibration.revision"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
 KNOWN_SPLITS = ("train", "validation", "valid", "val", "test")
@@ -25,6 +27,7 @@ class DatasetFiles:
     description: str
     files: tuple[Path, ...]
     root: Path  # paths in keys are relative to this
+    revision: str | None = None  # the snapshot (commit) of a dataset in the HF cache; None for a local file
 
 
 def looks_like_path(value: str) -> bool:
@@ -34,12 +37,23 @@ def looks_like_path(value: str) -> bool:
 
 
 def hf_datasets_cache() -> Path:
+    """Datasets live in the same hub cache as models."""
     return hf_hub_cache()
 
 
-def _snapshot(dataset_id: str) -> Path | None:
+def _snapshot(dataset_id: str, revision: str | None = None) -> Path | None:
+    """The dataset's snapshot in the local HF cache: `snapshots/<revision>`, else the one refs/main
+    names (or the only one); None when the cache has no snapshot of it; UserError when it cannot tell."""
     repo = hf_datasets_cache() / ("datasets--" + dataset_id.replace("/", "--"))
     snapshots = repo / "snapshots"
+    if revision is not None:
+        if (snapshots / revision).is_dir():
+            return snapshots / revision
+        if not snapshots.is_dir():
+            return None
+        raise UserError(f"{REVISION_FIELD}: dataset {dataset_id!r} at revision {revision} is "
+                        f"{missing_snapshot(repo, revision)}; fetch it once with "
+                        f"{download_hint(dataset_id, revision, dataset=True)} or set revision to one it holds")
     if not snapshots.is_dir():
         return None
     ref = repo / "refs" / "main"
@@ -49,8 +63,9 @@ def _snapshot(dataset_id: str) -> Path | None:
     if len(found) == 1:
         return found[0]
     if found:
-        raise UserError(f"{FIELD}: the local Hugging Face cache holds {len(found)} snapshots of dataset "
-                        f"{dataset_id!r} and no refs/main; remove the ones not to use ({repo / 'snapshots'})")
+        raise UserError(f"{FIELD}: the local Hugging Face cache {repo.parent} holds {len(found)} snapshots of "
+                        f"dataset {dataset_id!r} ({', '.join(p.name for p in found)}) and no refs/main naming "
+                        f"one; set {REVISION_FIELD} to the one to use")
     return None
 
 
@@ -69,23 +84,28 @@ def _split_files(files: list[Path], root: Path, split: str, dataset_id: str) -> 
     return files
 
 
-def locate_dataset(value: str, resolved_path: Path | None, split: str) -> DatasetFiles:
+def locate_dataset(value: str, resolved_path: Path | None, split: str, revision: str | None = None) -> DatasetFiles:
     """The files of the recipe's calibration dataset; UserError naming the field when absent."""
     if resolved_path is not None and resolved_path.is_file():
+        if revision is not None:
+            raise UserError(f"{REVISION_FIELD}: applies to a dataset in the local Hugging Face cache, and "
+                            f"{resolved_path} is a local file; remove revision")
         return DatasetFiles(str(resolved_path), (resolved_path,), resolved_path.parent)
     if resolved_path is not None and looks_like_path(value):
         raise UserError(f"{FIELD}: calibration file {resolved_path} not found; create it (one sample per line "
                         "for .txt, one JSON object per line for .jsonl) or fix the path")
-    snapshot = _snapshot(value)
+    snapshot = _snapshot(value, revision)
     if snapshot is None:
-        raise UserError(f"{FIELD}: {value!r} is neither a local file ({resolved_path}) nor a dataset in the local "
-                        f"Hugging Face cache ({hf_datasets_cache()}); fetch it once with "
-                        f"`huggingface-cli download --repo-type dataset {value}` or point to a .txt/.jsonl file")
+        repo = hf_datasets_cache() / ("datasets--" + value.replace("/", "--"))
+        raise UserError(f"{FIELD}: {value!r} is not a local file ({resolved_path}), and the dataset is "
+                        f"{missing_snapshot(repo, revision)}; fetch it once with "
+                        f"{download_hint(value, revision, dataset=True)} or point to a .txt/.jsonl file")
     files = sorted(p for p in snapshot.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
     if not files:
         raise UserError(f"{FIELD}: dataset {value!r} in the local Hugging Face cache ({snapshot}) has no "
                         ".jsonl, .json, .txt or .parquet files")
-    return DatasetFiles(f"{value} ({snapshot})", tuple(_split_files(files, snapshot, split, value)), snapshot)
+    return DatasetFiles(f"{value} ({snapshot})", tuple(_split_files(files, snapshot, split, value)), snapshot,
+                        snapshot.name)
 
 
 # ---- reading samples ---------------------------------------------------------------------------
@@ -176,15 +196,15 @@ def sample_texts(texts: list[str], num_samples: int, seed: int) -> list[str]:
     return [texts[i] for i in order[:num_samples]]
 
 
-def cached_dataset_files(value: str) -> DatasetFiles | None:
-    """Every data file of a dataset snapshot in the local HF cache (for cache keys), or None."""
+def cached_dataset_files(value: str, revision: str | None = None) -> DatasetFiles | None:
+    """Every data file of a dataset snapshot in the local HF cache (for cache keys and the lock), or None."""
     if looks_like_path(value):
         return None
     try:
-        snapshot = _snapshot(value)
+        snapshot = _snapshot(value, revision)
     except UserError:
         return None
     if snapshot is None:
         return None
     files = sorted(p for p in snapshot.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
-    return DatasetFiles(value, tuple(files), snapshot) if files else None
+    return DatasetFiles(value, tuple(files), snapshot, snapshot.name) if files else None

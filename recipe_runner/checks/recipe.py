@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Iterator, Mapping
 
+from recipe_runner.calibration.dataset import looks_like_path
 from recipe_runner.checks.release import release_findings
 from recipe_runner.checks.targets import target_findings
 from recipe_runner.quant import algorithms
@@ -35,9 +36,27 @@ def source_is_local_or_pinned(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     if "revision" in source:
         if "hub_id" not in source:
             yield "source.revision", "source.revision applies only with source.hub_id"
-        elif not re.fullmatch(r"[0-9a-f]{40}", source["revision"]):
+        elif not is_commit(source["revision"]):
             yield "source.revision", (f"{source['revision']!r} is not a commit sha; pin the 40-hex commit "
                                       "(see the model page's 'Files and versions' history)")
+
+
+def is_commit(revision: Any) -> bool:
+    return isinstance(revision, str) and re.fullmatch(r"[0-9a-f]{40}", revision) is not None
+
+
+def calibration_revision_is_pinned(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """quantization.calibration.revision: a 40-hex commit of a dataset id (not of a local file)."""
+    calibration = recipe["quantization"].get("calibration") or {}
+    if "revision" not in calibration:
+        return
+    field = "quantization.calibration.revision"
+    if looks_like_path(calibration["dataset"]):
+        yield field, (f"applies only to a dataset id in the local Hugging Face cache, and dataset "
+                      f"{calibration['dataset']!r} is a local file; remove revision")
+    elif not is_commit(calibration["revision"]):
+        yield field, (f"{calibration['revision']!r} is not a commit sha; pin the 40-hex commit of the dataset "
+                      "(see the dataset page's 'Files and versions' history; branch names are not reproducible)")
 
 
 def calibration_when_needed(recipe: Mapping[str, Any]) -> Iterator[Finding]:
@@ -103,6 +122,7 @@ def output_targets_load(recipe: Mapping[str, Any]) -> Iterator[Finding]:
 RULES: tuple[Rule, ...] = (
     source_is_local_or_pinned,
     calibration_when_needed,
+    calibration_revision_is_pinned,
     embedding_dim_needs_parallel_embedding,
     engine_lengths_consistent,
     engine_matches_quantization,

@@ -1,11 +1,11 @@
 """Where a recipe's source model is on this machine (never downloaded)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from recipe_runner.errors import Problem, RecipeError
+from recipe_runner.hf.hub_cache import download_hint, hf_hub_cache, missing_snapshot, searched_cache
 from recipe_runner.recipe import Recipe
 
 
@@ -16,13 +16,6 @@ class SourceLocation:
     missing_reason: str = ""
 
 
-def hf_hub_cache() -> Path:
-    """The HF hub cache as the environment says now (huggingface_hub reads it only at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
-
-
 def locate_source(recipe: Recipe) -> SourceLocation:
     if recipe.has("source.path"):
         directory = recipe.resolve_path("source.path")
@@ -30,16 +23,20 @@ def locate_source(recipe: Recipe) -> SourceLocation:
             return SourceLocation(str(directory), directory)
         return SourceLocation(str(directory), None, f"directory {directory} does not exist")
     hub_id, revision = recipe.get("source.hub_id"), recipe.get("source.revision")
-    description = f"{hub_id}@{revision[:12]}"
+    description = f"{hub_id}@{revision}"  # in full: a typo in the last digit must be visible
+    repo_dir = hf_hub_cache() / ("models--" + hub_id.replace("/", "--"))
+    fetch = f"; fetch it once with {download_hint(hub_id, revision)}"
+    if not (repo_dir / "snapshots" / revision).is_dir():
+        return SourceLocation(description, None, missing_snapshot(repo_dir, revision) + fetch)
     try:
         from huggingface_hub import snapshot_download  # huggingface_hub: kept off the warm path of local sources
 
         directory = Path(snapshot_download(hub_id, revision=revision, local_files_only=True,
                                            cache_dir=hf_hub_cache()))
-    except Exception as exc:  # not cached (LocalEntryNotFoundError) or a broken cache
+    except Exception as exc:  # a broken cache (LocalEntryNotFoundError, ...)
         return SourceLocation(description, None,
-                              f"not in the local Hugging Face cache ({type(exc).__name__}); fetch it once with "
-                              f"`huggingface-cli download {hub_id} --revision {revision}`")
+                              f"not usable from the local Hugging Face cache {searched_cache()} "
+                              f"({type(exc).__name__}: {exc}){fetch}")
     return SourceLocation(description, directory)
 
 

@@ -17,8 +17,8 @@ from recipe_runner.checks.release import release_findings
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import Problem, RecipeError, StageFailed, UserError
-from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_outputs, tool_versions
-from recipe_runner.pipeline.plan import Plan
+from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_inputs, compare_outputs, tool_versions
+from recipe_runner.pipeline.plan import Plan, make_plan
 from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.store.ownership import check_cache_location, check_output_location
@@ -220,10 +220,26 @@ def make_lock(resolved: ResolvedPlan, outputs: dict) -> LockFile:
         recipe_path=str(recipe.path),
         recipe_sha256=recipe.canonical_hash(),
         tools={**tool_versions(), **_toolchain_versions(resolved)},
-        sources={n: d.to_dict() for n, d in resolved.sources.items()},
         stages=[{"name": s.stage.name, "key": s.key.digest} for s in resolved.statuses],
         outputs=outputs,
+        **lock_inputs(resolved),
     )
+
+
+def lock_inputs(resolved: ResolvedPlan) -> dict:
+    """The inputs as the lock lists them: sources, tokenizer and calibration (None where no stage reads
+    them), each file's size and sha256, the calibration dataset's id and the HF-cache snapshot used."""
+    def listing(files) -> dict:
+        return {n: d.to_dict() for n, d in files.items()}
+
+    calibration = None
+    if resolved.calibration is not None:
+        found = resolved.calibration
+        calibration = {"dataset": found.dataset, "files": listing(found.files),
+                       **({"revision": found.revision} if found.revision is not None else {})}
+    return {"sources": listing(resolved.sources),
+            "tokenizer": listing(resolved.tokenizer.files) if resolved.tokenizer is not None else None,
+            "calibration": calibration}
 
 
 def _toolchain_versions(resolved: ResolvedPlan) -> dict[str, str]:
@@ -233,14 +249,31 @@ def _toolchain_versions(resolved: ResolvedPlan) -> dict[str, str]:
     return {"tensorrt_llm": material["tensorrt_llm"], "gpus": "; ".join(material["gpus"])}
 
 
-def check_lock_inputs(resolved: ResolvedPlan, locked: LockFile) -> None:
-    """A locked rebuild needs the same recipe and the same source bytes as the lock records."""
+def lock_input_problems(resolved: ResolvedPlan, locked: LockFile) -> list[str]:
+    """How the recipe and its input files here differ from what the lock records; [] when they match."""
     problems = []
     recipe = resolved.plan.recipe
     if recipe.canonical_hash() != locked.recipe_sha256:
         problems.append(f"recipe {recipe.path} (sha256 {recipe.canonical_hash()[:12]}) is not the locked "
                         f"recipe (sha256 {locked.recipe_sha256[:12]}); `recipe diff` shows what changed")
-    actual = {n: d.to_dict() for n, d in resolved.sources.items()}
-    problems += [f"source {line}" for line in compare_outputs(locked.sources, actual)]
+    return problems + compare_inputs(locked, **lock_inputs(resolved))
+
+
+def check_lock_inputs(resolved: ResolvedPlan, locked: LockFile) -> None:
+    """A locked rebuild needs the same recipe and the same input bytes (source, tokenizer, calibration
+    files; the calibration snapshot) as the lock records."""
+    problems = lock_input_problems(resolved, locked)
     if problems:
         raise UserError("cannot rebuild from the lock file:\n  " + "\n  ".join(problems))
+
+
+def recheck_inputs(recipe: Recipe, store: CacheStore) -> Callable[[LockFile], list[str]]:
+    """For `verify_lock(..., inputs=)`: the recipe's inputs here, re-read (every byte) and compared with
+    the lock's; the stages are those the lock names (so `--until` / `--no-verify` builds match)."""
+    def problems(locked: LockFile) -> list[str]:
+        names = {s["name"] for s in locked.stages}
+        plan = make_plan(recipe)
+        plan = dataclasses.replace(plan, stages=tuple(s for s in plan.stages if s.name in names))
+        return lock_input_problems(resolve(plan, store, rehash=True), locked)
+
+    return problems

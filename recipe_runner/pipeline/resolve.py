@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from recipe_runner.calibration.dataset import cached_dataset_files
 from recipe_runner.errors import SourceModelError
@@ -37,15 +37,38 @@ class StageStatus:
 
 
 @dataclass(frozen=True)
+class InputFiles:
+    """The files one input of the keys stands for, as the lock lists them; for a calibration dataset,
+    the dataset as the recipe names it and, from the local HF cache, the snapshot (commit) used."""
+
+    digest: str  # what enters the keys
+    files: Mapping[str, FileDigest]  # relpath → size, sha256
+    dataset: str | None = None
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
 class ResolvedPlan:
     plan: Plan
     source_dir: Path
     sources: Mapping[str, FileDigest]  # relpath in the source dir → size, sha256
     statuses: tuple[StageStatus, ...]
     toolchain: Toolchain | None = None  # trtllm-build, when the plan builds an engine here
+    calibration: InputFiles | None = None  # when a stage reads calibration-data
+    tokenizer: InputFiles | None = None  # when a stage reads the tokenizer
 
     def status(self, name: str) -> StageStatus:
         return next(s for s in self.statuses if s.stage.name == name)
+
+    def input_files(self) -> dict[str, InputFiles]:
+        """Every input of the keys that stands for files, by the name the keys give it."""
+        found = {"source": InputFiles(_files_digest(self.sources), self.sources),
+                 "calibration-data": self.calibration, "tokenizer": self.tokenizer}
+        return {name: files for name, files in found.items() if files is not None}
+
+
+def _files_digest(files: Mapping[str, FileDigest]) -> str:
+    return digest_of_files({n: d.to_dict() for n, d in files.items()})
 
 
 def source_files(model_dir: Path) -> list[Path]:
@@ -60,23 +83,26 @@ def source_files(model_dir: Path) -> list[Path]:
     return sorted({*weights, *([config] if config.is_file() else [])})
 
 
-def calibration_digest(plan: Plan, store: CacheStore, rehash: bool) -> str:
-    """A local calibration file enters keys by content; a dataset id by name (its cache is read-only)."""
+def calibration_input(plan: Plan, store: CacheStore, rehash: bool) -> InputFiles:
+    """A local calibration file enters keys by content; a dataset snapshot in the local HF cache by its
+    files' content (`revision` selects it, else refs/main); a dataset id not found here by name."""
+    dataset = plan.recipe.get("quantization.calibration.dataset")
     path = plan.recipe.resolve_path("quantization.calibration.dataset")
     if path is not None and path.is_file():
-        return store.hash_memo().hash_file(path, rehash=rehash)
-    value = plan.recipe.get("quantization.calibration.dataset")
-    found = cached_dataset_files(value)  # a snapshot in the local HF cache enters by its files' content
+        digest = store.hash_memo().digest(path, rehash=rehash)
+        return InputFiles(digest.sha256, {path.name: digest}, dataset)
+    revision = plan.recipe.get("quantization.calibration.revision")
+    found = cached_dataset_files(dataset, revision)
     if found is not None:
         files = store.hash_memo().hash_files(list(found.files), rehash=rehash, root=found.root)
-        return digest_of_files({n: d.to_dict() for n, d in files.items()})
-    return "dataset-id:" + value
+        return InputFiles(_files_digest(files), files, dataset, found.revision)
+    return InputFiles("dataset-id:" + dataset, {}, dataset, revision)
 
 
-def tokenizer_digest(model_dir: Path, store: CacheStore, rehash: bool) -> str:
+def tokenizer_input(model_dir: Path, store: CacheStore, rehash: bool) -> InputFiles:
     """The source's tokenizer files, which "source" (what conversion reads) leaves out."""
     files = store.hash_memo().hash_files(tokenizer_files(model_dir), rehash=rehash, root=model_dir)
-    return digest_of_files({n: d.to_dict() for n, d in files.items()})
+    return InputFiles(_files_digest(files), files)
 
 
 def key_tools() -> dict[str, str]:
@@ -87,12 +113,17 @@ def key_tools() -> dict[str, str]:
 def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: Toolchain | None = None) -> ResolvedPlan:
     source_dir = require_source(plan.recipe)
     sources = store.hash_memo().hash_files(source_files(source_dir), rehash=rehash, root=source_dir)
-    inputs_by_name = {"source": digest_of_files({n: d.to_dict() for n, d in sources.items()})}
+    source = InputFiles(_files_digest(sources), sources)
+    inputs_by_name = {"source": source.digest}
+    calibration = tokenizer = None
     if any("calibration-data" in s.inputs for s in plan.stages):
-        inputs_by_name["calibration-data"] = calibration_digest(plan, store, rehash)
+        calibration = calibration_input(plan, store, rehash)
+        inputs_by_name["calibration-data"] = calibration.digest
     if any("tokenizer" in s.inputs for s in plan.stages):
-        inputs_by_name["tokenizer"] = tokenizer_digest(source_dir, store, rehash)
+        tokenizer = tokenizer_input(source_dir, store, rehash)
+        inputs_by_name["tokenizer"] = tokenizer.digest
     previous = read_record(store, plan.recipe.name)
+    known_files, new_files = previous.get(FILES, {}), listings([source, calibration, tokenizer])
     tools = key_tools()
     statuses = []
     for stage in plan.stages:
@@ -103,28 +134,43 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: T
         key = make_key(stage.name, stage.params, inputs, stage_tools)
         inputs_by_name[stage.name] = key.digest
         cached = store.get(key.digest) is not None
-        reasons = () if cached else tuple(explain_change(previous.get(stage.name), key.material))
+        reasons = () if cached else tuple(explain_change(previous.get(stage.name), key.material, known_files, new_files))
         if stage.name == "build-engine" and toolchain is None:
             cached, reasons = False, ("trtllm-build is not available here",)
         statuses.append(StageStatus(stage, key, cached, reasons))
-    return ResolvedPlan(plan, source_dir, sources, tuple(statuses), toolchain)
+    return ResolvedPlan(plan, source_dir, sources, tuple(statuses), toolchain, calibration, tokenizer)
 
 
-# The last build of each recipe (by name), to explain later key changes.
+def listings(inputs: Iterable[InputFiles | None]) -> dict[str, dict]:
+    """{input digest: {relpath: {size, sha256}}} of the inputs made of files."""
+    return {f.digest: {n: d.to_dict() for n, d in f.files.items()} for f in inputs if f is not None and f.files}
+
+
+# The last build of each recipe (by name), to explain later key changes: every stage's key material,
+# and under FILES the file listing of each input digest those materials name (so that a changed input
+# can be told file by file).
+FILES = "_input_files"  # no stage has this name
+
+
 def _record_path(store: CacheStore, recipe_name: str) -> Path:
     return store.root / "records" / f"{recipe_name}.json"
 
 
 def read_record(store: CacheStore, recipe_name: str) -> dict[str, Any]:
     try:
-        return json.loads(_record_path(store, recipe_name).read_text(encoding="utf-8"))
+        record = json.loads(_record_path(store, recipe_name).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
 def write_record(store: CacheStore, resolved: ResolvedPlan) -> None:
     path = _record_path(store, resolved.plan.recipe.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {**read_record(store, resolved.plan.recipe.name),
-              **{s.stage.name: s.key.material for s in resolved.statuses}}
+    previous = read_record(store, resolved.plan.recipe.name)
+    record = {**previous, **{s.stage.name: s.key.material for s in resolved.statuses}}
+    known = {**previous.get(FILES, {}), **listings(resolved.input_files().values())}
+    named = {digest for name, material in record.items() if name != FILES and isinstance(material, dict)
+             for digest in material.get("inputs", {}).values()}
+    record[FILES] = {digest: files for digest, files in known.items() if digest in named}  # no stale listings
     atomic_write_text(path, json.dumps(record, sort_keys=True, indent=1) + "\n")

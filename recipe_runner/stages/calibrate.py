@@ -32,19 +32,20 @@ class CalibrationSettings:
     batch_size: int = 1
     statistics: tuple[str, ...] = ()  # families: awq, smoothquant, amax, kv (quant/algorithms.py)
     group_size: int | None = None  # AWQ's search quantizes with this group size
+    revision: str | None = None  # the snapshot of a dataset in the local HF cache (None: refs/main)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], dataset_path: Path | None) -> CalibrationSettings:
         return cls(params["dataset"], dataset_path, params["text_field"], params["split"], params["num_samples"],
                    params["max_seq_len"], params["seed"], params["batch_size"], tuple(params.get("statistics", ())),
-                   params.get("group_size"))
+                   params.get("group_size"), params.get("revision"))
 
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
               log: Callable[[str], None] = lambda _: None, *, trust_remote_code: bool = False) -> CalibrationStats:
     """Statistics of `source_dir` over the calibration set; written to `out_dir` when given."""
     cfg = read_model_config(source_dir)
-    files = locate_dataset(settings.dataset, settings.dataset_path, settings.split)
+    files = locate_dataset(settings.dataset, settings.dataset_path, settings.split, settings.revision)
     tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
     texts = sample_texts(read_texts(files, settings.text_field), settings.num_samples, settings.seed)
     sequences = tokenize(tokenizer, texts, settings.max_seq_len)

@@ -1,8 +1,9 @@
 """`<output>/recipe.lock`: what a build resolved, written by the tool, never by hand.
 
 The recipe says what a human wants; the lock records what was actually used and made: the
-recipe's canonical hash, tool versions, every source file's sha256, each stage's cache key
-and every published file's sha256 (design rule 6). It is JSON with sorted keys and no
+recipe's canonical hash, tool versions, every input file's size and sha256 (the source model's,
+the tokenizer's and the calibration dataset's, with the dataset's id and the HF-cache snapshot
+used), each stage's cache key and every published file's sha256 (design rule 6). It is JSON with sorted keys and no
 timestamps, so two builds of the same recipe write byte-identical lock files, and
 `recipe verify-lock` (or `verify_lock`) can recheck an output directory at any time.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from recipe_runner.errors import UserError
 from recipe_runner.store.fsutil import atomic_write_text
@@ -25,6 +26,9 @@ LOCK_VERSION = 1
 LOCK_NAME = "recipe.lock"
 
 Digests = dict[str, dict[str, Any]]  # {posix relpath: {"size": int, "sha256": str}}
+# "calibration": {"dataset": as the recipe names it, "revision": the HF-cache snapshot (commit) used,
+#                 absent for a local file, "files": Digests relative to the file's folder or the snapshot}
+Calibration = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,11 @@ class LockFile:
     sources: Digests = field(default_factory=dict)
     stages: list[dict[str, str]] = field(default_factory=list)  # [{"name", "key"}] in run order
     outputs: Digests = field(default_factory=dict)
+    tokenizer: Digests | None = None  # the source's tokenizer files, when a stage reads them
+    calibration: Calibration | None = None  # when a stage reads calibration data
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "lock_version": LOCK_VERSION,
             "recipe": {"name": self.recipe_name, "path": self.recipe_path, "sha256": self.recipe_sha256},
             "tools": {str(k): str(v) for k, v in self.tools.items()},
@@ -46,6 +52,11 @@ class LockFile:
             "stages": [{"name": s["name"], "key": s["key"]} for s in self.stages],
             "outputs": _digests(self.outputs),
         }
+        if self.tokenizer is not None:
+            data["tokenizer"] = _digests(self.tokenizer)
+        if self.calibration is not None:
+            data["calibration"] = _calibration(self.calibration)
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
@@ -69,6 +80,8 @@ class LockFile:
             recipe_sha256=_require(recipe, "sha256", str), tools=dict(_require(data, "tools", dict)),
             sources=_digests(_require(data, "sources", dict)), stages=[dict(s) for s in stages],
             outputs=_digests(_require(data, "outputs", dict)),
+            tokenizer=_digests(_require(data, "tokenizer", dict)) if "tokenizer" in data else None,
+            calibration=_calibration(_require(data, "calibration", dict)) if "calibration" in data else None,
         )
 
 
@@ -89,6 +102,19 @@ def _digests(files: Mapping[str, Any]) -> Digests:
             raise ValueError(f"{name}: expected {{size, sha256}}, got {f!r}")
         out[str(name)] = {"size": f["size"], "sha256": f["sha256"]}
     return dict(sorted(out.items()))
+
+
+def _calibration(section: Mapping[str, Any]) -> Calibration:
+    """Check and normalize a lock's calibration section."""
+    dataset, revision = section.get("dataset"), section.get("revision")
+    if not isinstance(dataset, str):
+        raise ValueError(f"calibration.dataset: expected a string, got {type(dataset).__name__}")
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"calibration.revision: expected a string, got {type(revision).__name__}")
+    out: Calibration = {"dataset": dataset, "files": _digests(_require(section, "files", dict))}
+    if revision is not None:
+        out["revision"] = revision
+    return out
 
 
 def write_lock(path: Path | str, lock: LockFile) -> None:
@@ -126,12 +152,19 @@ def hash_outputs(directory: Path | str, exclude: Iterable[str] = (LOCK_NAME,)) -
     return dict(sorted(out.items()))
 
 
+def differing_files(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+                    ) -> Iterator[tuple[str, Mapping[str, Any] | None, Mapping[str, Any] | None]]:
+    """(name, before, after) of each file listed on one side only or with another size or sha256, by name."""
+    for name in sorted(set(before) | set(after)):
+        old, new = before.get(name), after.get(name)
+        if old is None or new is None or (old["size"], old["sha256"]) != (new["size"], new["sha256"]):
+            yield name, old, new
+
+
 def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> list[str]:
     """One line per file that differs between the lock and the directory, sorted by name."""
-    expected, actual = _digests(expected), _digests(actual)
     problems = []
-    for name in sorted(set(expected) | set(actual)):
-        want, have = expected.get(name), actual.get(name)
+    for name, want, have in differing_files(_digests(expected), _digests(actual)):
         if have is None:
             problems.append(f"{name}: missing (the lock expects {want['size']} bytes)")
         elif want is None:
@@ -144,14 +177,44 @@ def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> l
     return problems
 
 
-def verify_lock(lock_path: Path | str) -> list[str]:
+def compare_inputs(locked: LockFile, sources: Mapping[str, Any], tokenizer: Mapping[str, Any] | None,
+                   calibration: Mapping[str, Any] | None) -> list[str]:
+    """One line per input that differs from the lock: every source, tokenizer and calibration file
+    (named as `compare_outputs` names them, after what it is), the calibration dataset's id and the
+    HF-cache snapshot it resolved to. `tokenizer` / `calibration` are None where no stage reads them."""
+    problems = [f"source {line}" for line in compare_outputs(locked.sources, sources)]
+    if tokenizer is not None:
+        if locked.tokenizer is None:
+            problems.append("tokenizer: the lock records no tokenizer files (an earlier recipe-runner wrote it); "
+                            "build without --locked once to write a lock that pins them")
+        else:
+            problems += [f"tokenizer {line}" for line in compare_outputs(locked.tokenizer, tokenizer)]
+    if calibration is not None:
+        want = locked.calibration
+        if want is None:
+            problems.append("calibration: the lock records no calibration data (an earlier recipe-runner wrote "
+                            "it); build without --locked once to write a lock that pins it")
+        else:
+            have = _calibration(calibration)
+            if have["dataset"] != want["dataset"]:
+                problems.append(f"calibration dataset {have['dataset']!r}, the lock says {want['dataset']!r}")
+            if have.get("revision") != want.get("revision"):
+                problems.append(f"calibration revision {have.get('revision') or '(a local file)'}, the lock says "
+                                f"{want.get('revision') or '(a local file)'}")
+            problems += [f"calibration {line}" for line in compare_outputs(want["files"], have["files"])]
+    return problems
+
+
+def verify_lock(lock_path: Path | str, inputs: Callable[[LockFile], list[str]] | None = None) -> list[str]:
     """Recheck the directory holding `lock_path` against the lock's outputs; [] when it matches.
     `<output.dir>/recipe.lock` is a link into the current generation (recipe_runner.store.publish):
-    the files checked are that generation's."""
+    the files checked are that generation's. `inputs`, given, rechecks the lock's inputs too
+    (pipeline.execute.recheck_inputs: the recipe, source, tokenizer and calibration files here)."""
     lock_path = Path(lock_path)
     lock = read_lock(lock_path)
     real = Path(os.path.realpath(lock_path))
-    return compare_outputs(lock.outputs, hash_outputs(real.parent, exclude=(real.name,)))
+    problems = compare_outputs(lock.outputs, hash_outputs(real.parent, exclude=(real.name,)))
+    return problems + (inputs(lock) if inputs is not None else [])
 
 
 def tool_versions() -> dict[str, str]:
