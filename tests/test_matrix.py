@@ -123,20 +123,32 @@ def test_memory_budget_still_builds_everything(tiny_model, tmp_path, monkeypatch
 
 
 def test_ray_executor_builds_the_same_matrix(tiny_model, tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    monkeypatch.chdir(tmp_path)
-    from recipe_runner.pipeline.scheduler import RayExecutor
+    # ray is a test dependency (the `test` extra): this runs wherever the README's test command does
+    import ray
 
+    from recipe_runner.pipeline.scheduler import RayExecutor
+    from recipe_runner.stages.shard import _rank_pool
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # never join a cluster this machine happens to name
     model = tiny_model("gqa")
-    local = run_builds([make_plan(r) for r in load_recipes(matrix_recipe(tmp_path, model, out="local"))],
+    # two variants, three tiny stages: convert once, shard at tp 1 and tp 2 (two rank files, sent out as tasks)
+    def recipe(out: str) -> Path:
+        return write(tmp_path, f"{out}.yaml", f"recipe_version: 1\nname: tiny\nsource: {{path: {model}}}\n"
+                                              f"matrix:\n  mapping.tp_size: [1, 2]\noutput: {{dir: {out}}}\n")
+
+    local = run_builds([make_plan(r) for r in load_recipes(recipe("local"))],
                        store=CacheStore(tmp_path / "c1"), executor=InlineExecutor(lambda _: None), echo=lambda _: None)
-    ray.init(num_cpus=2, include_dashboard=False)
+    # a cluster of its own on this machine, started here and shut down below
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        remote = run_builds([make_plan(r) for r in load_recipes(matrix_recipe(tmp_path, model, out="ray"))],
+        remote = run_builds([make_plan(r) for r in load_recipes(recipe("ray"))],
                             store=CacheStore(tmp_path / "c2"), executor=RayExecutor("local", 2), echo=lambda _: None)
         # inside a Ray task the shard stage sends each rank file out as a Ray task of its own
-        from recipe_runner.stages.shard import _rank_pool
         assert ray.get(ray.remote(lambda: type(_rank_pool(1)).__name__).remote()) == "_RayRankPool"
     finally:
         ray.shutdown()
-    assert not remote.failures and _outputs(local) == _outputs(remote)
+    assert not ray.is_initialized()
+    assert not remote.failures and len(remote.results) == 2
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["tiny-tp1", "tiny-tp2"]
+    assert _outputs(local) == _outputs(remote)

@@ -1,6 +1,6 @@
 """The LLaMA layout (MistralForCausalLM has the same tensors and TensorRT-LLM converts it the same way).
 
-Where the facts come from (copied here; nothing reads ../shared at run time):
+Where the facts come from (copied here from the sources named; nothing outside the package is read at run time):
 * HF names: transformers' LlamaForCausalLM state dict (`model.embed_tokens`, `model.layers.{i}.…`,
   `model.norm`, `lm_head`, absent when tie_word_embeddings). Biases: `attention_bias` gives q/k/v/o
   one, `mlp_bias` gate/up/down.

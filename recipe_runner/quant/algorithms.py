@@ -10,6 +10,9 @@ Sources cited below:
   spec         hf-quantized-checkpoint spec (§1 formats, §2 consumers, §3 KV, §4 TensorRT-LLM)
   layouts      verified-layouts.md (ModelOpt's TensorRT-LLM exports, read tensor by tensor)
   trtllm-ckpt  trtllm-checkpoint.md (QuantAlgo names, §4.2 SmoothQuant plugin tensors, §4.3 KV)
+These are the research notes the formats were worked out in; they are not part of the project. What the
+code relies on is stated where it is used (this table, the module docstrings that cite them) and, per
+TensorRT-LLM release, in recipe_runner/data/trtllm/.
 """
 from __future__ import annotations
 

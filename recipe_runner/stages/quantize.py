@@ -9,7 +9,7 @@ described in `stages/quantized.py`: one safetensors file per projection plus one
 the module-level scales, each written with the streaming writer as soon as it is complete. Peak
 memory: one projection in float32 (plus its quantized copy), never a whole layer or model.
 
-Which tensors each algorithm writes (format decisions in design.md; names in trtllm/quant.py):
+Which tensors each algorithm writes (the README's Quantization table; names in trtllm/quant.py):
   w8a16/w4a16     nothing in the checkpoint (weights stay in the model dtype; trtllm-build
                   quantizes); per-channel scales kept here for verify
   fp8             float8_e4m3fn weights, weights_scaling_factor [1] (one over q/k/v, one shared

@@ -3,7 +3,8 @@ config.json (each algo's QuantAlgo name is in quant/algorithms.py), how `exclude
 (module names: models/), and the tensor names each algorithm adds (spec §2.4, §4, §4.6;
 verified-layouts.md).
 
-Facts copied here (trtllm-build reads them; nothing reads ../shared at run time):
+Facts copied here from TensorRT-LLM's source (trtllm-build reads the checkpoint this way; nothing outside the
+package is read at run time):
 * QuantAlgo is a StrEnum whose serialized value equals the member name.
 * `exclude_modules` are fnmatch patterns over module names (`lm_head`,
   `transformer.layers.3.mlp.fc`, with pipeline-local layer indices). When the field is null,
