@@ -159,3 +159,13 @@ def test_the_release_enters_the_shard_and_engine_keys(tmp_path):
     path.write_text(path.read_text() + 'tensorrt_llm: "0.13"\n')
     params = {s.name: dict(s.params) for s in recipe_stages(load_recipe(path))}
     assert params["shard"]["tensorrt_llm"] == "0.13" and "tensorrt_llm" not in params["convert"]
+
+
+def test_an_engine_value_the_release_does_not_list_is_refused(tmp_path, capsys):
+    """The schema accepts log_level trace (newer trtllm-build lists it); no recorded release does."""
+    path = write(tmp_path, "r.yaml", MINIMAL + "engine:\n  max_seq_len: 4096\n  log_level: trace\n")
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2 and ("r.yaml:7:14: engine.log_level: TensorRT-LLM 0.16: --log_level must be one of "
+                          "['internal_error', 'error', 'warning', 'info', 'verbose', 'debug'], not 'trace'") in err
+    path.write_text(path.read_text().replace("trace", "debug"))
+    assert run_cli(capsys, "validate", str(path))[0] == 0

@@ -7,7 +7,8 @@ from typing import Any, Iterator, Mapping
 
 from recipe_runner.hfexport.targets import output_targets
 from recipe_runner.quant.algorithms import ALGORITHMS, KV_CACHES, TRTLLM_CHECKPOINT
-from recipe_runner.trtllm.engine_options import ENGINE_FIELD_OPTIONS, build_options, check_extra_arg, option_releases
+from recipe_runner.trtllm.engine_options import (ENGINE_FIELD_OPTIONS, build_options, check_extra_arg, check_value,
+                                                 option_releases)
 from recipe_runner.trtllm.releases import FIELD, Release, having, listed, recorded_names, releases
 
 Finding = tuple[str, str]
@@ -44,6 +45,10 @@ def _engine_findings(recipe: Mapping[str, Any], release: Release) -> Iterator[Fi
         return
     options = build_options(release.name)
     for field, option in ENGINE_FIELD_OPTIONS.items():
+        if field in engine and option in options:
+            problem = check_value(options[option], engine[field])
+            if problem:  # e.g. a choice this release's trtllm-build does not list
+                yield f"engine.{field}", f"TensorRT-LLM {release.name}: {problem}"
         if field not in engine or option in options:
             continue
         if field == "kv_cache_type":  # argv falls back to --paged_kv_cache, which has no "disabled"

@@ -110,10 +110,14 @@ def check_extra_arg(name: str, value: Any, release: str | None = None) -> str | 
         close = difflib.get_close_matches(bare, list(options), n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"trtllm-build of TensorRT-LLM {name_} has no option --{bare}{hint}; see `trtllm-build --help`"
-    return _check_value(option, value)
+    return check_value(option, value)
 
 
-def _check_value(option: BuildOption, value: Any) -> str | None:
+def check_value(option: BuildOption, value: Any) -> str | None:
+    """Why `value` cannot be given to `option`, or None; a recipe's true/false for an enable/disable
+    option is the word it becomes on the command line (_option_value)."""
+    if isinstance(value, bool) and option.kind != "switch":
+        value = "enable" if value else "disable"
     flag = f"--{option.name}"
     if option.kind == "switch":
         return None if isinstance(value, bool) else f"{flag} is a switch: use true or false, not {value!r}"
