@@ -14,7 +14,6 @@ from recipe_runner.errors import RecipeError, RecipeRunnerError, UserError
 
 app = typer.Typer(
     help="Declarative, reproducible TensorRT-LLM checkpoint and engine builds from Hugging Face LLaMA-family models.",
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -64,28 +63,55 @@ def _load_all(files: List[Path], sets: Optional[List[str]]) -> list:
     return [recipe for file in files for recipe in load_recipes(file, variables)]
 
 
+def _format_option(default: str, choices: tuple[str, ...], help: str):
+    return typer.Option(default, "--format", help=f"{' or '.join(choices)}. {help}".strip())
+
+
+def _check_format(format: str, choices: tuple[str, ...]) -> None:
+    if format not in choices:
+        raise UserError(f"--format {format}: choose {' or '.join(choices)}")
+
+
+def _echo_json(document: dict) -> None:
+    typer.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+JSON_HELP = "json: one versioned document (README, Machine-readable output)."
+
+
 @app.command()
 def validate(
     files: List[Path] = typer.Argument(..., help="Recipe files to check."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    format: str = _format_option("text", ("text", "json"), JSON_HELP),
 ) -> None:
     """Validate recipes: one line per file (OK, or every problem with file:line:col). Exit 2 if any is invalid."""
-    failed = 0
+    from recipe_runner.pipeline.report import problems_json, validate_document
+
+    _check_format(format, ("text", "json"))
+    failed, results = 0, []
     for file in files:
         try:
             recipes = _load_all([file], set_)
         except RecipeError as exc:
             failed += 1
-            typer.echo(f"FAIL {file}", err=True)
-            for problem in exc.problems:
-                typer.echo(f"  {problem}", err=True)
+            results.append({"file": str(file), "ok": False, "recipes": [], "errors": problems_json(exc.problems)})
+            if format == "text":
+                typer.echo(f"FAIL {file}", err=True)
+                for problem in exc.problems:
+                    typer.echo(f"  {problem}", err=True)
         else:
-            if len(recipes) == 1:
+            results.append({"file": str(file), "ok": True, "errors": [],
+                            "recipes": [{"name": r.name, "sha256": r.canonical_hash()} for r in recipes]})
+            if format == "text" and len(recipes) == 1:
                 typer.echo(f"OK   {file} ({recipes[0].name}, sha256 {recipes[0].canonical_hash()[:12]})")
-            else:
+            elif format == "text":
                 typer.echo(f"OK   {file} (matrix of {len(recipes)}: {', '.join(r.name for r in recipes)})")
-    if failed:
+    if format == "json":
+        _echo_json(validate_document(results))
+    elif failed:
         typer.echo(f"{failed} of {len(files)} recipe(s) invalid", err=True)
+    if failed:
         raise typer.Exit(2)
 
 
@@ -142,36 +168,55 @@ def _optional_toolchain(the_plan):
         return None
 
 
+FORCE_HELP = ("Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of "
+              "them is changed or removed).")
+
+
 @app.command()
 def plan(
     files: List[Path] = typer.Argument(..., help="Recipe files (a matrix file counts for each variant)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     until: Optional[str] = typer.Option(None, "--until", help="Plan only up to this stage (or `checkpoint`)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Leave out the verify stage."),
-    format: str = typer.Option("text", "--format", help="text or json."),
+    format: str = _format_option("text", ("text", "json"), JSON_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
+    check: bool = typer.Option(False, "--check", help="Preflight: exit 2 listing everything `build` would refuse "
+                                                       "(source, calibration data, tokenizer, trtllm-build, outputs)."),
+    force: bool = typer.Option(False, "--force", help="With --check: check the outputs as `build --force` would."),
 ) -> None:
     """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not;
     over several recipes, also the stages they share (built once)."""
+    from recipe_runner.pipeline.execute import preflight
     from recipe_runner.pipeline.plan import make_plan
-    from recipe_runner.pipeline.report import format_plan, format_shared, plan_json, shared_stages
+    from recipe_runner.pipeline.report import format_plan, format_shared, plan_document
     from recipe_runner.pipeline.resolve import resolve
 
-    if format not in ("text", "json"):
-        raise UserError(f"--format {format}: choose text or json")
+    _check_format(format, ("text", "json"))
     store = _store(cache_dir)
-    plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
-    toolchain = next((t for t in map(_optional_toolchain, plans) if t is not None), None)
+    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=check) for r in _load_all(files, set_)]
+    if check:
+        checked = preflight(plans, store, force=force)
+        if checked.problems:
+            if format == "json":
+                _echo_json(plan_document(plans, [None] * len(plans), checked=True, problems=checked.problems))
+            else:
+                for problem in checked.problems:
+                    typer.echo(str(problem), err=True)
+                typer.echo(f"{len(checked.problems)} problem(s) found before running", err=True)
+            raise typer.Exit(2)
+        plans, toolchain = checked.plans, checked.toolchain
+    else:
+        toolchain = next((t for t in map(_optional_toolchain, plans) if t is not None), None)
     resolved = [resolve(p, store, rehash=rehash, toolchain=toolchain) if p.source.directory else None for p in plans]
     if format == "json":
-        data = [plan_json(p, r) for p, r in zip(plans, resolved)]
-        out = data[0] if len(data) == 1 else {"plans": data, "shared": shared_stages(resolved)}
-        typer.echo(json.dumps(out, indent=2, sort_keys=True))
+        _echo_json(plan_document(plans, resolved, checked=check))
         return
     typer.echo("\n\n".join(format_plan(p, r) for p, r in zip(plans, resolved)))
     if len(plans) > 1:
         typer.echo("\n" + format_shared(resolved))
+    if check:
+        typer.echo("preflight: OK, nothing found that would stop the build", err=True)
 
 
 @app.command()
@@ -189,21 +234,44 @@ def build(
     address: str = typer.Option("auto", "--address", help="Ray cluster: auto, local (start one here) or ray://host:port."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for stages running at once, e.g. 20G."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop starting stages after the first failure."),
-    force: bool = typer.Option(False, "--force", help="Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of them is changed or removed)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan, preflight and key every stage, print which would run, exit 0 without running any."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print every stage's full cache key and why it runs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final summary."),
+    format: str = _format_option("text", ("text", "json"), JSON_HELP + " Progress lines go to stderr."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
     from recipe_runner.store.gc import parse_size
     from recipe_runner.store.lock import read_lock
     from recipe_runner.pipeline.plan import make_plan
-    from recipe_runner.pipeline.scheduler import format_summary, make_executor, run_builds
+    from recipe_runner.pipeline.report import build_document
+    from recipe_runner.pipeline.scheduler import build_summaries, format_summary, make_executor, not_run_summaries, run_builds
 
-    plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
+    _check_format(format, ("text", "json"))
+    if verbose and quiet:
+        raise UserError("--verbose and --quiet: choose one")
+    echo = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=format == "json"))
+    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=True) for r in _load_all(files, set_)]
     if locked is not None and len(plans) != 1:
         raise UserError("--locked rebuilds one recipe: give a single recipe file (not a matrix)")
+    if dry_run:
+        return _dry_run(plans, _store(cache_dir), rehash=rehash, force=force, format=format, echo=echo)
     lock = {0: read_lock(locked)} if locked is not None else None
-    report = run_builds(plans, store=_store(cache_dir), executor=make_executor(executor, jobs, address, typer.echo),
-                        workers=workers, rehash=rehash, locked=lock, fail_fast=fail_fast,
-                        max_memory=parse_size(max_memory) if max_memory else None, force=force, echo=typer.echo)
+    try:
+        report = run_builds(plans, store=_store(cache_dir), executor=make_executor(executor, jobs, address, echo),
+                            workers=workers, rehash=rehash, locked=lock, fail_fast=fail_fast,
+                            max_memory=parse_size(max_memory) if max_memory else None, force=force,
+                            verbose=verbose, echo=echo)
+    except RecipeRunnerError as exc:
+        if format != "json":
+            raise
+        problems = exc.problems if isinstance(exc, RecipeError) else [exc]
+        message = f"not run: {len(problems)} problem(s) found before running (see problems)"
+        _echo_json(build_document(not_run_summaries(plans, exc.exit_code, message), exc.exit_code, problems))
+        raise typer.Exit(exc.exit_code)
+    if format == "json":
+        _echo_json(build_document(build_summaries(report), report.exit_code))
+        raise typer.Exit(report.exit_code)
     if len(plans) == 1:
         report.raise_first_failure()
         result = report.results[0]
@@ -220,6 +288,24 @@ def build(
         typer.echo(f"{plans[index].recipe.name}: {error}", err=True)
     if report.failures:
         raise typer.Exit(report.exit_code)
+
+
+def _dry_run(plans: list, store, *, rehash: bool, force: bool, format: str, echo) -> None:
+    """build --dry-run: what build would do (the preflight refuses as build does), running nothing."""
+    from recipe_runner.pipeline.execute import prepare
+    from recipe_runner.pipeline.report import format_plan, format_shared, plan_document, shared_stages
+
+    resolved = prepare(plans, store, rehash=rehash, force=force, echo=echo)
+    plans = [r.plan for r in resolved]
+    if format == "json":
+        return _echo_json(plan_document(plans, resolved, checked=True))
+    typer.echo("\n\n".join(format_plan(p, r) for p, r in zip(plans, resolved)))
+    if len(plans) > 1:
+        typer.echo("\n" + format_shared(resolved))
+    keys = {s.key.digest: s.cached for r in resolved for s in r.statuses}
+    run = sum(not cached for cached in keys.values())
+    shared = f" ({len(shared_stages(resolved))} shared)" if len(plans) > 1 else ""
+    typer.echo(f"dry run: {run} stage(s) would run, {len(keys) - run} cached{shared}; nothing was built")
 
 
 @app.command("verify")
