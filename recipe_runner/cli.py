@@ -10,6 +10,7 @@ import typer
 import yaml
 
 from recipe_runner import __version__
+from recipe_runner.cli_cache import CACHE_HELP, _store, cache_app
 from recipe_runner.errors import RecipeError, RecipeRunnerError, UserError
 
 app = typer.Typer(
@@ -19,6 +20,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+app.add_typer(cache_app, name="cache")
 SET_HELP = "Set a recipe variable (overrides `vars:`), e.g. --set models_dir=/data/hf. Repeatable."
 
 
@@ -63,11 +65,7 @@ def _load_all(files: List[Path], sets: Optional[List[str]]) -> list:
     return [recipe for file in files for recipe in load_recipes(file, variables)]
 
 
-def _format_option(default: str, choices: tuple[str, ...], help: str):
-    return typer.Option(default, "--format", help=f"{' or '.join(choices)}. {help}".strip())
-
-
-def _check_format(format: str, choices: tuple[str, ...]) -> None:
+def _check_format(format: str, choices: tuple[str, ...] = ("text", "json")) -> None:
     if format not in choices:
         raise UserError(f"--format {format}: choose {' or '.join(choices)}")
 
@@ -76,19 +74,19 @@ def _echo_json(document: dict) -> None:
     typer.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
-JSON_HELP = "json: one versioned document (README, Machine-readable output)."
+JSON_HELP = "text or json (one versioned document: README, Machine-readable output)."
 
 
 @app.command()
 def validate(
     files: List[Path] = typer.Argument(..., help="Recipe files to check."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
-    format: str = _format_option("text", ("text", "json"), JSON_HELP),
+    format: str = typer.Option("text", "--format", help=JSON_HELP),
 ) -> None:
     """Validate recipes: one line per file (OK, or every problem with file:line:col). Exit 2 if any is invalid."""
     from recipe_runner.pipeline.report import problems_json, validate_document
 
-    _check_format(format, ("text", "json"))
+    _check_format(format)
     failed, results = 0, []
     for file in files:
         try:
@@ -147,23 +145,12 @@ def _target_release_line(recipe) -> str:
     return f"{FIELD} unset: {release.describe()}, the newest recorded{engine}"
 
 
-CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-runner)."
-
-
-def _store(cache_dir: Optional[Path]):
-    from recipe_runner.store.cache import CacheStore
-
-    return CacheStore(cache_dir, warn=lambda message: typer.echo(f"warning: {message}", err=True))
-
-
 def _optional_toolchain(the_plan):
     """trtllm-build for `plan` to key the engine stage with, or None (plan still shows the rest)."""
     from recipe_runner.trtllm.toolchain import require_toolchain
 
-    if the_plan.stage("build-engine") is None:
-        return None
     try:
-        return require_toolchain()
+        return require_toolchain() if the_plan.stage("build-engine") is not None else None
     except UserError:
         return None
 
@@ -178,7 +165,7 @@ def plan(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     until: Optional[str] = typer.Option(None, "--until", help="Plan only up to this stage (or `checkpoint`)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Leave out the verify stage."),
-    format: str = _format_option("text", ("text", "json"), JSON_HELP),
+    format: str = typer.Option("text", "--format", help=JSON_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
     check: bool = typer.Option(False, "--check", help="Preflight: exit 2 listing everything `build` would refuse "
@@ -192,7 +179,7 @@ def plan(
     from recipe_runner.pipeline.report import format_plan, format_shared, plan_document
     from recipe_runner.pipeline.resolve import resolve
 
-    _check_format(format, ("text", "json"))
+    _check_format(format)
     store = _store(cache_dir)
     plans = [make_plan(r, until=until, skip_verify=no_verify, collect=check) for r in _load_all(files, set_)]
     if check:
@@ -238,7 +225,7 @@ def build(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan, preflight and key every stage, print which would run, exit 0 without running any."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print every stage's full cache key and why it runs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final summary."),
-    format: str = _format_option("text", ("text", "json"), JSON_HELP + " Progress lines go to stderr."),
+    format: str = typer.Option("text", "--format", help=JSON_HELP + " Progress lines then go to stderr."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
     from recipe_runner.store.gc import parse_size
@@ -247,7 +234,7 @@ def build(
     from recipe_runner.pipeline.report import build_document
     from recipe_runner.pipeline.scheduler import build_summaries, format_summary, make_executor, not_run_summaries, run_builds
 
-    _check_format(format, ("text", "json"))
+    _check_format(format)
     if verbose and quiet:
         raise UserError("--verbose and --quiet: choose one")
     echo = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=format == "json"))
@@ -293,19 +280,12 @@ def build(
 def _dry_run(plans: list, store, *, rehash: bool, force: bool, format: str, echo) -> None:
     """build --dry-run: what build would do (the preflight refuses as build does), running nothing."""
     from recipe_runner.pipeline.execute import prepare
-    from recipe_runner.pipeline.report import format_plan, format_shared, plan_document, shared_stages
+    from recipe_runner.pipeline.report import format_dry_run, plan_document
 
     resolved = prepare(plans, store, rehash=rehash, force=force, echo=echo)
-    plans = [r.plan for r in resolved]
     if format == "json":
-        return _echo_json(plan_document(plans, resolved, checked=True))
-    typer.echo("\n\n".join(format_plan(p, r) for p, r in zip(plans, resolved)))
-    if len(plans) > 1:
-        typer.echo("\n" + format_shared(resolved))
-    keys = {s.key.digest: s.cached for r in resolved for s in r.statuses}
-    run = sum(not cached for cached in keys.values())
-    shared = f" ({len(shared_stages(resolved))} shared)" if len(plans) > 1 else ""
-    typer.echo(f"dry run: {run} stage(s) would run, {len(keys) - run} cached{shared}; nothing was built")
+        return _echo_json(plan_document([r.plan for r in resolved], resolved, checked=True))
+    typer.echo(format_dry_run(resolved))
 
 
 @app.command("verify")
@@ -344,59 +324,6 @@ def verify_lock_command(
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(1)
     typer.echo(f"OK {lock_file}: every output file matches")
-
-
-cache_app = typer.Typer(help="Inspect and maintain the content-addressed cache.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-
-
-@cache_app.command("ls")
-def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
-    """List cache entries, least recently used first."""
-    import datetime
-
-    from recipe_runner.pipeline.progress import format_size
-
-    store = _store(cache_dir)
-    entries = store.ls()
-    for info in entries:
-        used = datetime.datetime.fromtimestamp(info.last_used).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{info.key[:12]}  {info.stage:<12} {format_size(info.size):>9}  used {used}  {', '.join(info.recipes)}")
-    typer.echo(f"{len(entries)} entries, {format_size(sum(i.size for i in entries))} in {store.root}")
-
-
-@cache_app.command("verify")
-def cache_verify(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
-    """Rehash every entry; corrupt entries are quarantined (never reused) and listed. Exit 1 if any."""
-    problems = _store(cache_dir).verify()
-    for key, problem in problems:
-        typer.echo(f"CORRUPT {key[:12]}: {problem} (quarantined)", err=True)
-    if problems:
-        raise typer.Exit(1)
-    typer.echo("every cache entry matches its manifest")
-
-
-@cache_app.command("gc")
-def cache_gc(
-    max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove least recently used entries until the cache is at most this size (e.g. 500G)."),
-    older_than: Optional[float] = typer.Option(None, "--older-than", help="Remove entries not used for this many days (>= 0)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-) -> None:
-    """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
-    running build uses, and its temporary directories, are never removed."""
-    from recipe_runner.pipeline.progress import format_size
-    from recipe_runner.store.gc import parse_size
-
-    if max_size is None and older_than is None:
-        raise UserError("give --max-size SIZE and/or --older-than DAYS")
-    removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than, dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
-    for info in removed:
-        typer.echo(f"{verb} {info.key[:12]}  {info.stage:<12} {format_size(info.size):>9}  {', '.join(info.recipes)}")
-    typer.echo(f"{verb} {len(removed)} entries, {format_size(sum(i.size for i in removed))}")
-
-
 
 
 @app.command()

@@ -83,6 +83,17 @@ def format_shared(resolved: list[ResolvedPlan | None]) -> str:
     return "\n".join(lines)
 
 
+def format_dry_run(resolved: list[ResolvedPlan]) -> str:
+    """`build --dry-run`: each plan with its keys, the shared stages, how many stages would run."""
+    text = "\n\n".join(format_plan(r.plan, r) for r in resolved)
+    if len(resolved) > 1:
+        text += "\n\n" + format_shared(resolved)
+    keys = {s.key.digest: s.cached for r in resolved for s in r.statuses}
+    run = sum(not cached for cached in keys.values())
+    shared = f" ({len(shared_stages(resolved))} shared)" if len(resolved) > 1 else ""
+    return f"{text}\ndry run: {run} stage(s) would run, {len(keys) - run} cached{shared}; nothing was built"
+
+
 # ---- machine-readable documents (`--format json`): one versioned shape each, any number of recipes ----
 
 VALIDATE_FORMAT = "recipe-runner/validate/1"
