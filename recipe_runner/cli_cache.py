@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from recipe_runner.errors import UserError
+
 CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-runner)."
 
 
