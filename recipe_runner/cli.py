@@ -5,7 +5,6 @@ jinja2/jsonschema (recipes, the pipeline) off the commands that read no recipe: 
 """
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -15,21 +14,23 @@ import typer
 import yaml
 
 from recipe_runner import __version__
+from recipe_runner.cli_cache import CACHE_HELP, _store, cache_app
+from recipe_runner.cli_verify import demo, verify_command
 from recipe_runner.errors import RecipeError, RecipeRunnerError, UserError
-from recipe_runner.pipeline.progress import format_size
-from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.gc import parse_size
 from recipe_runner.store.lock import read_lock, verify_lock
 from recipe_runner.trtllm.toolchain import require_toolchain
 
 app = typer.Typer(
     help="Declarative, reproducible TensorRT-LLM checkpoint and engine builds from Hugging Face LLaMA-family models.",
-    add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+app.add_typer(cache_app, name="cache")
+app.command("verify")(verify_command)
+app.command("demo")(demo)
 SET_HELP = "Set a recipe variable (overrides `vars:`), e.g. --set models_dir=/data/hf. Repeatable."
 
 
@@ -74,28 +75,51 @@ def _load_all(files: List[Path], sets: Optional[List[str]]) -> list:
     return [recipe for file in files for recipe in load_recipes(file, variables)]
 
 
+def _check_format(format: str, choices: tuple[str, ...] = ("text", "json")) -> None:
+    if format not in choices:
+        raise UserError(f"--format {format}: choose {' or '.join(choices)}")
+
+
+def _echo_json(document: dict) -> None:
+    typer.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+JSON_HELP = "text or json (one versioned document: README, Machine-readable output)."
+
+
 @app.command()
 def validate(
     files: List[Path] = typer.Argument(..., help="Recipe files to check."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    format: str = typer.Option("text", "--format", help=JSON_HELP),
 ) -> None:
     """Validate recipes: one line per file (OK, or every problem with file:line:col). Exit 2 if any is invalid."""
-    failed = 0
+    from recipe_runner.pipeline.report import problems_json, validate_document
+
+    _check_format(format)
+    failed, results = 0, []
     for file in files:
         try:
             recipes = _load_all([file], set_)
         except RecipeError as exc:
             failed += 1
-            typer.echo(f"FAIL {file}", err=True)
-            for problem in exc.problems:
-                typer.echo(f"  {problem}", err=True)
+            results.append({"file": str(file), "ok": False, "recipes": [], "errors": problems_json(exc.problems)})
+            if format == "text":
+                typer.echo(f"FAIL {file}", err=True)
+                for problem in exc.problems:
+                    typer.echo(f"  {problem}", err=True)
         else:
-            if len(recipes) == 1:
+            results.append({"file": str(file), "ok": True, "errors": [],
+                            "recipes": [{"name": r.name, "sha256": r.canonical_hash()} for r in recipes]})
+            if format == "text" and len(recipes) == 1:
                 typer.echo(f"OK   {file} ({recipes[0].name}, sha256 {recipes[0].canonical_hash()[:12]})")
-            else:
+            elif format == "text":
                 typer.echo(f"OK   {file} (matrix of {len(recipes)}: {', '.join(r.name for r in recipes)})")
-    if failed:
+    if format == "json":
+        _echo_json(validate_document(results))
+    elif failed:
         typer.echo(f"{failed} of {len(files)} recipe(s) invalid", err=True)
+    if failed:
         raise typer.Exit(2)
 
 
@@ -131,21 +155,16 @@ def _target_release_line(recipe) -> str:
     return f"{FIELD} unset: {release.describe()}, the newest recorded{engine}"
 
 
-CACHE_HELP = "Cache directory (default: $RECIPE_CACHE_DIR or ~/.cache/recipe-runner)."
-
-
-def _store(cache_dir: Optional[Path]):
-    return CacheStore(cache_dir, warn=lambda message: typer.echo(f"warning: {message}", err=True))
-
-
 def _optional_toolchain(the_plan):
     """trtllm-build for `plan` to key the engine stage with, or None (plan still shows the rest)."""
-    if the_plan.stage("build-engine") is None:
-        return None
     try:
-        return require_toolchain()
+        return require_toolchain() if the_plan.stage("build-engine") is not None else None
     except UserError:
         return None
+
+
+FORCE_HELP = ("Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of "
+              "them is changed or removed).")
 
 
 @app.command()
@@ -154,30 +173,45 @@ def plan(
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
     until: Optional[str] = typer.Option(None, "--until", help="Plan only up to this stage (or `checkpoint`)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Leave out the verify stage."),
-    format: str = typer.Option("text", "--format", help="text or json."),
+    format: str = typer.Option("text", "--format", help=JSON_HELP),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
     rehash: bool = typer.Option(False, "--rehash", help="Hash the source files again instead of trusting the memo."),
+    check: bool = typer.Option(False, "--check", help="Preflight: exit 2 listing everything `build` would refuse "
+                                                       "(source, calibration data, tokenizer, trtllm-build, outputs)."),
+    force: bool = typer.Option(False, "--force", help="With --check: check the outputs as `build --force` would."),
 ) -> None:
     """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not;
     over several recipes, also the stages they share (built once)."""
+    from recipe_runner.pipeline.execute import preflight
     from recipe_runner.pipeline.plan import make_plan
-    from recipe_runner.pipeline.report import format_plan, format_shared, plan_json, shared_stages
+    from recipe_runner.pipeline.report import format_plan, format_shared, plan_document
     from recipe_runner.pipeline.resolve import resolve
 
-    if format not in ("text", "json"):
-        raise UserError(f"--format {format}: choose text or json")
+    _check_format(format)
     store = _store(cache_dir)
-    plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
-    toolchain = next((t for t in map(_optional_toolchain, plans) if t is not None), None)
+    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=check) for r in _load_all(files, set_)]
+    if check:
+        checked = preflight(plans, store, force=force)
+        if checked.problems:
+            if format == "json":
+                _echo_json(plan_document(plans, [None] * len(plans), checked=True, problems=checked.problems))
+            else:
+                for problem in checked.problems:
+                    typer.echo(str(problem), err=True)
+                typer.echo(f"{len(checked.problems)} problem(s) found before running", err=True)
+            raise typer.Exit(2)
+        plans, toolchain = checked.plans, checked.toolchain
+    else:
+        toolchain = next((t for t in map(_optional_toolchain, plans) if t is not None), None)
     resolved = [resolve(p, store, rehash=rehash, toolchain=toolchain) if p.source.directory else None for p in plans]
     if format == "json":
-        data = [plan_json(p, r) for p, r in zip(plans, resolved)]
-        out = data[0] if len(data) == 1 else {"plans": data, "shared": shared_stages(resolved)}
-        typer.echo(json.dumps(out, indent=2, sort_keys=True))
+        _echo_json(plan_document(plans, resolved, checked=check))
         return
     typer.echo("\n\n".join(format_plan(p, r) for p, r in zip(plans, resolved)))
     if len(plans) > 1:
         typer.echo("\n" + format_shared(resolved))
+    if check:
+        typer.echo("preflight: OK, nothing found that would stop the build", err=True)
 
 
 @app.command()
@@ -195,19 +229,42 @@ def build(
     address: str = typer.Option("auto", "--address", help="Ray cluster: auto, local (start one here) or ray://host:port."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for stages running at once, e.g. 20G."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop starting stages after the first failure."),
-    force: bool = typer.Option(False, "--force", help="Publish into a non-empty output.dir that recipe-runner did not write, beside its files (none of them is changed or removed)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan, preflight and key every stage, print which would run, exit 0 without running any."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print every stage's full cache key and why it runs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final summary."),
+    format: str = typer.Option("text", "--format", help=JSON_HELP + " Progress lines then go to stderr."),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
     from recipe_runner.pipeline.plan import make_plan
-    from recipe_runner.pipeline.scheduler import format_summary, make_executor, run_builds
+    from recipe_runner.pipeline.report import build_document
+    from recipe_runner.pipeline.scheduler import build_summaries, format_summary, make_executor, not_run_summaries, run_builds
 
-    plans = [make_plan(r, until=until, skip_verify=no_verify) for r in _load_all(files, set_)]
+    _check_format(format)
+    if verbose and quiet:
+        raise UserError("--verbose and --quiet: choose one")
+    echo = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=format == "json"))
+    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=True) for r in _load_all(files, set_)]
     if locked is not None and len(plans) != 1:
         raise UserError("--locked rebuilds one recipe: give a single recipe file (not a matrix)")
+    if dry_run:
+        return _dry_run(plans, _store(cache_dir), rehash=rehash, force=force, format=format, echo=echo)
     lock = {0: read_lock(locked)} if locked is not None else None
-    report = run_builds(plans, store=_store(cache_dir), executor=make_executor(executor, jobs, address, typer.echo),
-                        workers=workers, rehash=rehash, locked=lock, fail_fast=fail_fast,
-                        max_memory=parse_size(max_memory) if max_memory else None, force=force, echo=typer.echo)
+    try:
+        report = run_builds(plans, store=_store(cache_dir), executor=make_executor(executor, jobs, address, echo),
+                            workers=workers, rehash=rehash, locked=lock, fail_fast=fail_fast,
+                            max_memory=parse_size(max_memory) if max_memory else None, force=force,
+                            verbose=verbose, echo=echo)
+    except RecipeRunnerError as exc:
+        if format != "json":
+            raise
+        problems = exc.problems if isinstance(exc, RecipeError) else [exc]
+        message = f"not run: {len(problems)} problem(s) found before running (see problems)"
+        _echo_json(build_document(not_run_summaries(plans, exc.exit_code, message), exc.exit_code, problems))
+        raise typer.Exit(exc.exit_code)
+    if format == "json":
+        _echo_json(build_document(build_summaries(report), report.exit_code))
+        raise typer.Exit(report.exit_code)
     if len(plans) == 1:
         report.raise_first_failure()
         result = report.results[0]
@@ -226,26 +283,15 @@ def build(
         raise typer.Exit(report.exit_code)
 
 
-@app.command("verify")
-def verify_command(
-    checkpoint: Path = typer.Argument(..., help="A TensorRT-LLM LLaMA checkpoint directory (config.json + rank{N}.safetensors), from any tool, or a quantized HF checkpoint (hf-modelopt, hf-compressed-tensors)."),
-    source: Path = typer.Option(..., "--source", help="The Hugging Face model directory the checkpoint was made from."),
-    prompt: Optional[List[str]] = typer.Option(None, "--prompt", help="Text to run, tokenized with the source's tokenizer. Repeatable."),
-    token_ids: Optional[List[str]] = typer.Option(None, "--token-ids", help='Comma-separated token ids, e.g. "1,2,3". Repeatable.'),
-    max_abs_logit_error: Optional[float] = typer.Option(None, "--max-abs-logit-error", help="Limit (default: per quantization format)."),
-    mean_abs_logit_error: Optional[float] = typer.Option(None, "--mean-abs-logit-error", help="Limit (default: per quantization format)."),
-    mean_kl: Optional[float] = typer.Option(None, "--mean-kl", help="Limit on the mean KL(source || checkpoint) (default: per format)."),
-    min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Floor, 0..1 (default: per format)."),
-    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write verify.json and verify.md here."),
-) -> None:
-    """Compare a checkpoint's logits (CPU reference forward) with its source model's. Exit 0 pass, 1 out of tolerance, 2 bad input."""
-    from recipe_runner.verify.standalone import run_standalone
+def _dry_run(plans: list, store, *, rehash: bool, force: bool, format: str, echo) -> None:
+    """build --dry-run: what build would do (the preflight refuses as build does), running nothing."""
+    from recipe_runner.pipeline.execute import prepare
+    from recipe_runner.pipeline.report import format_dry_run, plan_document
 
-    limits = {"max_abs_logit_error": max_abs_logit_error, "mean_abs_logit_error": mean_abs_logit_error,
-              "mean_kl": mean_kl, "min_top1_agreement": min_top1_agreement}
-    if not run_standalone(checkpoint, source, prompts=prompt or [], token_ids=token_ids or [], limits=limits,
-                          report_dir=report_dir, echo=typer.echo):
-        raise typer.Exit(1)
+    resolved = prepare(plans, store, rehash=rehash, force=force, echo=echo)
+    if format == "json":
+        return _echo_json(plan_document([r.plan for r in resolved], resolved, checked=True))
+    typer.echo(format_dry_run(resolved))
 
 
 @app.command("verify-lock")
@@ -266,52 +312,6 @@ def verify_lock_command(
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(1)
     typer.echo(f"OK {lock_file}: every output file matches" + (" and every input file" if recipe else ""))
-
-
-cache_app = typer.Typer(help="Inspect and maintain the content-addressed cache.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
-
-
-@cache_app.command("ls")
-def cache_ls(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
-    """List cache entries, least recently used first."""
-    store = _store(cache_dir)
-    entries = store.ls()
-    for info in entries:
-        used = datetime.datetime.fromtimestamp(info.last_used).strftime("%Y-%m-%d %H:%M")
-        typer.echo(f"{info.key[:12]}  {info.stage:<12} {format_size(info.size):>9}  used {used}  {', '.join(info.recipes)}")
-    typer.echo(f"{len(entries)} entries, {format_size(sum(i.size for i in entries))} in {store.root}")
-
-
-@cache_app.command("verify")
-def cache_verify(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP)) -> None:
-    """Rehash every entry; corrupt entries are quarantined (never reused) and listed. Exit 1 if any."""
-    problems = _store(cache_dir).verify()
-    for key, problem in problems:
-        typer.echo(f"CORRUPT {key[:12]}: {problem} (quarantined)", err=True)
-    if problems:
-        raise typer.Exit(1)
-    typer.echo("every cache entry matches its manifest")
-
-
-@cache_app.command("gc")
-def cache_gc(
-    max_size: Optional[str] = typer.Option(None, "--max-size", help="Remove least recently used entries until the cache is at most this size (e.g. 500G)."),
-    older_than: Optional[float] = typer.Option(None, "--older-than", help="Remove entries not used for this many days (>= 0)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-) -> None:
-    """Remove cache entries by size (LRU) and/or age, and stale temporary directories. Entries a
-    running build uses, and its temporary directories, are never removed."""
-    if max_size is None and older_than is None:
-        raise UserError("give --max-size SIZE and/or --older-than DAYS")
-    removed = _store(cache_dir).gc(parse_size(max_size) if max_size else None, older_than, dry_run=dry_run)
-    verb = "would remove" if dry_run else "removed"
-    for info in removed:
-        typer.echo(f"{verb} {info.key[:12]}  {info.stage:<12} {format_size(info.size):>9}  {', '.join(info.recipes)}")
-    typer.echo(f"{verb} {len(removed)} entries, {format_size(sum(i.size for i in removed))}")
-
-
 
 
 @app.command()
@@ -348,36 +348,6 @@ def schema(
     from recipe_runner.recipe.schema import schema_path
 
     typer.echo(str(schema_path()) if path else schema_path().read_text(encoding="utf-8").rstrip())
-
-
-@app.command()
-def demo(
-    directory: Path = typer.Option(Path("build/demo"), "--dir", help="Where the tiny model is generated."),
-    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="The demo recipe (default: the packaged recipes/demo/tiny-llama.yaml)."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
-) -> None:
-    """Generate a tiny seeded random LLaMA locally, build it with the shipped demo recipe, print the verify figures."""
-    from recipe_runner.demo import demo_recipe_path, make_tiny_llama
-    from recipe_runner.pipeline.build import run_build
-    from recipe_runner.pipeline.plan import make_plan
-    from recipe_runner.recipe import load_recipe
-    from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, read_report_summary
-
-    if recipe_file is None:
-        recipe_file = demo_recipe_path()
-    if not recipe_file.is_file():
-        raise UserError(f"{recipe_file}: demo recipe not found" + (
-            "" if recipe_file == demo_recipe_path() else "; leave out --recipe to build the packaged one"))
-    model_dir = make_tiny_llama(directory / "tiny-llama-hf", with_tokenizer=True).resolve()
-    typer.echo(f"generated a tiny random LLaMA in {model_dir}")
-    the_plan = make_plan(load_recipe(recipe_file, {"model_dir": str(model_dir)}))
-    result = run_build(the_plan, store=_store(cache_dir), echo=typer.echo)
-    typer.echo(f"built {the_plan.recipe.name}: checkpoint in {result.output_dir / 'checkpoint'}, "
-               f"lock file {result.lock_path}")
-    verify_dir = result.output_dir / "verify"
-    if (verify_dir / JSON_NAME).is_file():
-        typer.echo(f"verify (checkpoint vs the source model's logits): {read_report_summary(verify_dir / JSON_NAME)}")
-        typer.echo(f"verify report: {verify_dir / MARKDOWN_NAME} (figures in {verify_dir / JSON_NAME})")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

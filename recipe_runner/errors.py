@@ -7,7 +7,7 @@ Every error a user can fix (bad recipe, missing model file, unknown option) is a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,10 @@ class Location:
     file: str
     line: int | None = None
     col: int | None = None
+
+    def sort_key(self) -> tuple:
+        """Order by file, then line, then column (unknown positions first)."""
+        return self.file, self.line or 0, self.col or 0
 
     def __str__(self) -> str:
         if self.line is None:
@@ -43,17 +47,25 @@ class Problem:
     location: Location
     path: str  # dotted recipe path, e.g. "quantization.algo"; "" for the whole document
     message: str
+    text: str | None = field(default=None, compare=False)  # the line as an error's own check worded it
 
     def __str__(self) -> str:
+        if self.text is not None:
+            return self.text
         where = f"{self.path}: " if self.path else ""
         return f"{self.location}: {where}{self.message}"
 
+    def to_dict(self) -> dict:
+        """The machine-readable form (`--format json`): file, line, column, field, message."""
+        loc = self.location
+        return {"file": loc.file, "line": loc.line, "column": loc.col, "field": self.path, "message": self.message}
+
 
 class RecipeError(UserError):
-    """A recipe is invalid; carries every problem found, not just the first."""
+    """A recipe is invalid; carries every problem found, not just the first, sorted by position."""
 
     def __init__(self, problems: list[Problem]):
-        self.problems = list(problems)
+        self.problems = sorted(problems, key=lambda p: p.location.sort_key())
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

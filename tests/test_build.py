@@ -95,7 +95,7 @@ def test_plan_explains_why_a_stage_must_run(tiny_model, tmp_path, store, capsys)
     recipe = write_recipe(tmp_path, model, tp=4)
     code, out, err = run_cli(capsys, "plan", str(recipe), "--cache-dir", str(store.root), "--format", "json")
     assert code == 0, err
-    stages = {s["name"]: s for s in json.loads(out)["stages"]}
+    stages = {s["name"]: s for s in json.loads(out)["recipes"][0]["stages"]}
     assert stages["convert"]["cached"] is True and stages["convert"]["reasons"] == []
     assert stages["shard"]["cached"] is False
     assert stages["shard"]["reasons"] == ["recipe tp_size: 2 -> 4"]

@@ -72,7 +72,7 @@ def test_plan_stages_follow_the_recipe(tmp_path, capsys):
         path = write(tmp_path, "r.yaml", MINIMAL + extra)
         code, out, err = run_cli(capsys, "plan", str(path), "--format", "json", *flags)
         assert code == 0, err
-        return [s["name"] for s in json.loads(out)["stages"]]
+        return [s["name"] for s in json.loads(out)["recipes"][0]["stages"]]
 
     assert stages("") == ["convert", "shard"]
     assert stages("quantization: {algo: w8a16}\n") == ["convert", "quantize", "shard"]
@@ -88,7 +88,7 @@ def test_plan_stages_follow_the_recipe(tmp_path, capsys):
 def test_stage_params_hold_only_their_fields(monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     code, out, _ = run_cli(capsys, "plan", "recipes/llama-2-13b-sq-tp2.yaml", "--format", "json")
-    params = {s["name"]: s["params"] for s in json.loads(out)["stages"]}
+    params = {s["name"]: s["params"] for s in json.loads(out)["recipes"][0]["stages"]}
     assert params["convert"] == {"dtype": "float16", "trust_remote_code": False}
     assert params["shard"] == {"tp_size": 2, "pp_size": 1, "use_parallel_embedding": False,
                                "embedding_sharding_dim": 0, "tensorrt_llm": "0.16"}  # config.json's release

@@ -97,7 +97,7 @@ def test_invalid_engine_options_are_located(tmp_path, capsys, extra, message):
     path = write(tmp_path, "r.yaml", MINIMAL + f"engine:\n  max_seq_len: 64\n  extra_args:\n    {extra}\n")
     code, _, err = run_cli(capsys, "validate", str(path))
     assert code == 2
-    assert "r.yaml:8:" in err and message in err
+    assert f"r.yaml:8:5: {message}" in err
 
 
 def test_invalid_engine_field_type_is_located(tmp_path, capsys):

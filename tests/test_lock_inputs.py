@@ -116,7 +116,7 @@ def test_lock_lists_tokenizer_and_calibration_files_and_the_snapshot_used(model,
     # plan says which file of which input changed
     code, out, err = run_cli(capsys, "plan", str(recipe), "--cache-dir", str(store.root), "--format", "json")
     assert code == 0, err
-    reasons = {s["name"]: s["reasons"] for s in json.loads(out)["stages"]}
+    reasons = {s["name"]: s["reasons"] for s in json.loads(out)["recipes"][0]["stages"]}
     assert reasons["calibrate"] == [
         f"input calibration-data changed: data/train.jsonl (size {format_size(old['size'])} → "
         f"{format_size(new['size'])}, "
@@ -190,7 +190,7 @@ def test_plan_names_the_changed_source_file(tiny_model, tmp_path, capsys):
     after = digest(model / "config.json")
     code, out, err = run_cli(capsys, "plan", str(recipe), "--cache-dir", str(store.root), "--format", "json")
     assert code == 0, err
-    reasons = {s["name"]: s["reasons"] for s in json.loads(out)["stages"]}
+    reasons = {s["name"]: s["reasons"] for s in json.loads(out)["recipes"][0]["stages"]}
     assert reasons["convert"] == [
         f"input source changed: config.json (size {before['size']} B → {after['size']} B, "
         f"sha256 {before['sha256'][:12]}… → {after['sha256'][:12]}…)"]

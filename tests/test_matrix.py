@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.pipeline.plan import make_plan

@@ -71,21 +71,21 @@ BROKEN = {
     ),
     "extra_arg_unknown": (
         MINIMAL + "engine:\n  max_seq_len: 4096\n  extra_args:\n    weight_sparsty: true\n",
-        "bad.yaml:8:21: engine.extra_args.weight_sparsty: trtllm-build of TensorRT-LLM 0.16 has no option --weight_sparsty "
+        "bad.yaml:8:5: engine.extra_args.weight_sparsty: trtllm-build of TensorRT-LLM 0.16 has no option --weight_sparsty "
         "(did you mean 'weight_sparsity'?)",
     ),
     "extra_arg_managed": (
         MINIMAL + "engine:\n  max_seq_len: 4096\n  extra_args:\n    output_dir: /tmp/x\n",
-        "bad.yaml:8:17: engine.extra_args.output_dir: --output_dir is set by recipe-runner",
+        "bad.yaml:8:5: engine.extra_args.output_dir: --output_dir is set by recipe-runner",
     ),
     "extra_arg_duplicates_field": (
         MINIMAL + "engine:\n  max_seq_len: 4096\n  extra_args:\n    max_batch_size: 8\n",
-        "bad.yaml:8:21: engine.extra_args.max_batch_size: --max_batch_size has its own recipe field; set "
+        "bad.yaml:8:5: engine.extra_args.max_batch_size: --max_batch_size has its own recipe field; set "
         "engine.max_batch_size instead",
     ),
     "extra_arg_bad_choice": (
         MINIMAL + "engine:\n  max_seq_len: 4096\n  extra_args:\n    profiling_verbosity: loud\n",
-        "bad.yaml:8:26: engine.extra_args.profiling_verbosity: --profiling_verbosity must be one of "
+        "bad.yaml:8:5: engine.extra_args.profiling_verbosity: --profiling_verbosity must be one of "
         "['layer_names_only', 'detailed', 'none'], not 'loud'",
     ),
     "engine_without_max_seq_len": (

@@ -36,7 +36,8 @@ def test_every_shipped_recipe_validates_and_plans(path, monkeypatch, capsys):
     code, out, err = run_cli(capsys, "plan", str(path), "--format", "json")
     assert code == 0, err
     plan = json.loads(out)
-    stages = [s["name"] for s in plan["stages"]]
+    assert plan["format"] == "recipe-runner/plan/1" and len(plan["recipes"]) == 1
+    stages = [s["name"] for s in plan["recipes"][0]["stages"]]
     recipe = load_recipe(REPO / path)
     writes = recipe.data.get("output", {}).get("targets", ["trtllm-checkpoint"])
     assert stages[0] == "convert" and ("shard" in stages) == ("trtllm-checkpoint" in writes)

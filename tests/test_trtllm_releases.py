@@ -79,7 +79,7 @@ def test_a_flag_the_target_release_lacks_is_refused_with_its_location(tmp_path, 
                  "  extra_args:\n    monitor_memory: true\n")
     code, _, err = run_cli(capsys, "validate", str(path))
     assert code == 2
-    assert ("r.yaml:9:21: engine.extra_args.monitor_memory: trtllm-build of TensorRT-LLM 0.14 has no option "
+    assert ("r.yaml:9:5: engine.extra_args.monitor_memory: trtllm-build of TensorRT-LLM 0.14 has no option "
             "--monitor_memory (releases that have it: 0.15, 0.16)") in err
     path.write_text(path.read_text().replace('"0.14"', '"0.15"'))
     assert run_cli(capsys, "validate", str(path))[0] == 0

@@ -111,9 +111,9 @@ def tokenizer_files(model_dir: Path) -> list[Path]:
     return [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
 
 
-def tokenizer_problem(model_dir: Path) -> str | None:
+def tokenizer_problem(model_dir: Path, needed_for: str = "calibration needs to tokenize its dataset") -> str | None:
     """Why `model_dir` has no usable tokenizer, or None."""
     if any((model_dir / n).is_file() for n in _VOCAB_FILES):
         return None
     return (f"the source model directory {model_dir} has no tokenizer ({', '.join(_VOCAB_FILES)}), which "
-            "calibration needs to tokenize its dataset; copy the model's tokenizer files into it")
+            f"{needed_for}; copy the model's tokenizer files into it")

@@ -40,10 +40,25 @@ def locate_source(recipe: Recipe) -> SourceLocation:
     return SourceLocation(description, directory)
 
 
+def source_field(recipe: Recipe) -> str:
+    """The recipe field that names the source model (where its problems are located)."""
+    return "source.path" if recipe.has("source.path") else "source.hub_id"
+
+
+def source_problem(recipe: Recipe, source: SourceLocation) -> Problem | None:
+    """Why the located source cannot be built from (no directory, or no config.json), or None."""
+    field = source_field(recipe)
+    if source.directory is None:
+        return Problem(recipe.location(field), field, f"source model {source.description}: {source.missing_reason}")
+    if not (source.directory / "config.json").is_file():
+        return Problem(recipe.location(field), field, f"source model {source.description}: no config.json in "
+                                                      f"{source.directory}; point to a Hugging Face model directory")
+    return None
+
+
 def require_source(recipe: Recipe) -> Path:
     """The model directory, or a located recipe error saying why it is not usable."""
     source = locate_source(recipe)
     if source.directory is None:
-        field = "source.path" if recipe.has("source.path") else "source.hub_id"
-        raise RecipeError([Problem(recipe.location(field), field, f"source model {source.description}: {source.missing_reason}")])
+        raise RecipeError([source_problem(recipe, source)])
     return source.directory

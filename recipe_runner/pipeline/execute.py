@@ -13,12 +13,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
+from recipe_runner.calibration.dataset import FIELD as DATASET, locate_dataset
+from recipe_runner.hf.files import tokenizer_problem
+from recipe_runner.hf.sources import source_problem
 from recipe_runner.checks.release import release_findings
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import Problem, RecipeError, StageFailed, UserError
 from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_inputs, compare_outputs, tool_versions
-from recipe_runner.pipeline.plan import Plan, make_plan
+from recipe_runner.pipeline.plan import Plan, as_problems, make_plan
 from recipe_runner.recipe import Recipe
 from recipe_runner.pipeline.progress import format_size
 from recipe_runner.store.ownership import check_cache_location, check_output_location
@@ -42,14 +45,65 @@ class BuildResult:
 
 def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, force: bool = False,
             echo: Echo) -> list[ResolvedPlan]:
-    """Refuse what cannot run or publish and key every stage, before any stage runs."""
-    check_outputs(plans, store, force)
-    toolchain = None
-    if any(plan.stage("build-engine") is not None for plan in plans):  # fail at plan time
-        toolchain = require_toolchain()
-        echo(f"[build-engine] using {toolchain.describe()}")
-        plans = [for_installed_release(plan, toolchain) for plan in plans]
-    return [resolve(plan, store, rehash=rehash, toolchain=toolchain) for plan in plans]
+    """Refuse what cannot run or publish (every problem at once, see preflight) and key every stage,
+    before any stage runs."""
+    checked = preflight(plans, store, force=force)
+    if checked.problems:
+        raise RecipeError(checked.problems)
+    if checked.toolchain is not None:
+        echo(f"[build-engine] using {checked.toolchain.describe()}")
+    return [resolve(plan, store, rehash=rehash, toolchain=checked.toolchain) for plan in checked.plans]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    plans: list[Plan]  # those that build an engine target the installed trtllm-build's release
+    toolchain: Toolchain | None  # when a plan builds an engine and trtllm-build is here
+    problems: list[Problem]  # sorted by position; empty when the build can start
+
+
+# Stages that tokenize with the source's tokenizer files: the field a missing tokenizer is reported at.
+TOKENIZER_USERS = {"calibrate": ("quantization.calibration", "calibration needs to tokenize its dataset"),
+                   "verify": ("verify.prompts", "verify needs to tokenize verify.prompts (or give verify.token_ids)")}
+
+
+def preflight(plans: list[Plan], store: CacheStore, *, force: bool = False) -> Preflight:
+    """Everything that can be known before running, all together: the plans' model problems
+    (make_plan(collect=True)), a missing source model or config.json, a missing calibration file or
+    dataset, a missing tokenizer, trtllm-build missing or of another release, output directory conflicts."""
+    problems = [p for plan in plans for p in plan.problems]
+    for plan in plans:
+        recipe, directory = plan.recipe, plan.source.directory
+        problems += filter(None, [source_problem(recipe, plan.source)])
+        inputs = {i for s in plan.stages for i in s.inputs}
+        if "calibration-data" in inputs:
+            try:
+                locate_dataset(recipe.get(DATASET), recipe.resolve_path(DATASET),
+                               recipe.get("quantization.calibration.split"))
+            except UserError as exc:
+                problems += as_problems(exc, recipe, DATASET, "quantization.calibration.split")
+        for stage in (s for s in plan.stages if "tokenizer" in s.inputs and directory is not None):
+            field, needed_for = TOKENIZER_USERS[stage.name]
+            message = tokenizer_problem(directory, needed_for)
+            problems += [Problem(recipe.location(field), field, message)] if message else []
+    problems += output_problems(plans, store, force)
+    toolchain, engines = None, [plan for plan in plans if plan.stage("build-engine") is not None]
+    if engines:
+        try:
+            toolchain = require_toolchain()
+        except UserError as exc:
+            problems += [Problem(plan.recipe.location("engine"), "engine", str(exc)) for plan in engines]
+    if toolchain is not None:
+        checked = []
+        for plan in plans:
+            try:
+                checked.append(for_installed_release(plan, toolchain))
+            except UserError as exc:
+                problems += as_problems(exc, plan.recipe, FIELD, "engine")
+                checked.append(plan)
+        plans = checked
+    unique = {str(p): p for p in problems}  # one model's problem may be found twice (tokenizer)
+    return Preflight(plans, toolchain, sorted(unique.values(), key=lambda p: p.location.sort_key()))
 
 
 def for_installed_release(plan: Plan, toolchain: Toolchain) -> Plan:
@@ -78,21 +132,26 @@ def for_installed_release(plan: Plan, toolchain: Toolchain) -> Plan:
     return dataclasses.replace(plan, stages=stages)
 
 
-def check_outputs(plans: list[Plan], store: CacheStore, force: bool) -> None:
+def output_problems(plans: list[Plan], store: CacheStore, force: bool) -> list[Problem]:
     """Each plan publishes into an output directory of its own that it may write (see
     publish.OutputDir), outside its source model and the cache."""
     seen: dict[str, str] = {}
+    problems = []
     for plan in plans:
         output = output_dir_of(plan.recipe)
         real = os.path.realpath(output.path)
-        if real in seen:
-            raise UserError(f"{output.where}: {output.path} is also the output of recipe {seen[real]!r} in this "
-                            "build; give each recipe its own output.dir")
-        seen[real] = plan.recipe.name
-        check_cache_location(store.root, plan.source.directory)
-        check_output_location(output.path, output.where, plan.source.directory, store.root)
-        names = {PUBLISHED[s.name] for s in plan.stages if s.name in PUBLISHED} | {LOCK_NAME}
-        output.check(names, force)
+        try:
+            if real in seen:
+                raise UserError(f"{output.where}: {output.path} is also the output of recipe {seen[real]!r} in "
+                                "this build; give each recipe its own output.dir")
+            seen[real] = plan.recipe.name
+            check_cache_location(store.root, plan.source.directory)
+            check_output_location(output.path, output.where, plan.source.directory, store.root)
+            names = {PUBLISHED[s.name] for s in plan.stages if s.name in PUBLISHED} | {LOCK_NAME}
+            output.check(names, force)
+        except UserError as exc:
+            problems += as_problems(exc, plan.recipe, "output.dir")
+    return problems
 
 
 def output_dir_of(recipe: Recipe, echo: Echo | None = None) -> OutputDir:

@@ -14,7 +14,7 @@ from recipe_runner.hf.weights import check_source_weights
 from recipe_runner.recipe import Recipe
 from recipe_runner.recipe.model import thaw
 from recipe_runner.hfexport.targets import target_notes
-from recipe_runner.hf.sources import SourceLocation, locate_source
+from recipe_runner.hf.sources import SourceLocation, locate_source, source_field
 # `build --until` takes a stage name or an alias (`checkpoint` = everything up to the rank files)
 from recipe_runner.stages.registry import STAGES, UNTIL_ALIASES
 
@@ -39,6 +39,7 @@ class Plan:
     stages: tuple[Stage, ...]
     model_checked: bool  # the source config.json was read and the model-dependent rules ran
     notes: tuple[str, ...] = field(default=())
+    problems: tuple[Problem, ...] = ()  # what those rules found, kept (make_plan(collect=True)) for the preflight
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -63,8 +64,9 @@ def recipe_stages(recipe: Recipe) -> list[Stage]:
     return [Stage(name, use.inputs, use.params, use.after) for name, use in uses if use is not None]
 
 
-def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False) -> Plan:
-    """The stages to run for `recipe`; raises RecipeError when the source model contradicts it."""
+def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False, collect: bool = False) -> Plan:
+    """The stages to run for `recipe`; raises RecipeError when the source model contradicts it (with
+    `collect`, keeps those problems in the plan instead, for pipeline.preflight to report with the rest)."""
     stages = recipe_stages(recipe)
     if skip_verify:
         stages = [s for s in stages if s.name != "verify"]
@@ -75,13 +77,35 @@ def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = F
     source = locate_source(recipe)
     model_checked = False
     notes: list[str] = list(target_notes(recipe.data))
+    problems: list[Problem] = []
     if source.directory is not None and (source.directory / "config.json").is_file():
-        check_against_model(recipe, source)
+        try:
+            check_against_model(recipe, source)
+        except UserError as exc:
+            if not collect:
+                raise
+            problems = as_problems(exc, recipe, source_field(recipe))
         model_checked = True
     else:
         notes.append(f"source model not available here ({source.missing_reason or 'no config.json'}); "
                      "the checks that need its config.json run at build time")
-    return Plan(recipe, source, tuple(stages), model_checked, tuple(notes))
+    return Plan(recipe, source, tuple(stages), model_checked, tuple(notes), tuple(problems))
+
+
+def as_problems(error: UserError, recipe: Recipe, *fields: str) -> list[Problem]:
+    """A refusal as located problems: a RecipeError's own; another error's message located at the
+    first of `fields` whose location (or name) it starts with, else at the first field. The latter
+    print as the error did (`error: ...`), with the location where the message lacked it."""
+    if isinstance(error, RecipeError):
+        return list(error.problems)
+    message = str(error)
+    for name in fields:
+        where = recipe.location(name)
+        for prefix in (f"{where}: {name}: ", f"{where}: ", f"{name}: "):
+            if message.startswith(prefix):
+                text = message if message.startswith(str(where)) else f"{where}: {message}"
+                return [Problem(where, name, message[len(prefix):], f"error: {text}")]
+    return [Problem(recipe.location(fields[0]), fields[0], message, f"error: {message}")]
 
 
 def _cut(stages: list[Stage], until: str) -> list[Stage]:

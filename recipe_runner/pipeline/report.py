@@ -5,6 +5,7 @@ import json
 import textwrap
 from typing import Any
 
+from recipe_runner.errors import Problem
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.pipeline.resolve import ResolvedPlan
 
@@ -81,3 +82,45 @@ def format_shared(resolved: list[ResolvedPlan | None]) -> str:
     if unknown:
         lines.append(f"  ({unknown} recipe(s) without their source here are not compared)")
     return "\n".join(lines)
+
+
+def format_dry_run(resolved: list[ResolvedPlan]) -> str:
+    """`build --dry-run`: each plan with its keys, the shared stages, how many stages would run."""
+    text = "\n\n".join(format_plan(r.plan, r) for r in resolved)
+    if len(resolved) > 1:
+        text += "\n\n" + format_shared(resolved)
+    keys = {s.key.digest: s.cached for r in resolved for s in r.statuses}
+    run = sum(not cached for cached in keys.values())
+    shared = f" ({len(shared_stages(resolved))} shared)" if len(resolved) > 1 else ""
+    return f"{text}\ndry run: {run} stage(s) would run, {len(keys) - run} cached{shared}; nothing was built"
+
+
+# ---- machine-readable documents (`--format json`): one versioned shape each, any number of recipes ----
+
+VALIDATE_FORMAT = "recipe-runner/validate/1"
+PLAN_FORMAT = "recipe-runner/plan/1"
+BUILD_FORMAT = "recipe-runner/build/1"
+
+
+def problems_json(problems: list) -> list[dict]:
+    """Problems (located or not) as {file, line, column, field, message}, sorted by position."""
+    return [p.to_dict() if isinstance(p, Problem) else
+            {"file": None, "line": None, "column": None, "field": "", "message": str(p)} for p in problems]
+
+
+def validate_document(files: list[dict]) -> dict:
+    """`files`: one {file, ok, recipes: [{name, sha256}], errors: [problem]} per recipe file."""
+    return {"format": VALIDATE_FORMAT, "ok": all(f["ok"] for f in files), "files": files}
+
+
+def plan_document(plans: list[Plan], resolved: list[ResolvedPlan | None], *, checked: bool = False,
+                  problems: list | None = None) -> dict:
+    return {"format": PLAN_FORMAT, "checked": checked, "ok": not problems,
+            "problems": problems_json(problems or []),
+            "recipes": [plan_json(p, r) for p, r in zip(plans, resolved)], "shared": shared_stages(resolved)}
+
+
+def build_document(recipes: list[dict], exit_code: int, problems: list | None = None) -> dict:
+    """`recipes`: scheduler.build_summaries (or not_run_summaries when the preflight refused the build)."""
+    return {"format": BUILD_FORMAT, "ok": exit_code == 0, "exit_code": exit_code,
+            "problems": problems_json(problems or []), "recipes": recipes}

@@ -8,6 +8,7 @@ inline (in this process, one job at a time), a local process pool, or Ray.
 from __future__ import annotations
 
 import multiprocessing
+import json
 import os
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -17,6 +18,7 @@ from recipe_runner.pipeline.execute import (BuildResult, Echo, check_lock_inputs
                                            for_installed_release, prepare)
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.recipe import load_recipes
+from recipe_runner.verify.report import JSON_NAME
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
@@ -24,7 +26,7 @@ from recipe_runner.store.lock import LockFile
 from recipe_runner.pipeline.plan import Plan, make_plan
 from recipe_runner.pipeline.progress import Progress
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve
-from recipe_runner.stages.registry import STAGES
+from recipe_runner.stages.registry import PUBLISHED, STAGES
 from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.toolchain import require_toolchain
 
@@ -207,12 +209,17 @@ def build_graph(resolved: list[ResolvedPlan]) -> dict[str, Job]:
 
 def run_builds(plans: list[Plan], *, store: CacheStore, executor, workers: int | None = None,
                rehash: bool = False, locked: dict[int, LockFile] | None = None, fail_fast: bool = False,
-               max_memory: int | None = None, force: bool = False, echo: Echo = print) -> BuildReport:
+               max_memory: int | None = None, force: bool = False, verbose: bool = False,
+               echo: Echo = print) -> BuildReport:
     """Build every plan, sharing equal stages; a failing stage stops only the plans that need it
     (all of them with fail_fast). Each successful plan is published with its lock file.
-    Every output directory is checked before any stage runs (`force`: see publish.OutputDir)."""
+    Every output directory is checked before any stage runs (`force`: see publish.OutputDir);
+    `verbose` first prints every stage's full key and why it runs."""
     try:
         resolved = prepare(plans, store, rehash=rehash, force=force, echo=echo)
+        for plan, status in ((p, s) for p in resolved for s in p.statuses) if verbose else ():
+            why = "cached" if status.cached else f"must run: {'; '.join(status.reasons)}"
+            echo(f"[{status.stage.name}] {plan.plan.recipe.name} key {status.key.digest}: {why}")
         for index, lock in (locked or {}).items():
             check_lock_inputs(resolved[index], lock)
         keys = {s.key.digest for plan in resolved for s in plan.statuses}
@@ -323,3 +330,42 @@ def make_executor(kind: str, jobs: int, address: str, echo: Echo):
     if kind != "local":
         raise UserError(f"--executor {kind}: choose local or ray")
     return InlineExecutor(echo) if jobs == 1 else ProcessExecutor(jobs)
+
+
+def _stage_summary(job: Job, name: str) -> dict:
+    record = job.record or {}
+    action = record.get("action") or ("failed" if job.state == "failed" else "skipped")
+    return {"name": name, "key": job.key, "action": action, "seconds": record.get("seconds")}
+
+
+def verify_summary(output_dir) -> dict | None:
+    """The published verify report's verdict and figures (<output>/verify/verify.json), if any."""
+    path = output_dir / PUBLISHED["verify"] / JSON_NAME
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return {"report": str(path), "passed": report["passed"], "figures": report["figures"],
+            "tolerances": report["tolerances"]}
+
+
+def build_summaries(report: BuildReport) -> list[dict]:
+    """Per recipe: name, status (built/failed), exit code and message, its stages (name, key, action
+    ran/cached/failed/skipped, seconds), outputs (dir, lock), the verify figures when published."""
+    out = []
+    for index, plan in enumerate(report.plans):
+        stages = [_stage_summary(report.jobs[s.key.digest], s.stage.name) for s in plan.statuses]
+        result = report.results.get(index)
+        code, error = report.failures.get(index, (0, None))
+        out.append({"name": plan.plan.recipe.name, "recipe": str(plan.plan.recipe.path),
+                    "status": "built" if result is not None else "failed", "exit_code": code,
+                    "message": None if error is None else str(error).strip(),
+                    "seconds": round(sum(s["seconds"] or 0 for s in stages), 3), "stages": stages,
+                    "outputs": None if result is None else {"dir": str(result.output_dir), "lock": str(result.lock_path)},
+                    "verify": None if result is None else verify_summary(result.output_dir)})
+    return out
+
+
+def not_run_summaries(plans: list[Plan], exit_code: int, message: str) -> list[dict]:
+    """Per recipe, when the build was refused before any stage ran."""
+    return [{"name": p.recipe.name, "recipe": str(p.recipe.path), "status": "failed", "exit_code": exit_code,
+             "message": message, "seconds": 0, "stages": [], "outputs": None, "verify": None} for p in plans]

@@ -13,6 +13,10 @@ from recipe_runner.errors import Location
 from recipe_runner.recipe.schema import recipe_schema
 from recipe_runner.recipe.yaml_positions import Positions
 
+# Open mappings whose keys are names that get checked (trtllm-build options): a finding about an
+# entry concerns its name, so it points at the `<name>:` key rather than at the value.
+NAMED_ENTRIES = (("engine", "extra_args"),)
+
 
 def fill_defaults(data: Any, schema: Mapping) -> Any:
     """Add schema defaults for absent keys and put keys in schema order.
@@ -124,8 +128,12 @@ class Recipe:
         return self.get(dotted, sentinel) is not sentinel
 
     def location(self, dotted: str) -> Location:
-        """Where `dotted` (or its nearest written ancestor) was set; the recipe file if nowhere."""
-        return self.positions.value(tuple(dotted.split("."))) or Location(str(self.path))
+        """Where `dotted` (or its nearest written ancestor) was set; the recipe file if nowhere. An entry
+        of an open mapping whose names are checked (engine.extra_args.<name>) is located at its key."""
+        path = tuple(dotted.split("."))
+        if path[:-1] in NAMED_ENTRIES:
+            return self.positions.key(path) or Location(str(self.path))
+        return self.positions.value(path) or Location(str(self.path))
 
     def resolve_path(self, dotted: str) -> Path | None:
         """A path-valued field as an absolute path: relative to the file that set it,
