@@ -517,11 +517,17 @@ def _call_sites(fn: ast.FunctionDef, pattern: str) -> list[ast.Call]:
     return [n for n in ast.walk(fn) if isinstance(n, ast.Call) and re.fullmatch(pattern, call_name(n))]
 
 
-def pretrained_config_section(tree: Tree) -> dict[str, Any]:
-    mod, cls = tree.find_class("PretrainedConfig", START["PretrainedConfig"])
+def _class_init(tree: Tree, name: str):
+    """(module, class, __init__) of class `name`; FactsError when it has no __init__."""
+    mod, cls = tree.find_class(name, START[name])
     init = method(cls, "__init__")
     if init is None:
-        raise FactsError(f"{where(mod, cls)}: PretrainedConfig without __init__")
+        raise FactsError(f"{where(mod, cls)}: {name} without __init__")
+    return mod, cls, init
+
+
+def pretrained_config_section(tree: Tree) -> dict[str, Any]:
+    mod, cls, init = _class_init(tree, "PretrainedConfig")
     out: dict[str, Any] = {"path": mod.path, "class_line": cls.lineno, "parameters": parameters(init),
                            "extra_kwargs": kwargs_treatment(mod, init, "PretrainedConfig.__init__")}
     for key, cls_name in (("quantization_from", "QuantConfig"), ("mapping_from", "Mapping")):
@@ -590,10 +596,7 @@ def quant_algo_section(tree: Tree) -> tuple[list[str], list[str], dict[str, Any]
 
 
 def mapping_section(tree: Tree) -> dict[str, Any]:
-    mod, cls = tree.find_class("Mapping", START["Mapping"])
-    init = method(cls, "__init__")
-    if init is None:
-        raise FactsError(f"{where(mod, cls)}: Mapping without __init__")
+    mod, cls, init = _class_init(tree, "Mapping")
     out: dict[str, Any] = {"path": mod.path, "class_line": cls.lineno, "parameters": parameters(init),
                            "init": kwargs_treatment(mod, init, "Mapping.__init__")}
     from_dict = method(cls, "from_dict")
