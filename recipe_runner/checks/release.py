@@ -9,18 +9,16 @@ from recipe_runner.hfexport.targets import output_targets
 from recipe_runner.quant.algorithms import ALGORITHMS, KV_CACHES, TRTLLM_CHECKPOINT
 from recipe_runner.trtllm.engine_options import (ENGINE_FIELD_OPTIONS, build_options, check_extra_arg, check_value,
                                                  option_releases)
-from recipe_runner.trtllm.releases import FIELD, Release, having, listed, recorded_names, releases
+from recipe_runner.trtllm.releases import FIELD, Release, having, listed, release_named, releases, unrecorded
 
 Finding = tuple[str, str]
 
 
 def release_findings(recipe: Mapping[str, Any], release_name: str | None) -> list[Finding]:
     """What `release_name` (the recipe's target; None: the newest recorded) cannot take."""
-    name = release_name or list(releases())[-1]
-    if name not in releases():
-        return [(FIELD, f"{name!r} is not a recorded TensorRT-LLM release (recorded: {recorded_names()}); "
-                        "record it with scripts/trtllm_release_facts.py (recipe_runner/data/trtllm/README.md)")]
-    release = releases()[name]
+    if release_name is not None and release_name not in releases():
+        return [(FIELD, unrecorded(release_name))]
+    release = release_named(release_name)
     return [*_checkpoint_findings(recipe, release), *_engine_findings(recipe, release)]
 
 

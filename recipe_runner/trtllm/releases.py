@@ -69,13 +69,18 @@ def recorded_names() -> str:
     return ", ".join(releases())
 
 
+def unrecorded(name: str) -> str:
+    """Why a release named in a recipe cannot be targeted, and what to do."""
+    return (f"{name!r} is not a recorded TensorRT-LLM release (recorded: {recorded_names()}); "
+            "record it with scripts/trtllm_release_facts.py (recipe_runner/data/trtllm/README.md)")
+
+
 def release_named(name: str | None) -> Release:
     """The recipe's target release; None: the newest recorded."""
     if name is None:
         return newest()
     if name not in releases():
-        raise UserError(f"{FIELD}: {name!r} is not a recorded TensorRT-LLM release (recorded: {recorded_names()}); "
-                        "record it with scripts/trtllm_release_facts.py (recipe_runner/data/trtllm/README.md)")
+        raise UserError(f"{FIELD}: {unrecorded(name)}")
     return releases()[name]
 
 
