@@ -238,12 +238,13 @@ def build(
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
     from recipe_runner.pipeline.plan import make_plan
     from recipe_runner.pipeline.report import build_document
-    from recipe_runner.pipeline.scheduler import build_summaries, format_summary, make_executor, not_run_summaries, run_builds
+    from recipe_runner.pipeline.scheduler import make_executor, run_builds
+    from recipe_runner.pipeline.summary import build_summaries, format_stage_table, format_summary, not_run_summaries
 
     _check_format(format)
     if verbose and quiet:
         raise UserError("--verbose and --quiet: choose one")
-    echo = (lambda line: None) if quiet else (lambda line: typer.echo(line, err=format == "json"))
+    echo = (lambda line: None) if quiet else (lambda line: _log_line(line, err=format == "json"))
     plans = [make_plan(r, until=until, skip_verify=no_verify, collect=True) for r in _load_all(files, set_)]
     if locked is not None and len(plans) != 1:
         raise UserError("--locked rebuilds one recipe: give a single recipe file (not a matrix)")
@@ -271,16 +272,25 @@ def build(
         ran = sum(1 for t in result.trace if t["action"] == "ran")
         typer.echo(f"built {plans[0].recipe.name}: {ran} stage(s) run, {len(result.trace) - ran} cached; "
                    f"output {result.output_dir}, lock {result.lock_path}")
+        typer.echo(format_stage_table(report))
         if locked is not None:
             typer.echo(f"bit-identical to {locked}")
         return
     ran = sum(1 for t in report.trace() if t["action"] == "ran")
     typer.echo(f"{len(report.results)} of {len(plans)} recipe(s) built, {ran} stage(s) run for {len(plans)} recipes:")
     typer.echo(format_summary(report))
+    typer.echo("stages:\n" + format_stage_table(report))
     for index, (code, error) in sorted(report.failures.items()):
         typer.echo(f"{plans[index].recipe.name}: {error}", err=True)
     if report.failures:
         raise typer.Exit(report.exit_code)
+
+
+def _log_line(line: str, err: bool) -> None:
+    # print, not typer.echo: print writes to sys.stdout/sys.stderr as they are now, which the live
+    # progress display (pipeline.progress) replaces to print log lines above itself; click's echo
+    # would reach the real stream's buffer underneath and land on the half-drawn display
+    print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _dry_run(plans: list, store, *, rehash: bool, force: bool, format: str, echo) -> None:

@@ -48,13 +48,14 @@ output:
 
 
 def normalized(text: str, tmp: Path) -> dict:
-    """The document with this test's directory as <tmp>, cache keys as <key> and timings as 0."""
+    """The document with this test's directory as <tmp>, cache keys as <key>, timings and peak memory as 0."""
     doc = json.loads(text.replace(str(tmp), "<tmp>"))
 
     def walk(node):
         if isinstance(node, dict):
             return {k: ("<key>" if k == "key" and isinstance(v, str) else
-                        0 if k == "seconds" and v is not None else walk(v)) for k, v in node.items()}
+                        0 if k in ("seconds", "peak_rss_bytes") and v is not None else walk(v))
+                    for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
         return node
@@ -89,8 +90,17 @@ def test_json_documents_of_validate_plan_and_build(tiny_recipe, tmp_path, capsys
     assert "[convert] running" in err  # progress goes to stderr, the document alone to stdout
     doc = json.loads(out)
     assert [(s["name"], s["action"]) for s in doc["recipes"][0]["stages"]] == [("convert", "ran"), ("shard", "ran")]
-    assert all(s["seconds"] > 0 for s in doc["recipes"][0]["stages"])
+    assert all(s["seconds"] > 0 and s["peak_rss_bytes"] > 2**20 for s in doc["recipes"][0]["stages"])
     assert_golden("build.json", normalized(out, tmp_path))
+    record = json.loads((tmp_path / "out" / "build.json").read_text())  # the build that published out/
+    assert record["format"] == "recipe-runner/build-record/1" and record["recipe"] == "tiny-json"
+    assert [(s["stage"], s["action"]) for s in record["stages"]] == [("convert", "ran"), ("shard", "ran")]
+    assert [s["seconds"] for s in record["stages"]] == [s["seconds"] for s in doc["recipes"][0]["stages"]]
+    assert all(s["peak_rss_bytes"] > 2**20 for s in record["stages"])
+    lock = json.loads((tmp_path / "out" / "recipe.lock").read_text())
+    assert "build.json" not in lock["outputs"] and "checkpoint/config.json" in lock["outputs"]
+    code, _, err = run_cli(capsys, "verify-lock", str(tmp_path / "out" / "recipe.lock"))
+    assert code == 0, err  # the record is beside the lock, not checked against it
     code, out, _ = run_cli(capsys, "build", "tiny.yaml", "--format", "json", "--cache-dir", cache)
     assert code == 0
     assert [s["action"] for s in json.loads(out)["recipes"][0]["stages"]] == ["cached", "cached"]
@@ -171,7 +181,7 @@ def test_build_reports_every_preflight_problem_before_any_stage(broken, tmp_path
     assert not (tmp_path / "cache" / "entries").exists()
     code, out, err = run_cli(capsys, "build", "r.yaml", "--format", "json", "--cache-dir", str(tmp_path / "cache"))
     doc = json.loads(out)
-    assert code == 2 and doc["format"] == "recipe-runner/build/1" and doc["exit_code"] == 2
+    assert code == 2 and doc["format"] == "recipe-runner/build/2" and doc["exit_code"] == 2
     assert [str(p["line"]) for p in doc["problems"]] == ["4", "8", "10", "12"]
     assert doc["recipes"] == [{"name": "tiny", "recipe": "r.yaml", "status": "failed", "exit_code": 2,
                                "message": "not run: 4 problem(s) found before running (see problems)",
@@ -218,7 +228,8 @@ def test_quiet_prints_only_the_summary_and_verbose_the_full_keys(tiny_recipe, tm
     cache = str(tmp_path / "cache")
     code, out, err = run_cli(capsys, "build", "tiny.yaml", "-q", "--cache-dir", cache)
     assert code == 0 and err == ""
-    assert re.fullmatch(r"built tiny-json: 2 stage\(s\) run, 0 cached; output \S+/out, lock \S+/out/recipe.lock\n", out)
+    assert re.fullmatch(r"built tiny-json: 2 stage\(s\) run, 0 cached; output \S+/out, lock \S+/out/recipe.lock\n"
+                        r"  convert  ran +\d+\.\d s  peak \d+\.\d MiB\n  shard    ran +\d+\.\d s  peak \d+\.\d MiB\n", out)
     code, out, _ = run_cli(capsys, "build", "tiny.yaml", "-v", "--cache-dir", cache)
     assert code == 0
     keys = re.findall(r"^\[(convert|shard)\] tiny-json key ([0-9a-f]{64}): cached$", out, re.M)
@@ -238,7 +249,8 @@ def test_build_json_carries_the_verify_figures(tiny_model, tmp_path, monkeypatch
     assert recipe["verify"] == {"report": str(tmp_path.resolve() / "out" / "verify" / "verify.json"),
                                 "passed": True, "figures": report["figures"], "tolerances": report["tolerances"]}
     assert recipe["outputs"] == {"dir": str(tmp_path.resolve() / "out"),
-                                 "lock": str(tmp_path.resolve() / "out" / "recipe.lock")}
+                                 "lock": str(tmp_path.resolve() / "out" / "recipe.lock"),
+                                 "build_record": str(tmp_path.resolve() / "out" / "build.json")}
     assert [s["name"] for s in recipe["stages"]] == ["convert", "shard", "verify"]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
@@ -151,3 +152,21 @@ def test_ray_executor_builds_the_same_matrix(tiny_model, tmp_path, monkeypatch):
     assert not remote.failures and len(remote.results) == 2
     assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["tiny-tp1", "tiny-tp2"]
     assert _outputs(local) == _outputs(remote)
+
+
+def test_log_lines_of_a_matrix_name_their_variants(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, "m.yaml", "recipe_version: 1\nname: tiny\nsource: {path: %s}\n"
+                 "matrix:\n  mapping.tp_size: [1, 2]\n" % tiny_model("gqa"))
+    code, out, err = run_cli(capsys, "build", str(path), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0, err
+    # the shared convert names both variants; each shard names its own, in its running and ran lines
+    assert re.search(r"^\[convert tiny-tp1, tiny-tp2\] running \(", out, re.M), out
+    assert re.search(r"^\[convert tiny-tp1, tiny-tp2\] ran in \d+\.\d s", out, re.M), out
+    for variant in ("tiny-tp1", "tiny-tp2"):
+        assert re.search(rf"^\[shard {variant}\] running \(", out, re.M), out
+        assert re.search(rf"^\[shard {variant}\] ran in \d+\.\d s, peak RSS ", out, re.M), out
+    # the summary's stage table: one row per job, with its time, peak memory and variants
+    table = out.split("stages:\n", 1)[1].splitlines()
+    assert re.fullmatch(r"  convert  ran +\d+\.\d s  peak \d+\.\d MiB +tiny-tp1, tiny-tp2", table[0]), table
+    assert [row.split()[0] for row in table[:3]] == ["convert", "shard", "shard"]

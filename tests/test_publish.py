@@ -146,7 +146,8 @@ def test_stale_artifacts_vanish_with_their_generation(tiny_model, tmp_path, caps
     lock_ok(capsys, out)  # the engine's log is part of the lock: verify-lock passes after engine builds
     code, _, err = build(capsys, r, cache, "--until", "checkpoint", "--no-verify")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "checkpoint", "recipe.lock"]
+    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "build.json", "checkpoint",
+                                                      "recipe.lock"]
     assert len(list((out / ".recipe-runner" / "generations").iterdir())) == 2  # one dir and its seal
     assert sorted(json.loads((out / "recipe.lock").read_text())["outputs"]) == ["checkpoint/config.json",
                                                                                  "checkpoint/rank0.safetensors"]
@@ -265,7 +266,7 @@ def test_a_kill_at_any_publish_step_leaves_one_whole_generation(tiny_model, tmp_
     lock_ok(capsys, out)
     meta = out / ".recipe-runner"
     assert sorted(os.listdir(meta / "staging")) == [] and len(os.listdir(meta / "generations")) == 2
-    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "checkpoint", "recipe.lock", "verify"]
+    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "build.json", "checkpoint", "recipe.lock", "verify"]
 
 
 # ---- concurrency and gc ---------------------------------------------------------------------------
@@ -429,7 +430,7 @@ def test_an_earlier_recipe_runner_publish_is_adopted_and_replaced(tiny_model, tm
     assert code == 2 and "(1 entries: mine.txt)" in one_line_error(err)
     code, _, err = build(capsys, r, tmp_path / "cache", "--force")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "checkpoint", "mine.txt", "recipe.lock"]
+    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "build.json", "checkpoint", "mine.txt", "recipe.lock"]
     assert (out / "mine.txt").read_text() == "keep" and (out / "checkpoint").is_symlink()
     assert len(os.listdir(out / ".recipe-runner" / "generations")) == 2  # the legacy one is gone
     lock_ok(capsys, out)
@@ -450,6 +451,18 @@ def test_a_pure_legacy_publish_needs_no_force(tiny_model, tmp_path, capsys):
     _legacy_output(out, {"checkpoint/config.json": b"{}", "checkpoint/rank1.safetensors": b"\x01" * 8})
     code, _, err = build(capsys, recipe(tmp_path, tiny_model()), tmp_path / "cache")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "checkpoint", "recipe.lock"]
+    assert sorted(p.name for p in out.iterdir()) == [".recipe-runner", "build.json", "checkpoint", "recipe.lock"]
     assert sorted(os.listdir(out / "checkpoint")) == ["config.json", "rank0.safetensors"]
     lock_ok(capsys, out)
+
+
+def test_a_users_own_build_json_is_never_replaced(tiny_model, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "build.json").write_text('{"mine": true}')
+    r = recipe(tmp_path, tiny_model())
+    code, _, err = build(capsys, r, tmp_path / "cache")
+    assert code == 2 and "(1 entries: build.json)" in one_line_error(err)
+    code, _, err = build(capsys, r, tmp_path / "cache", "--force")  # beside a user's files, never over them
+    assert code == 2 and f"{out / 'build.json'} exists and was not written by recipe-runner" in one_line_error(err)
+    assert (out / "build.json").read_text() == '{"mine": true}'

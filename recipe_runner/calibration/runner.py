@@ -32,6 +32,7 @@ from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hf.remote_code import refuse_remote_code
+from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.models import layout_for
 from recipe_runner.quant.awq import search_scales
 
@@ -121,8 +122,10 @@ def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
 
 
 def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOptions = RunnerOptions(),
-                    log: Log = lambda _: None, *, trust_remote_code: bool = False) -> CalibrationStats:
-    """Statistics of every decoder-layer linear over `batches`, computed one layer at a time."""
+                    log: Log = lambda _: None, *, trust_remote_code: bool = False,
+                    progress: WorkProgress = NO_PROGRESS) -> CalibrationStats:
+    """Statistics of every decoder-layer linear over `batches`, computed one layer at a time;
+    `progress` counts samples × layers done."""
     config = hf_config(model_dir, trust_remote_code=trust_remote_code)
     layer_cls, rotary_cls = _decoder_classes(config)
     reader = SourceCheckpoint(model_dir)
@@ -134,6 +137,8 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
     states = HiddenStates(total, options.spill_bytes)
     stats = CalibrationStats()
     quota = -(-AWQ_SEARCH_TOKENS // len(batches)) if options.awq_group_size else 0
+    samples = sum(b.ids.shape[0] for b in batches)
+    total, done = samples * config.num_hidden_layers, 0
     try:
         for b, batch in enumerate(batches):
             states.put(b, embed(reader, layout.embedding.hf, batch.ids))
@@ -152,12 +157,15 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
                     out = layer(h, attention_mask=_causal_mask(config, h, positions), position_ids=positions,
                                 position_embeddings=cos_sin)
                     states.put(b, out[0] if isinstance(out, tuple) else out)
+                    done += batch.ids.shape[0]
+                    progress.update(done, total, "samples×layers")
             for proj, s in collector.close().items():
                 stats.linears[(index, proj)] = s
             if collector.k_rope_absmax is None:
                 raise RuntimeError("k_proj saw no calibration tokens")
             stats.k_rope_absmax[index] = collector.k_rope_absmax
             if options.awq_group_size:
+                progress.note(f"AWQ scale search, layer {index + 1}/{config.num_hidden_layers}")
                 _awq_search(layer, collector, stats, index, options.awq_group_size)
             del layer, collector
             log(f"calibrated layer {index + 1}/{config.num_hidden_layers}")

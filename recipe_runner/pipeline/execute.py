@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import json
 import os
+import platform
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
@@ -20,10 +23,12 @@ from recipe_runner.checks.release import release_findings
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import Problem, RecipeError, StageFailed, UserError
-from recipe_runner.store.lock import LOCK_NAME, LockFile, compare_inputs, compare_outputs, tool_versions
+from recipe_runner.store.lock import BUILD_RECORD_NAME, LOCK_NAME, LockFile, compare_inputs, compare_outputs, tool_versions
 from recipe_runner.pipeline.plan import Plan, as_problems, make_plan
 from recipe_runner.recipe import Recipe
+from recipe_runner.io.work_progress import PROGRESS_NAME, WorkProgress
 from recipe_runner.pipeline.progress import format_size
+from recipe_runner.pipeline.usage import measure
 from recipe_runner.store.ownership import check_cache_location, check_output_location
 from recipe_runner.store.publish import Generation, OutputDir
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
@@ -40,7 +45,7 @@ Echo = Callable[[str], None]
 class BuildResult:
     output_dir: Path
     lock_path: Path
-    trace: list[dict] = field(default_factory=list)  # one {"stage", "key", "action", "seconds"} per stage
+    trace: list[dict] = field(default_factory=list)  # one {"stage", "key", "action", "seconds", "peak_rss_bytes"} per stage
 
 
 def prepare(plans: list[Plan], store: CacheStore, *, rehash: bool, force: bool = False,
@@ -160,38 +165,47 @@ def output_dir_of(recipe: Recipe, echo: Echo | None = None) -> OutputDir:
 
 
 def execute_stage(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], store: CacheStore,
-                  workers: int, echo: Echo) -> dict:
+                  workers: int, echo: Echo, whose: str = "") -> dict:
     """Build one stage's cache entry (or find it built); `entries` must hold its inputs' entries.
-    Returns its trace record and adds the entry to `entries`."""
+    Returns its trace record (with its time and peak memory) and adds the entry to `entries`.
+    `whose` names the recipes the stage is for in log lines (builds of several recipes)."""
     status = resolved.status(name)
     key = status.key
-    started = time.monotonic()
+    tag = f"[{name}{' ' + whose if whose else ''}]"
     ran: list[bool] = []
 
     def produce(data_dir: Path) -> None:
         # Announced here, not before store.build: a concurrent build may finish this key first.
-        echo(f"[{name}] running ({key.short}): {'; '.join(status.reasons) or 'forced'}")
+        echo(f"{tag} running ({key.short}): {'; '.join(status.reasons) or 'forced'}")
         ran.append(True)
         stage_executor(name)(stage_job(resolved, name, entries, data_dir, workers))
 
+    def waiting(lock_file: Path) -> None:
+        echo(f"{tag} waiting: another build (or `recipe cache gc`) holds this stage's lock ({key.short}, "
+             f"{lock_file}); this build goes on when it finishes")
+
     recipe = resolved.plan.recipe
-    try:
-        entries[name] = store.build(key.digest, name, produce, recipe=recipe.name)
-    except StageFailed as exc:
-        if exc.field is None:
-            raise
-        raise StageFailed(f"{exc}\n{recipe.location(exc.field)}: {exc.field} is here") from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-        # the environment, not a bug: one line naming where, what to do (the entry was not made)
-        raise UserError(f"[{name}] cannot write the cache entry in {store.root}: {exc.strerror} "
-                        f"({exc.filename or store.root}); free space (`recipe cache gc`), fix its permissions "
-                        "or choose another --cache-dir") from None
-    if not ran:
-        echo(f"[{name}] cached ({key.short})")
-    return {"stage": name, "key": key.digest, "action": "ran" if ran else "cached",
-            "seconds": round(time.monotonic() - started, 3)}
+    with measure() as usage:
+        try:
+            entries[name] = store.build(key.digest, name, produce, recipe=recipe.name, on_wait=waiting)
+        except StageFailed as exc:
+            if exc.field is None:
+                raise
+            raise StageFailed(f"{exc}\n{recipe.location(exc.field)}: {exc.field} is here") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            # the environment, not a bug: one line naming where, what to do (the entry was not made)
+            raise UserError(f"[{name}] cannot write the cache entry in {store.root}: {exc.strerror} "
+                            f"({exc.filename or store.root}); free space (`recipe cache gc`), fix its permissions "
+                            "or choose another --cache-dir") from None
+    record = {"stage": name, "key": key.digest, "action": "ran" if ran else "cached", **usage.record()}
+    if ran:
+        peak = f", peak RSS {format_size(usage.peak_rss_bytes)}" if usage.peak_rss_bytes else ""
+        echo(f"{tag} ran in {usage.seconds:.1f} s{peak} ({key.short})")
+    else:
+        echo(f"{tag} cached ({key.short})")
+    return record
 
 
 def stage_job(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], out_dir: Path, workers: int) -> StageJob:
@@ -200,7 +214,9 @@ def stage_job(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], out_
     inputs = {n: input_path(resolved, n, entries) for n in material["inputs"]}
     return StageJob(name, StageJob.frozen_params(material["params"]), MappingProxyType(inputs),
                     MappingProxyType(dict(material["inputs"])), out_dir, workers,
-                    resolved.toolchain if name == "build-engine" else None)
+                    resolved.toolchain if name == "build-engine" else None,
+                    # beside the payload (its cache temp dir), where the build's progress display reads it
+                    WorkProgress(out_dir.parent / PROGRESS_NAME))
 
 
 def input_path(resolved: ResolvedPlan, name: str, entries: dict[str, Entry]) -> Path:
@@ -225,7 +241,8 @@ def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore,
             raise UserError("the rebuild is not bit-identical to the lock file:\n  " + "\n  ".join(differences))
     lock = make_lock(resolved, outputs)
     generation = Generation(trees={PUBLISHED[s]: entries[s].path for s in PUBLISHED if s in entries},
-                            files={**reports, LOCK_NAME: lock.to_json().encode("utf-8")})
+                            files={**reports, LOCK_NAME: lock.to_json().encode("utf-8"),
+                                   BUILD_RECORD_NAME: build_record(resolved, lock, trace)})
     output = output_dir_of(recipe, echo)
     out_dir = output.path
     if output.is_current(generation):
@@ -243,6 +260,22 @@ def finish(resolved: ResolvedPlan, entries: dict[str, Entry], store: CacheStore,
              f"({stats.reflinked} as reflinks) in {time.monotonic() - started:.1f} s")
     write_record(store, resolved)
     return BuildResult(out_dir, out_dir / LOCK_NAME, trace)
+
+
+BUILD_RECORD_FORMAT = "recipe-runner/build-record/1"
+
+
+def build_record(resolved: ResolvedPlan, lock: LockFile, trace: list[dict]) -> bytes:
+    """<output>/build.json: how the build that published this generation went (each stage ran or
+    cached, its seconds and peak RSS, when, on which host). Unlike the lock it differs every run,
+    so it is in no key, no lock and no golden file; an up-to-date output keeps the record of the
+    build that published it."""
+    record = {"format": BUILD_RECORD_FORMAT, "recipe": resolved.plan.recipe.name,
+              "recipe_sha256": lock.recipe_sha256, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "host": platform.node(), "seconds": round(sum(t.get("seconds") or 0 for t in trace), 3),
+              "stages": [{k: t[k] for k in ("stage", "key", "action", "seconds", "peak_rss_bytes") if k in t}
+                         for t in trace]}
+    return (json.dumps(record, indent=2) + "\n").encode("utf-8")
 
 
 def recipe_reports(resolved: ResolvedPlan, entries: dict[str, Entry]) -> dict[str, bytes]:

@@ -99,7 +99,7 @@ def format_dry_run(resolved: list[ResolvedPlan]) -> str:
 
 VALIDATE_FORMAT = "recipe-runner/validate/1"
 PLAN_FORMAT = "recipe-runner/plan/1"
-BUILD_FORMAT = "recipe-runner/build/1"
+BUILD_FORMAT = "recipe-runner/build/2"  # 2: stages carry peak_rss_bytes, outputs build_record
 
 
 def problems_json(problems: list) -> list[dict]:
@@ -121,6 +121,6 @@ def plan_document(plans: list[Plan], resolved: list[ResolvedPlan | None], *, che
 
 
 def build_document(recipes: list[dict], exit_code: int, problems: list | None = None) -> dict:
-    """`recipes`: scheduler.build_summaries (or not_run_summaries when the preflight refused the build)."""
+    """`recipes`: summary.build_summaries (or not_run_summaries when the preflight refused the build)."""
     return {"format": BUILD_FORMAT, "ok": exit_code == 0, "exit_code": exit_code,
             "problems": problems_json(problems or []), "recipes": recipes}

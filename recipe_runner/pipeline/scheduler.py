@@ -8,8 +8,8 @@ inline (in this process, one job at a time), a local process pool, or Ray.
 from __future__ import annotations
 
 import multiprocessing
-import json
 import os
+import sys
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -18,7 +18,6 @@ from recipe_runner.pipeline.execute import (BuildResult, Echo, check_lock_inputs
                                            for_installed_release, prepare)
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.recipe import load_recipes
-from recipe_runner.verify.report import JSON_NAME
 from recipe_runner.store.cache import CacheStore
 from recipe_runner.store.entry import Entry
 from recipe_runner.errors import RecipeRunnerError, UserError
@@ -26,7 +25,7 @@ from recipe_runner.store.lock import LockFile
 from recipe_runner.pipeline.plan import Plan, make_plan
 from recipe_runner.pipeline.progress import Progress
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve
-from recipe_runner.stages.registry import PUBLISHED, STAGES
+from recipe_runner.stages.registry import STAGES
 from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.toolchain import require_toolchain
 
@@ -60,6 +59,12 @@ class BuildReport:
         return [{**(job.record or {"stage": job.stage, "key": job.key, "action": job.state}),
                  "recipes": [self.plans[i].plan.recipe.name for i in job.users]} for job in self.jobs.values()]
 
+    def whose(self, job: Job) -> str:
+        """The recipes (matrix variants) a job is for, when the build has several; else ""."""
+        if len(self.plans) == 1:
+            return ""
+        return ", ".join(self.plans[u].plan.recipe.name for u in job.users)
+
     def raise_first_failure(self) -> None:
         if not self.failures:
             return
@@ -89,6 +94,13 @@ class StageTask:
     stage: str
     key: str
     workers: int
+    whose: str = ""  # the recipes it is for, in log lines of builds of several recipes
+
+
+def _worker_echo(line: str) -> None:
+    # A worker's lines reach the terminal beside the driver's live display, not through it: clear
+    # the display's line first (it is redrawn below at its next refresh).
+    print(("\r\033[K" if sys.stdout.isatty() else "") + line, flush=True)
 
 
 def run_stage_task(task: StageTask) -> dict:
@@ -106,7 +118,7 @@ def run_stage_task(task: StageTask) -> dict:
                             "edited); run the build again")
         inputs = resolved.status(task.stage).stage.inputs
         entries = {s.stage.name: store.get(s.key.digest) for s in resolved.statuses if s.stage.name in inputs}
-        record = execute_stage(resolved, task.stage, entries, store, task.workers, echo=lambda line: print(line, flush=True))
+        record = execute_stage(resolved, task.stage, entries, store, task.workers, _worker_echo, task.whose)
         return {"ok": True, "record": record}
     except RecipeRunnerError as exc:
         return {"ok": False, "exit_code": exc.exit_code, "error": str(exc)}
@@ -126,7 +138,8 @@ class InlineExecutor:
               workers: int, task: StageTask) -> Future:
         future: Future = Future()
         try:
-            future.set_result({"ok": True, "record": execute_stage(resolved, stage, entries, store, workers, self.echo)})
+            record = execute_stage(resolved, stage, entries, store, workers, self.echo, task.whose)
+            future.set_result({"ok": True, "record": record})
         except RecipeRunnerError as exc:
             future.set_result({"ok": False, "exit_code": exc.exit_code, "error": exc})
         return future
@@ -240,10 +253,10 @@ def _workers(plan: ResolvedPlan, workers: int | None) -> int:
     return workers or plan.plan.recipe.data["workers"]
 
 
-def _task(plan: ResolvedPlan, job: Job, store: CacheStore, workers: int) -> StageTask:
-    recipe = plan.plan.recipe
+def _task(report: BuildReport, job: Job, store: CacheStore, workers: int) -> StageTask:
+    recipe = report.plans[job.users[0]].plan.recipe
     return StageTask(str(recipe.path), dict(recipe.variables), recipe.variant, os.getcwd(), str(store.root),
-                     job.stage, job.key, workers)
+                     job.stage, job.key, workers, report.whose(job))
 
 
 def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheStore, executor, workers: int | None,
@@ -266,8 +279,10 @@ def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheSto
             if running and max_memory and in_use + need > max_memory:
                 continue  # wait for memory; a job always runs when nothing else does
             job.state = "running"
-            progress.track(job.key, job.stage, expected_bytes(owner, job.stage) if progress.enabled else None)
-            future = executor.start(owner, job.stage, entries[job.users[0]], store, n, _task(owner, job, store, n))
+            task = _task(report, job, store, n)
+            progress.track(job.key, job.stage, expected_bytes(owner, job.stage) if progress.enabled else None,
+                           label=f"{job.stage} {task.whose}".strip())
+            future = executor.start(owner, job.stage, entries[job.users[0]], store, n, task)
             running[future] = (job, need)
         if not running:
             break
@@ -309,63 +324,9 @@ def _publish_all(report: BuildReport, entries: list[dict[str, Entry]], store: Ca
             report.failures[index] = (exc.exit_code, exc)
 
 
-def format_summary(report: BuildReport) -> str:
-    """One line per recipe: status, time spent in its stages, output directory (or why it failed)."""
-    rows = []
-    for index, plan in enumerate(report.plans):
-        name = plan.plan.recipe.name
-        seconds = sum((report.jobs[s.key.digest].record or {}).get("seconds", 0) for s in plan.statuses)
-        if index in report.results:
-            rows.append((name, "built", f"{seconds:.1f}s", str(report.results[index].output_dir)))
-        else:
-            message = str(report.failures[index][1]).strip().splitlines()[0]
-            rows.append((name, "FAILED", f"{seconds:.1f}s", message))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {n:<{width}}  {s:<6}  {t:>8}  {o}" for n, s, t, o in rows)
-
-
 def make_executor(kind: str, jobs: int, address: str, echo: Echo):
     if kind == "ray":
         return RayExecutor(address, capacity=max(jobs, 1))
     if kind != "local":
         raise UserError(f"--executor {kind}: choose local or ray")
     return InlineExecutor(echo) if jobs == 1 else ProcessExecutor(jobs)
-
-
-def _stage_summary(job: Job, name: str) -> dict:
-    record = job.record or {}
-    action = record.get("action") or ("failed" if job.state == "failed" else "skipped")
-    return {"name": name, "key": job.key, "action": action, "seconds": record.get("seconds")}
-
-
-def verify_summary(output_dir) -> dict | None:
-    """The published verify report's verdict and figures (<output>/verify/verify.json), if any."""
-    path = output_dir / PUBLISHED["verify"] / JSON_NAME
-    if not path.is_file():
-        return None
-    report = json.loads(path.read_text(encoding="utf-8"))
-    return {"report": str(path), "passed": report["passed"], "figures": report["figures"],
-            "tolerances": report["tolerances"]}
-
-
-def build_summaries(report: BuildReport) -> list[dict]:
-    """Per recipe: name, status (built/failed), exit code and message, its stages (name, key, action
-    ran/cached/failed/skipped, seconds), outputs (dir, lock), the verify figures when published."""
-    out = []
-    for index, plan in enumerate(report.plans):
-        stages = [_stage_summary(report.jobs[s.key.digest], s.stage.name) for s in plan.statuses]
-        result = report.results.get(index)
-        code, error = report.failures.get(index, (0, None))
-        out.append({"name": plan.plan.recipe.name, "recipe": str(plan.plan.recipe.path),
-                    "status": "built" if result is not None else "failed", "exit_code": code,
-                    "message": None if error is None else str(error).strip(),
-                    "seconds": round(sum(s["seconds"] or 0 for s in stages), 3), "stages": stages,
-                    "outputs": None if result is None else {"dir": str(result.output_dir), "lock": str(result.lock_path)},
-                    "verify": None if result is None else verify_summary(result.output_dir)})
-    return out
-
-
-def not_run_summaries(plans: list[Plan], exit_code: int, message: str) -> list[dict]:
-    """Per recipe, when the build was refused before any stage ran."""
-    return [{"name": p.recipe.name, "recipe": str(p.recipe.path), "status": "failed", "exit_code": exit_code,
-             "message": message, "seconds": 0, "stages": [], "outputs": None, "verify": None} for p in plans]

@@ -10,6 +10,7 @@ attention is plainly causal, as in a TensorRT-LLM engine built without max_atten
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import AutoConfig
@@ -20,6 +21,7 @@ from recipe_runner.errors import SourceModelError
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hf.remote_code import refuse_remote_code
+from recipe_runner.io.work_progress import stepped as _stepped
 from recipe_runner.models import layout_for
 
 
@@ -64,15 +66,16 @@ class HFLayerwiseModel:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 
-    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """[len(seq), vocab_size] float32 logits for each token sequence."""
+    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
+        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
+        (layer, sequence)."""
         with torch.no_grad():
             table = self._read(self.layout.embedding.hf)
             hidden = [table[torch.tensor(seq)].unsqueeze(0) for seq in sequences]  # [1, T, H]
             del table
             for index in range(self.model_config.num_hidden_layers):
                 layer = self._layer(index)
-                hidden = [self._run_layer(layer, h) for h in hidden]
+                hidden = [_stepped(self._run_layer(layer, h), step) for h in hidden]
                 del layer
             return self._head(hidden)
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
+from recipe_runner.io.work_progress import stepped as _stepped
 from recipe_runner.reference import numerics as nx
 from recipe_runner.reference.hf_quant_format import HFCheckpointError, HFQuantFormat, detect_format
 from recipe_runner.reference.hf_quant_linear import Tensors, plain_linear, quantized_linear, scalar
@@ -108,8 +110,9 @@ class HFQuantizedModel:
         mlp = layer.linears
         return x + mlp["mlp.down_proj"](torch.nn.functional.silu(mlp["mlp.gate_proj"](h)) * mlp["mlp.up_proj"](h))
 
-    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """[len(seq), vocab_size] float32 logits for each token sequence."""
+    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
+        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
+        (layer, sequence)."""
         c = self.model_config
         with torch.no_grad():
             table = self._read("model.embed_tokens.weight")
@@ -117,7 +120,7 @@ class HFQuantizedModel:
             del table
             for index in range(c.num_hidden_layers):
                 layer = self.layer(index)
-                hidden = [self._decoder(layer, h) for h in hidden]
+                hidden = [_stepped(self._decoder(layer, h), step) for h in hidden]
                 del layer
                 self.reader.release()
             norm = self._read("model.norm.weight")

@@ -17,10 +17,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from recipe_runner.errors import UserError
+from recipe_runner.io.work_progress import stepped as _stepped
 from recipe_runner.reference import numerics as nx
 from recipe_runner.reference.checkpoint import (
     LM_HEAD,
@@ -161,13 +163,14 @@ class ReferenceModel:
         self.rope = Rope(cfg.head_size, cfg.rotary_base, cfg.rotary_scaling, cfg.max_position_embeddings)
         self.rope.check()
 
-    def logits(self, sequences: list[list[int]]) -> list[torch.Tensor]:
-        """[len(seq), vocab_size] float32 logits for each token sequence."""
+    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
+        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
+        (layer, sequence)."""
         with torch.no_grad():
             hidden = self._embed(sequences)
             for layer in range(self.config.num_layers):
                 ranks = self._layer(layer)
-                hidden = [decoder_layer(self.config, ranks, h, self.rope) for h in hidden]
+                hidden = [_stepped(decoder_layer(self.config, ranks, h, self.rope), step) for h in hidden]
                 del ranks  # free this layer before the next one is read
             return self._head(hidden)
 

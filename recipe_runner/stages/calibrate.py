@@ -16,6 +16,7 @@ from recipe_runner.calibration.stats import CalibrationStats, write_stats
 from recipe_runner.calibration.tokens import load_tokenizer, make_batches, tokenize
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import read_model_config
+from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.stages.registry import StageJob
 from recipe_runner.quant.algorithms import AWQ_STATISTICS
 
@@ -42,7 +43,8 @@ class CalibrationSettings:
 
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
-              log: Callable[[str], None] = lambda _: None, *, trust_remote_code: bool = False) -> CalibrationStats:
+              log: Callable[[str], None] = lambda _: None, *, trust_remote_code: bool = False,
+              progress: WorkProgress = NO_PROGRESS) -> CalibrationStats:
     """Statistics of `source_dir` over the calibration set; written to `out_dir` when given."""
     cfg = read_model_config(source_dir)
     files = locate_dataset(settings.dataset, settings.dataset_path, settings.split, settings.revision)
@@ -55,7 +57,7 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
     batches = make_batches(sequences, settings.batch_size, cfg.vocab_size)
     awq = AWQ_STATISTICS in settings.statistics
     options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None)
-    stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code)
+    stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code, progress=progress)
     # counts only: paths would make equal statistics differ in bytes between machines
     stats.meta = {"samples": len(sequences), "batches": len(batches), "tokens": sum(b.tokens for b in batches),
                   "statistics": list(settings.statistics), "awq_group_size": options.awq_group_size}
@@ -67,4 +69,4 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
 def run_calibrate(job: StageJob) -> None:
     """Build executor: the stage's own params (exactly what its key holds) drive it."""
     calibrate(job.inputs["source"], CalibrationSettings.from_params(job.params, job.inputs["calibration-data"]),
-              job.out_dir, trust_remote_code=job.params["trust_remote_code"])
+              job.out_dir, trust_remote_code=job.params["trust_remote_code"], progress=job.progress)

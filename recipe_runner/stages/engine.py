@@ -1,7 +1,8 @@
 """Engine stage: run the real trtllm-build on the shard stage's checkpoint.
 
 trtllm-build's output is streamed to a log file, which becomes the engine artifact's build.log
-(<output>/engine/build.log) when it succeeds, with a live progress line on a terminal. A failed
+(<output>/engine/build.log) when it succeeds; its last line is the stage's progress note (shown
+by the build's live display on a terminal). A failed
 build raises StageFailed with the log's last lines; the cache keeps no entry, and the log is kept
 in the cache's logs/ folder (until `recipe cache gc`).
 """
@@ -10,10 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from recipe_runner.trtllm.engine_options import engine_argv
 from recipe_runner.errors import StageFailed
@@ -38,7 +38,7 @@ def run_engine(job: "StageJob") -> None:
     header = " ".join([*command, *argv[len(command):]]).replace(checkpoint, "<checkpoint>").replace(
         str(data_dir), "<engine>")
     log_path = data_dir.parent / f"build-engine.{LOG_NAME}"  # beside the payload until it succeeds
-    returncode, tail = _stream(argv, header, log_path, cwd=data_dir)
+    returncode, tail = _stream(argv, header, log_path, cwd=data_dir, note=job.progress.note)
     if returncode != 0:
         kept = failure_log_path(data_dir, "build-engine")
         kept.parent.mkdir(parents=True, exist_ok=True)
@@ -49,10 +49,10 @@ def run_engine(job: "StageJob") -> None:
     os.replace(log_path, data_dir / LOG_NAME)
 
 
-def _stream(argv: list[str], header: str, log_path: Path, cwd: Path) -> tuple[int, list[str]]:
+def _stream(argv: list[str], header: str, log_path: Path, cwd: Path,
+            note: Callable[[str], None]) -> tuple[int, list[str]]:
     """Run argv, writing its output to log_path as it comes; (exit code, last lines)."""
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    live = sys.stderr.isatty()
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(f"$ {header}\n")
         proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -62,11 +62,6 @@ def _stream(argv: list[str], header: str, log_path: Path, cwd: Path) -> tuple[in
             log.write(line)
             log.flush()
             tail.append(line.rstrip("\n"))
-            if live:  # one line, rewritten in place; CI logs stay quiet
-                width = shutil.get_terminal_size().columns - 20
-                sys.stderr.write(f"\r\033[K[build-engine] {tail[-1][:width]}")
-                sys.stderr.flush()
+            note(tail[-1])
         returncode = proc.wait()
-    if live:
-        sys.stderr.write("\r\033[K")
     return returncode, list(tail)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT, TRTLLM_CHECKPOINT, output_targets
 from recipe_runner.quant.algorithms import ALGORITHMS, needs_calibration, quantizes, statistics_families
 from recipe_runner.recipe.model import freeze, thaw
@@ -188,6 +189,7 @@ class StageJob:
     out_dir: Path  # the entry's payload directory, empty
     workers: int = 1  # threads and processes; never changes the bytes
     toolchain: "Toolchain | None" = None  # build-engine only: its versions are in the key's tools
+    progress: WorkProgress = NO_PROGRESS  # where a long computation reports its count; never in the bytes
 
     @staticmethod
     def frozen_params(params: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -24,7 +24,8 @@ def run_verify(job: "StageJob") -> None:
         result = verify_checkpoint(job.inputs[stage], job.inputs["source"], prompts=list(spec["prompts"]),
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
                                    tolerances=thaw(spec.get("tolerances") or {}), tolerances_from="recipe",
-                                   trust_remote_code=spec["trust_remote_code"])
+                                   trust_remote_code=spec["trust_remote_code"],
+                                   progress=job.progress.part_of(i, len(checked)))
         # No recipe identity here: recipes that share this key share these bytes. Publishing
         # names the recipe (execute.recipe_reports).
         context = ReportContext(checkpoint_key=job.input_keys[stage])

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from recipe_runner.store.entry import (DATA, INFO, MANIFEST, SEAL, Entry, content_problem, entry_dirs, hash_tree,
                                        key_dir, key_lock, load_entry, missing_or_resized, write_json)
@@ -95,18 +95,28 @@ class CacheStore:
 
     # -- write --------------------------------------------------------------------------
 
-    def build(self, key: str, stage: str, produce: Callable[[Path], None], recipe: str | None = None) -> Entry:
+    def build(self, key: str, stage: str, produce: Callable[[Path], None], recipe: str | None = None,
+              on_wait: Callable[[Path], None] = lambda _: None) -> Entry:
         """The entry for `key`, running `produce(data_dir)` to fill it if no process has yet.
 
-        One builder per key: others wait on the lock and then find the finished entry.
-        If `produce` raises, its partial output is removed and nothing enters the cache.
+        One builder per key: others wait on the lock (calling `on_wait(lock file)` once, first)
+        and then find the finished entry. If `produce` raises, its partial output is removed and
+        nothing enters the cache.
         """
         entry = self.get(key)
         if entry is None:
-            with self.lock(key):
+            lock = self.lock(key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                on_wait(Path(lock.lock_file))
+                lock.acquire()
+            try:
                 entry = self.get(key)  # built by another process while we waited?
                 if entry is None:
                     entry = self._produce(key, stage, produce, recipe)
+            finally:
+                lock.release()
         entry.touch(recipe)
         return entry
 

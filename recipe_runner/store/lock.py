@@ -24,6 +24,9 @@ from recipe_runner.store.hashing import FileDigest, sha256_file
 
 LOCK_VERSION = 1
 LOCK_NAME = "recipe.lock"
+# The record of the build that published a generation (times, peak memory): published beside the
+# lock but never listed in it, since it differs every run (pipeline.execute.build_record).
+BUILD_RECORD_NAME = "build.json"
 
 Digests = dict[str, dict[str, Any]]  # {posix relpath: {"size": int, "sha256": str}}
 # "calibration": {"dataset": as the recipe names it, "revision": the HF-cache snapshot (commit) used,
@@ -213,7 +216,7 @@ def verify_lock(lock_path: Path | str, inputs: Callable[[LockFile], list[str]] |
     lock_path = Path(lock_path)
     lock = read_lock(lock_path)
     real = Path(os.path.realpath(lock_path))
-    problems = compare_outputs(lock.outputs, hash_outputs(real.parent, exclude=(real.name,)))
+    problems = compare_outputs(lock.outputs, hash_outputs(real.parent, exclude=(real.name, BUILD_RECORD_NAME)))
     return problems + (inputs(lock) if inputs is not None else [])
 
 

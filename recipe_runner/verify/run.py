@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig
+from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.reference import HFLayerwiseModel, ReferenceModel
 from recipe_runner.reference.checkpoint import CheckpointConfig
 from recipe_runner.reference.hf_quant_format import is_hf_checkpoint
@@ -66,10 +67,12 @@ def checkpoint_facts(cfg: CheckpointConfig) -> dict[str, object]:
 
 def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: Sequence[str] = (),
                       token_ids: Sequence[Sequence[int]] = (), tolerances: Mapping[str, float] | None = None,
-                      tolerances_from: str = "given", trust_remote_code: bool = False) -> VerifyResult:
+                      tolerances_from: str = "given", trust_remote_code: bool = False,
+                      progress: WorkProgress = NO_PROGRESS) -> VerifyResult:
     """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint, or a quantized HF checkpoint in the
     hf-modelopt / hf-compressed-tensors formats this project writes) with the HF model in `source_dir`.
 
+    `progress` counts (layer, input) steps of the source's forward and the checkpoint's.
     Raises UserError for bad inputs, CheckpointError (StageFailed) for a checkpoint whose layout
     trtllm-build would reject; a checkpoint out of tolerance is a result with failures.
     """
@@ -90,8 +93,16 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
         vocab_size = cfg.vocab_size
     inputs = prepare_inputs(source_dir, prompts, token_ids, vocab_size, trust_remote_code=trust_remote_code)
     sequences = [list(i.token_ids) for i in inputs]
-    expected = hf_model.logits(sequences)
-    got = reference.logits(sequences)
+    # both forwards, layer by layer over every input: 2 × layers × inputs steps
+    total = 2 * hf_model.model_config.num_hidden_layers * len(sequences)
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
+        progress.update(min(done[0], total), total, "layers×inputs")
+
+    expected = hf_model.logits(sequences, step)
+    got = reference.logits(sequences, step)
     figures = compare(expected, got, sequences)
     per_input = tuple(compare([e], [g], [s]) for e, g, s in zip(expected, got, sequences))
     limits, sources = resolve_tolerances(tolerances or {}, quant_algo, kv_algo, tolerances_from)
