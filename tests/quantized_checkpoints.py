@@ -1,5 +1,6 @@
 """Quantized TensorRT-LLM checkpoints for the verify tests, built from an unquantized one with the
-formulas of trtllm-checkpoint.md §4 and verified-layouts.md (independent of the quantize stage).
+formulas of docs/format/trtllm-checkpoint.md §4 and docs/format/verified-layouts.md (independent of
+the quantize stage).
 
 Calibration runs the HF model in float32 on fixed random token sequences and records, per
 linear, the per-input-channel max |x| and the max |y|.

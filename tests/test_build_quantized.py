@@ -1,6 +1,6 @@
-"""Quantized checkpoints: the exact tensor set of the spec for every algo × tp × kv, the config's
-quantization section, recipe builds end to end (cache reuse, worker-count independence) and the
-errors a user can fix."""
+"""Quantized checkpoints: the exact tensor set of docs/format/trtllm-checkpoint.md for every algo ×
+tp × kv, the config's quantization section, recipe builds end to end (cache reuse, worker-count
+independence) and the errors a user can fix."""
 from __future__ import annotations
 
 import json
@@ -26,8 +26,8 @@ F16, F32, I8, F8 = "F16", "F32", "I8", "F8_E4M3"
 
 
 def expected_layer_tensors(algo: str, kv: str, tp: int) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Per-layer tensors of one rank, written from the spec's tables (trtllm-checkpoint.md §3, §4.2,
-    §4.3, §4.6 and verified-layouts.md) for the quant_model fixture: H 128, I 256, 8 heads, 2 KV
+    """Per-layer tensors of one rank, written from the tables of docs/format/trtllm-checkpoint.md §3, §4.2,
+    §4.3, §4.6 and docs/format/verified-layouts.md for the quant_model fixture: H 128, I 256, 8 heads, 2 KV
     heads, head_dim 16, float16, group size 64."""
     H, I, d, g = 128, 256, 16, 64
     q, kvh = 8 // tp * d, max(2 // tp, 1) * d

@@ -14,7 +14,7 @@ GRID = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2)]
 
 
 def expected_rank_names(config: dict, rank: int) -> set[str]:
-    """The spec's tensor list for one rank (spec §3, §3.4), written out independently."""
+    """The tensor list for one rank (docs/format/trtllm-checkpoint.md §3, §3.4), written out independently."""
     tp, pp, L = (config["mapping"]["tp_size"], config["mapping"]["pp_size"],
                  config["num_hidden_layers"])
     pp_rank = rank // tp
@@ -120,7 +120,7 @@ def test_parallel_embedding_dim0_pads_like_lm_head(tiny_model, tmp_path, hf_tens
     assert config["use_parallel_embedding"] is True and config["embedding_sharding_dim"] == 0
     assert config["vocab_size"] == 1001
     e0, e1 = (r["transformer.vocab_embedding.weight"] for r in ranks)
-    assert e0.shape == e1.shape == (501, 64)  # verified-layouts: 1001, tp 2 -> 501 rows
+    assert e0.shape == e1.shape == (501, 64)  # docs/format/verified-layouts.md: 1001, tp 2 -> 501 rows
     assert torch.equal(e0, emb[:501])
     assert torch.equal(e1[:500], emb[501:])
     assert torch.count_nonzero(e1[500]) == 0

@@ -1,5 +1,5 @@
-"""Quantized HF checkpoints (hf-quantized-checkpoint spec §1.3, §1.4, §2.3, §3): tensor names, dtypes and
-shapes, dequantization within one step, re-quantization reproducing the codes, config files."""
+"""Quantized HF checkpoints (docs/format/hf-quantized-checkpoint.md §1.3, §1.4, §2.3, §3): tensor names,
+dtypes and shapes, dequantization within one step, re-quantization reproducing the codes, config files."""
 from __future__ import annotations
 
 import json
@@ -185,7 +185,8 @@ def test_big_models_are_split_with_an_index(quant_model, calibration, tmp_path):
 
 @pytest.mark.parametrize("target, algo, kv", [p for p in PAIRS if p[2] == "fp8"])
 def test_fp8_kv_scales_are_post_rope_k_amax_and_v_amax_over_448(exported, calibration, target, algo, kv):
-    """k_scale = amax(K after RoPE)/448 (the key states the cache holds), v_scale = amax(V)/448 (spec §3)."""
+    """k_scale = amax(K after RoPE)/448 (the key states the cache holds), v_scale = amax(V)/448
+    (docs/format/hf-quantized-checkpoint.md §3)."""
     stats, _ = calibration
     t = load_file(exported(target, algo, kv) / "model.safetensors")
     for layer in range(4):

@@ -9,7 +9,7 @@ from recipe_runner.reference.rope import Rope
 
 
 def test_int4_rows_unpack_low_nibble_first_and_signed():
-    # row 2k in the low nibble, row 2k+1 in the high nibble (verified-layouts.md)
+    # row 2k in the low nibble, row 2k+1 in the high nibble (docs/format/verified-layouts.md)
     packed = torch.tensor([[0x7F, 0x08], [-1, 0x21]], dtype=torch.uint8).view(torch.int8)
     assert nx.unpack_int4_rows(packed).tolist() == [[-1, -8], [7, 0], [-1, 1], [-1, 2]]
 

@@ -25,7 +25,7 @@ LLAMA31_8B = ModelConfig(
                                        "rope_type": "llama3"},
     torch_dtype="bfloat16")
 
-# spec §2.6 (Llama-3.1-8B, fp16, tp=2, pp=1)
+# docs/format/trtllm-checkpoint.md §2.6 (Llama-3.1-8B, fp16, tp=2, pp=1)
 SPEC_EXAMPLE = {
     "architecture": "LlamaForCausalLM", "dtype": "float16", "logits_dtype": "float32",
     "vocab_size": 128256, "max_position_embeddings": 131072, "hidden_size": 4096,

@@ -1,8 +1,9 @@
 """Every checkpoint format verify simulates passes its default tolerances on a tiny model, and the
 simulation really quantizes (the figures are above float32 noise).
 
-Quantized checkpoints are built from unquantized ones with the spec's formulas
-(tests/quantized_checkpoints.py), independently of the quantize stage.
+Quantized checkpoints are built from unquantized ones with the formulas of
+docs/format/trtllm-checkpoint.md §4 (tests/quantized_checkpoints.py), independently of the quantize
+stage.
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""config.json (with its inline `quantization_config`) and hf_quant_config.json (spec §1.2, §2.3, §3)."""
+"""config.json (with its inline `quantization_config`) and hf_quant_config.json.
+
+The formats: docs/format/hf-quantized-checkpoint.md §1.2, §2.3, §3.
+"""
 from __future__ import annotations
 
 import json
@@ -13,7 +16,8 @@ from recipe_runner.quant.settings import QuantSettings
 
 HF_QUANT_CONFIG = "hf_quant_config.json"
 # consumers detect the ModelOpt format by producer.name == "modelopt"; the version is the exporter
-# release whose output the spec measured (the format this writer reproduces)
+# release whose output docs/format/hf-quantized-checkpoint.md §1 measured (the format this writer
+# reproduces)
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}
 FP8_KV_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 

@@ -5,7 +5,7 @@ module names (`transformer.layers.3.attention.qkv`, `….mlp.fc`; the model layo
 that writes several targets keeps the same layers unquantized in all of them. The HF exports
 translate each matched module to the HF projections it fuses and keep those in the model dtype.
 
-The consumers fuse projections that share an input (hf-quantized-checkpoint spec §2.1, §2.2):
+The consumers fuse projections that share an input (docs/format/hf-quantized-checkpoint.md §2.1, §2.2):
 TensorRT-LLM's PyTorch backend builds `self_attn.qkv_proj` and `mlp.gate_up_proj` and picks one
 quantization method per fused module, matching `exclude_modules` against those fused names;
 vLLM matches its module prefix exactly, as a substring or with fnmatch, and for a fused module

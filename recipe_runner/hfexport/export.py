@@ -8,7 +8,7 @@ A quantized tensor is computed when the writer asks for it (the weight and its s
 projection are cached until the next projection), from small per-group values (input scales,
 NVFP4 global scales, smoothing factors) kept per layer. The math is quant/projection.py's (shared
 with the quantize stage); each algo's tensor set is its `hf_tensors` (quant/algorithms.py), from the
-hf-quantized-checkpoint spec §1.3, §1.4, §2.3 and §3.
+docs/format/hf-quantized-checkpoint.md §1.3, §1.4, §2.3 and §3.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from recipe_runner.quant.projection import FOLD, NO_SCALING, Form, GroupScaling,
 from recipe_runner.quant.settings import QuantSettings
 from recipe_runner.io.safetensors_writer import Block, SafetensorsStreamWriter, TensorSpec
 
-MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (spec §1.2)
+MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (docs/format/hf-quantized-checkpoint.md §1.2)
 INDEX_FILE = "model.safetensors.index.json"
 COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -51,7 +51,8 @@ def _group(projection: str) -> tuple[str, ...]:
 
 # What each HF format decides about the math (quant/projection.py): both fold the smoothing into the
 # norms as ModelOpt's unified export does; compressed-tensors smooths only what a norm absorbs and
-# keeps pack-quantized scales in the model dtype (llm-compressor's layout, spec §1.3).
+# keeps pack-quantized scales in the model dtype (llm-compressor's layout,
+# docs/format/hf-quantized-checkpoint.md §2.3).
 FORMS = {HF_MODELOPT: Form(FOLD),
          HF_COMPRESSED_TENSORS: Form(FOLD, smooth_unfolded=False, model_dtype_int_scales=True)}
 

@@ -1,4 +1,4 @@
-"""Output targets and what their consumers load (hf-quantized-checkpoint spec §2, §3, read from
+"""Output targets and what their consumers load (docs/format/hf-quantized-checkpoint.md §2, §3, read from
 TensorRT-LLM's and vLLM's source; no consumer was run).
 
   trtllm-checkpoint      the legacy TensorRT-LLM checkpoint (shard stage) for trtllm-build

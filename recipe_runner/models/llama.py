@@ -5,16 +5,17 @@ Where the facts come from (copied here from the sources named; nothing outside t
   `model.norm`, `lm_head`, absent when tie_word_embeddings). Biases: `attention_bias` gives q/k/v/o
   one, `mlp_bias` gate/up/down.
 * TensorRT-LLM names and splits: tensorrt_llm/models/llama/convert.py and the checkpoint format
-  (spec §3, §7.1; verified-layouts.md). Names are module parameter paths, no aliasing, layer indices
-  local to the pipeline stage. q/k/v are fused into attention.qkv as [q_r; k_r; v_r] row blocks, split
-  head-wise; with fewer KV heads than ranks each KV head is repeated tp/nkv times consecutively, so
-  rank r holds KV head r·nkv/tp. TRT-LLM's GatedMLP computes proj(act(fc(x)) · gate(x)): mlp.fc is
-  HF gate_proj (the SiLU branch), mlp.gate is HF up_proj. attention.dense and mlp.proj are RowLinear
-  (input columns split, bias replicated); the rest ColumnLinear (output rows split, bias like the
-  rows — TRT-LLM's own converter writes no MLP bias; this follows the layer classes). lm_head is
-  zero-padded to ceil(V/tp)·tp rows and split by rows; the embedding only with use_parallel_embedding.
-* Fused modules of the HF-format consumers (hf-quantized-checkpoint spec §2.1, §2.2): TensorRT-LLM's
-  PyTorch backend and vLLM build self_attn.qkv_proj and mlp.gate_up_proj.
+  (docs/format/trtllm-checkpoint.md §3, §7; docs/format/verified-layouts.md). Names are module parameter
+  paths, no aliasing, layer indices local to the pipeline stage. q/k/v are fused into attention.qkv as
+  [q_r; k_r; v_r] row blocks, split head-wise; with fewer KV heads than ranks each KV head is repeated
+  tp/nkv times consecutively, so rank r holds KV head r·nkv/tp. TRT-LLM's GatedMLP computes
+  proj(act(fc(x)) · gate(x)): mlp.fc is HF gate_proj (the SiLU branch), mlp.gate is HF up_proj.
+  attention.dense and mlp.proj are RowLinear (input columns split, bias replicated); the rest
+  ColumnLinear (output rows split, bias like the rows — TRT-LLM's own converter writes no MLP bias; this
+  follows the layer classes). lm_head is zero-padded to ceil(V/tp)·tp rows and split by rows; the
+  embedding only with use_parallel_embedding.
+* Fused modules of the HF-format consumers (docs/format/hf-quantized-checkpoint.md §2.1, §2.2):
+  TensorRT-LLM's PyTorch backend and vLLM build self_attn.qkv_proj and mlp.gate_up_proj.
 """
 from __future__ import annotations
 

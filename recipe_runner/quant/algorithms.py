@@ -6,13 +6,15 @@ checkpoint form, its Hugging Face forms and their consumers. The entries cite wh
 from. Pure data: no torch, no I/O; the JSON Schema's enum of algos equals the table's keys (a test
 checks it).
 
-Sources cited below:
-  spec         hf-quantized-checkpoint spec (§1 formats, §2 consumers, §3 KV, §4 TensorRT-LLM)
-  layouts      verified-layouts.md (ModelOpt's TensorRT-LLM exports, read tensor by tensor)
-  trtllm-ckpt  trtllm-checkpoint.md (QuantAlgo names, §4.2 SmoothQuant plugin tensors, §4.3 KV)
-These are the research notes the formats were worked out in; they are not part of the project. What the
-code relies on is stated where it is used (this table, the module docstrings that cite them) and, per
-TensorRT-LLM release, in recipe_runner/data/trtllm/.
+Sources cited below, by short form:
+  hf-ckpt      docs/format/hf-quantized-checkpoint.md: §1 ModelOpt's formats as exported, §2 what the
+               consumers load, §3 what a producer must write (the FP8 KV cache included)
+  layouts      docs/format/verified-layouts.md: ModelOpt's TensorRT-LLM exports, read tensor by tensor
+  trtllm-ckpt  docs/format/trtllm-checkpoint.md: §2.4 QuantAlgo names, §4.2 SmoothQuant plugin tensors,
+               §4.3 KV
+These are the notes the formats were worked out in, shipped in docs/format/ (nothing reads them at run
+time). What the code relies on is stated where it is used (this table, the module docstrings that cite
+them) and, per TensorRT-LLM release, in recipe_runner/data/trtllm/.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ KV_CACHES: dict[str, KvCache] = {
     # INT8 scales as TensorRT-LLM's LLaMA converter computes them (trtllm-ckpt §4.3, quant/kv.py)
     "int8": KvCache("int8", "INT8", paged_context_fmha="trtllm-build refuses paged context FMHA with an INT8 KV "
                                                        "cache; set it to false"),
-    # FP8 scales as ModelOpt computes them; vLLM reads k_scale/v_scale (spec §3)
+    # FP8 scales as ModelOpt computes them; vLLM reads k_scale/v_scale (hf-ckpt §3)
     "fp8": KvCache("fp8", "FP8", "FP8",
                    paged_context_fmha="trtllm-build refuses paged context FMHA with an FP8 KV cache unless the "
                                       "weights are FP8 too; set it to false or use algo fp8",
@@ -127,7 +129,7 @@ class Algorithm:
         return self.granularity == "group"
 
 
-# ---- the Hugging Face tensor sets (spec §1.3, §1.4, §2.3) ----------------------------------------
+# ---- the Hugging Face tensor sets (hf-ckpt §1.3, §1.4, §2.3) -------------------------------------
 
 MODELOPT_FP8 = (("weight", "codes"), ("weight_scale", "weight_scale"), ("input_scale", "input_scale"))
 MODELOPT_NVFP4 = (("weight_scale", "weight_scale"), ("weight", "codes:e2m1"), ("weight_scale_2", "weight_scale_2"),
@@ -159,8 +161,8 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
                                             "checkpoint (TensorRT-LLM's PyTorch backend)"}),
     Algorithm(
         "w8a16", WEIGHT_ONLY, "TensorRT-LLM's build-time weight-only quantizer (quant/weight_only.py): the "
-                              "checkpoint keeps the model-dtype weights; ModelOpt W8A16; compressed-tensors "
-                              "pack-quantized (spec §1.3)",
+                              "checkpoint keeps the model-dtype weights; ModelOpt W8A16 (hf-ckpt §1.3); "
+                              "compressed-tensors pack-quantized (hf-ckpt §2.3)",
         weight_bits=8, granularity="channel", trtllm_quant_algo="W8A16", modelopt_algo="W8A16",
         compressed_tensors=CompressedTensors("pack-quantized", CtArgs(8, "int", "channel")),
         hf_loaders={HF_MODELOPT: (TRTLLM_PYTORCH,), HF_COMPRESSED_TENSORS: (VLLM,)},
@@ -175,7 +177,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
         hf_tensors={HF_COMPRESSED_TENSORS: CT_PACK_QUANTIZED}),
     Algorithm(
         "w4a16_awq", AWQ, "AWQ (Lin et al. 2023, quant/awq.py); ModelOpt's W4A16_AWQ export (layouts); "
-                          "compressed-tensors pack-quantized group scales (spec §1.3)",
+                          "compressed-tensors pack-quantized group scales (hf-ckpt §2.3)",
         statistics=AWQ_STATISTICS, params=("group_size",),
         calibration_params=("group_size",),  # the scale search quantizes with the group size
         weight_bits=4, granularity="group", trtllm_quant_algo="W4A16_AWQ",
@@ -185,7 +187,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
         hf_tensors={HF_MODELOPT: MODELOPT_AWQ, HF_COMPRESSED_TENSORS: CT_PACK_QUANTIZED}),
     Algorithm(
         "w8a8_sq_per_channel", SMOOTHQUANT, "ModelOpt's out-of-the-box form (Int8SmoothQuantLinear), layouts; "
-                                            "vLLM's compressed-tensors W8A8 static (spec §2.3)",
+                                            "vLLM's compressed-tensors W8A8 static (hf-ckpt §2.3)",
         **_SMOOTHQUANT, granularity="channel", activations="static", trtllm_quant_algo="W8A8_SQ_PER_CHANNEL",
         trtllm_tensors=("weight", "weights_scaling_factor", "activation_scaling_factor", "prequant_scaling_factor"),
         compressed_tensors=CompressedTensors("int-quantized", _SQ_CT_WEIGHTS, CtArgs(8, "int", "tensor")),
@@ -211,7 +213,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
                                             "w8a8_sq_per_channel (static) or w8a8_sq_per_channel_per_token "
                                             "(dynamic)"}),
     Algorithm(
-        "fp8", FP8, "TensorRT-LLM's FP8Linear (quant/fp8.py); ModelOpt FP8 (spec §1.3)",
+        "fp8", FP8, "TensorRT-LLM's FP8Linear (quant/fp8.py); ModelOpt FP8 (hf-ckpt §1.3)",
         statistics=AMAX_STATISTICS, weight_bits=8, weight_type="float", granularity="tensor", activations="static",
         # FP8 weights with an INT8 KV cache: no TensorRT-LLM tool (ModelOpt's FP8 recipes, convert_checkpoint.py)
         # produces it, and whether trtllm-build's strongly typed FP8 network accepts an INT8 KV cache is
@@ -226,7 +228,7 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
                                             "PyTorch backend and vLLM load; use output.targets: [hf-modelopt]"},
         hf_tensors={HF_MODELOPT: MODELOPT_FP8}),
     Algorithm(
-        "nvfp4", NVFP4, "ModelOpt's NVFP4QTensor (spec §1.4, quant/nvfp4.py); trtllm-build's checkpoint path is "
+        "nvfp4", NVFP4, "ModelOpt's NVFP4QTensor (hf-ckpt §1.4, quant/nvfp4.py); trtllm-build's checkpoint path is "
                         "not implemented for it",
         statistics=AMAX_STATISTICS, weight_bits=4, weight_type="float", granularity="block", block_size=16,
         activations="static",  # a calibrated global input scale; the consumer computes the block scales

@@ -1,7 +1,7 @@
 """INT4 AWQ: group-wise int4 weights with an activation-aware per-input-channel scale.
 
 Group quantization (per row, groups of `group_size` input channels): scale = group amax / 7,
-codes = clamp(round(W / scale), -8, 7) (verified-layouts.md).
+codes = clamp(round(W / scale), -8, 7) (docs/format/verified-layouts.md).
 
 Scale search (AWQ paper, Lin et al. 2023): for a group of linears reading the same input x,
 with x̄_j = mean_t |x_tj|, try s = x̄^α for α on a grid in [0, 1) (normalized so that

@@ -1,9 +1,10 @@
 """KV-cache scales: one float32 [1] dequantization scale per layer (`kv_cache_scaling_factor`).
 
-INT8 follows TensorRT-LLM's own LLaMA converter (spec §4.3): max over the q, k and v projection
-outputs of |y|, divided by 127 (it includes q's range, which makes the scale conservative). FP8
-follows ModelOpt (the producer of calibrated FP8 KV scales): max |k|, |v| projection outputs / 448.
-Both use the projection outputs before RoPE, as the TensorRT-LLM converter's hooks see them.
+INT8 follows TensorRT-LLM's own LLaMA converter (docs/format/trtllm-checkpoint.md §4.3): max over
+the q, k and v projection outputs of |y|, divided by 127 (it includes q's range, which makes the
+scale conservative). FP8 follows ModelOpt (the producer of calibrated FP8 KV scales): max |k|, |v|
+projection outputs / 448. Both use the projection outputs before RoPE, as the TensorRT-LLM
+converter's hooks see them.
 """
 from __future__ import annotations
 

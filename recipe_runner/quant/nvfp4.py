@@ -1,6 +1,6 @@
 """NVFP4 (W4A4): E2M1 values, FP8 E4M3 scales per block of 16 input channels, one fp32 global scale.
 
-Formulas (hf-quantized-checkpoint spec §1.4, ModelOpt's NVFP4QTensor, bit-exact there):
+Formulas (docs/format/hf-quantized-checkpoint.md §1.4, ModelOpt's NVFP4QTensor, bit-exact there):
     ws2          = amax / (6·448)                     shared (max) across q/k/v and across gate/up
     weight_scale = e4m3(clamp(blockamax16 / (6·ws2), 2⁻⁹, 448))            [out, in/16]
     codes        = e2m1(W / (f32(weight_scale)·ws2))  round to nearest, ties to the even code

@@ -1,6 +1,6 @@
 """Two signed 4-bit values per byte, packed along the output (row) dimension.
 
-Layout (verified-layouts.md, ModelOpt's W4A16_AWQ export for TensorRT-LLM): an int4 matrix
+Layout (docs/format/verified-layouts.md, ModelOpt's W4A16_AWQ export for TensorRT-LLM): an int4 matrix
 [out, in] becomes int8 [out/2, in]; row 2k goes in the low nibble and row 2k+1 in the high nibble
 of packed row k, each as 4-bit two's complement. Packing along rows keeps a tensor-parallel split
 of the output dimension a plain row slice of the packed tensor (out/tp is even).

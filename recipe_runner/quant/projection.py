@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 # PREQUANT  p = 1/s rounded to the model dtype is stored for every linear and the engine multiplies x by
 #           it, so W is multiplied by exactly 1/p (TensorRT-LLM's ModelOpt forms: AWQ, W8A8_SQ_PER_CHANNEL)
 # FLOAT     s stays float32: folded into the preceding norm as norm/s, else stored as the `smoother` the
-#           network divides x by (TensorRT-LLM's SmoothQuant plugin form, spec §4.2)
+#           network divides x by (TensorRT-LLM's SmoothQuant plugin form,
+#           docs/format/trtllm-checkpoint.md §4.2)
 # FOLD      p = 1/s rounded, folded into the preceding norm as norm·p; W is divided by the ratio that
 #           rounded norm really applies; without a norm p is stored (pre_quant_scale) and W divided by it
 #           (the Hugging Face exports, ModelOpt's unified export)

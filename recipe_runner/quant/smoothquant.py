@@ -7,8 +7,9 @@ maxima w_j = max over the rows of every matrix reading that input:
 
 so x' W'ᵀ = x Wᵀ exactly before rounding. q/k/v share one s (one input), so do gate/up.
 
-Scale names follow TensorRT-LLM's generate_int8 (spec §4.2), where "orig→quant" factors multiply
-and "quant→orig" factors divide: s_x = 127 / max|x'|, s_y = 127 / max|y|, s_w = 127 / max|W'|.
+Scale names follow TensorRT-LLM's generate_int8 (docs/format/trtllm-checkpoint.md §4.2), where
+"orig→quant" factors multiply and "quant→orig" factors divide:
+s_x = 127 / max|x'|, s_y = 127 / max|y|, s_w = 127 / max|W'|.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Read a TensorRT-LLM LLaMA checkpoint directory the way trtllm-build does: config.json, then the
 tensors of one layer from every tensor-parallel rank of the pipeline stage that holds it.
 
-This is a second, independent reading of the format (facts from trtllm-checkpoint.md §1–3 and
-verified-layouts.md, copied here): it deliberately shares no code with `recipe_runner.trtllm`,
-so a layout mistake in the converter cannot be repeated here and pass unnoticed.
+This is a second, independent reading of the format (facts from docs/format/trtllm-checkpoint.md
+§1–3 and docs/format/verified-layouts.md, copied here): it deliberately shares no code with
+`recipe_runner.trtllm`, so a layout mistake in the converter cannot be repeated here and pass
+unnoticed.
 
 Format facts used:
   * rank = pp_rank·tp_size + tp_rank; one `rank{N}.safetensors` per rank, N < world_size.

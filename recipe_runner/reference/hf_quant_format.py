@@ -29,7 +29,8 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NVFP4_BLOCK = 16
 MODELOPT_ALGOS = ("FP8", "W8A16", "W4A16_AWQ", "NVFP4")
-# the module TensorRT-LLM's PyTorch backend builds for each HF projection (fused names, spec §2.1)
+# the module TensorRT-LLM's PyTorch backend builds for each HF projection (fused names,
+# docs/format/hf-quantized-checkpoint.md §2.1)
 TRTLLM_MODULE = {"self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
                  "self_attn.v_proj": "self_attn.qkv_proj", "mlp.gate_proj": "mlp.gate_up_proj",
                  "mlp.up_proj": "mlp.gate_up_proj", "self_attn.o_proj": "self_attn.o_proj",

@@ -15,8 +15,8 @@ computes it, in float32 (used by recipe_runner.reference.hf_quantized, layer by 
 
 The weight layouts are read here independently of the exporter (hfexport/export.py): a packing or
 scale mistake there shows up in the logits instead of being undone by shared code. Only the
-activation rounding reuses quant/nvfp4.py's E2M1 arithmetic. Facts from hf-quantized-checkpoint.md
-§1.3, §1.4, §3, copied.
+activation rounding reuses quant/nvfp4.py's E2M1 arithmetic. Facts from
+docs/format/hf-quantized-checkpoint.md §1.3, §1.4, §2.3, §3, copied.
 """
 from __future__ import annotations
 

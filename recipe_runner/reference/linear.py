@@ -1,6 +1,7 @@
 """One tensor-parallel rank's piece of a linear layer, built from that rank's checkpoint tensors the
-way trtllm-build would build it for the checkpoint's `quant_algo` (trtllm-checkpoint.md §4,
-verified-layouts.md), as a float32 effective weight plus the input transforms the engine applies.
+way trtllm-build would build it for the checkpoint's `quant_algo` (docs/format/trtllm-checkpoint.md
+§4, docs/format/verified-layouts.md), as a float32 effective weight plus the input transforms the
+engine applies.
 
 | quant_algo                  | stored per linear (besides weight/bias)                  | simulated here |
 |-----------------------------|----------------------------------------------------------|----------------|

@@ -82,7 +82,7 @@ def build_rank_layer(cfg: CheckpointConfig, tensors: dict[str, torch.Tensor], *,
 
 
 def _check_shapes(cfg: CheckpointConfig, layer: RankLayer, where: str, prefix: str) -> None:
-    """The shapes trtllm-build's modules declare for one rank (spec §3)."""
+    """The shapes trtllm-build's modules declare for one rank (docs/format/trtllm-checkpoint.md §3)."""
     H, d, tp = cfg.hidden_size, cfg.head_size, cfg.tp_size
     nq, nkv = cfg.q_heads_per_rank, cfg.kv_heads_per_rank
     qkv_rows = (nq + 2 * nkv) * d

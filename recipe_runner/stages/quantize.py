@@ -17,7 +17,8 @@ Which tensors each algorithm writes (the README's Quantization table; names in t
   w8a8_sq_per_channel (ModelOpt form)  int8 W·diag(s) per-channel, weights_scaling_factor [out],
                   activation_scaling_factor [1], prequant_scaling_factor 1/s [in]; norms unchanged
   w8a8_sq_*_plugin  int8 weights, per_channel_scale, act_scale, smoother, norm scale_to_int,
-                  module quantization_scaling_factor; s folded into the norms (spec §4.2)
+                  module quantization_scaling_factor; s folded into the norms
+                  (docs/format/trtllm-checkpoint.md §4.2)
   w4a16_awq       packed int4 [out/2, in], group weights_scaling_factor [out, in/g],
                   prequant_scaling_factor 1/s [in]
   kv int8/fp8     attention.kv_cache_scaling_factor [1] per layer
@@ -225,8 +226,9 @@ def _sq_modelopt(job: LayerJob) -> None:
 
 
 def _sq_plugin(job: LayerJob) -> None:
-    """TensorRT-LLM's SmoothQuant plugin form (spec §4.2): smoothers folded into the norms (qkv,
-    fc/gate) or kept as `smoother` tensors (dense, proj); static or per-token activations."""
+    """TensorRT-LLM's SmoothQuant plugin form (docs/format/trtllm-checkpoint.md §4.2): smoothers
+    folded into the norms (qkv, fc/gate) or kept as `smoother` tensors (dense, proj); static or
+    per-token activations."""
     per_token = job.settings.algorithm.activations == "dynamic"
     module_scale = {"attention.dense": tq.ATTENTION_QUANTIZATION_SCALING_FACTOR,
                     "mlp.proj": tq.MLP_QUANTIZATION_SCALING_FACTOR}

@@ -1,4 +1,5 @@
-"""The checkpoint's config.json (spec §2): fields, dtype resolution, quantization section.
+"""The checkpoint's config.json: fields, dtype resolution, quantization section (the format:
+docs/format/trtllm-checkpoint.md §2).
 
 trtllm-build loads it with `LLaMAConfig.from_dict(config)`: unknown top-level keys are kept (set as
 attributes), but `mapping` and `quantization` are strict (`Mapping(**d)`, `QuantConfig(**d)`: unknown

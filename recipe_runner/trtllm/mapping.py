@@ -1,9 +1,9 @@
 """Parallel mapping of a TensorRT-LLM checkpoint: which rank holds which layers, and which
 (tp_size, pp_size) a model allows.
 
-Facts (spec §1, §3.4, verified-layouts.md): rank = pp_rank·tp_size + tp_rank (TP fastest);
-pipeline stages get contiguous layer blocks with `torch.tensor_split` semantics, i.e. the first
-L % pp stages get one extra layer.
+Facts (docs/format/trtllm-checkpoint.md §1, §3.4; docs/format/verified-layouts.md):
+rank = pp_rank·tp_size + tp_rank (TP fastest); pipeline stages get contiguous layer blocks with
+`torch.tensor_split` semantics, i.e. the first L % pp stages get one extra layer.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def pp_layers(num_layers: int, pp_size: int, pp_rank: int) -> list[int]:
 
 
 def kv_heads_compatible(num_kv_heads: int, tp_size: int) -> bool:
-    """KV heads are split when tp divides them and duplicated when they divide tp (spec §3.1)."""
+    """KV heads are split when tp divides them and duplicated when they divide tp
+    (docs/format/trtllm-checkpoint.md §3.1)."""
     return num_kv_heads % tp_size == 0 or tp_size % num_kv_heads == 0
 
 

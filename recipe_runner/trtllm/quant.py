@@ -1,7 +1,7 @@
 """The quantized parts of the TensorRT-LLM checkpoint format: the `quantization` section of
 config.json (each algo's QuantAlgo name is in quant/algorithms.py), how `exclude_modules` matches
-(module names: models/), and the tensor names each algorithm adds (spec §2.4, §4, §4.6;
-verified-layouts.md).
+(module names: models/), and the tensor names each algorithm adds
+(docs/format/trtllm-checkpoint.md §2.4, §4, §4.6; docs/format/verified-layouts.md).
 
 Facts copied here from TensorRT-LLM's source (trtllm-build reads the checkpoint this way; nothing outside the
 package is read at run time):

@@ -1,4 +1,6 @@
-"""How each TensorRT-LLM tensor is cut per tensor-parallel rank (spec §3, verified-layouts.md).
+"""How each TensorRT-LLM tensor is cut per tensor-parallel rank.
+
+The rules: docs/format/trtllm-checkpoint.md §3 and docs/format/verified-layouts.md.
 
 Two views of the same rules, kept side by side so they cannot drift apart:
 
@@ -53,7 +55,8 @@ def kv_heads_for_rank(num_kv_heads: int, tp_size: int, tp_rank: int) -> HeadRang
     """KV heads of one rank: an equal share when tp divides them, otherwise one duplicated head.
 
     With num_kv_heads < tp_size each head is repeated tp/nkv times consecutively, so rank r holds
-    head r·nkv/tp (tp4, kv2: ranks 0,1 -> head 0; ranks 2,3 -> head 1) — verified-layouts.md.
+    head r·nkv/tp (tp4, kv2: ranks 0,1 -> head 0; ranks 2,3 -> head 1);
+    docs/format/verified-layouts.md.
     """
     if num_kv_heads >= tp_size:
         return q_heads_for_rank(num_kv_heads, tp_size, tp_rank)
@@ -159,7 +162,8 @@ def shard_qkv(
     tp_size: int,
     tp_rank: int,
 ) -> torch.Tensor:
-    """Fused qkv of one rank: [q_r; k_r; v_r] (blocks, not interleaved per head), spec §3.1."""
+    """Fused qkv of one rank: [q_r; k_r; v_r] (blocks, not interleaved per head),
+    docs/format/trtllm-checkpoint.md §3.1."""
     del num_heads  # q is split evenly; kept in the signature so call sites name every size
     k = duplicate_kv_heads(k, num_kv_heads, tp_size, head_dim)
     v = duplicate_kv_heads(v, num_kv_heads, tp_size, head_dim)

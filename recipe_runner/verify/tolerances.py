@@ -2,9 +2,9 @@
 for every limit it leaves out.
 
 How the defaults were chosen: from the worst figures a correct checkpoint of each format gives
-on the tiny seeded test models (tp 1 and 2; checkpoints from the spec's formulas in
-tests/quantized_checkpoints.py and from the quantize stage; the measurements are in the
-comments below, as max abs / mean abs / mean KL / top-1), with a margin of 3–10x on the
+on the tiny seeded test models (tp 1 and 2; checkpoints from the formulas of
+docs/format/trtllm-checkpoint.md §4 in tests/quantized_checkpoints.py and from the quantize stage;
+the measurements are in the comments below, as max abs / mean abs / mean KL / top-1), with a margin of 3–10x on the
 errors, raised where production builds of the format are known to need more. Two things to
 know when reading them:
 
