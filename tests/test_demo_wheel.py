@@ -119,12 +119,18 @@ def test_report_summary_from_verify_json(tmp_path):
     report = {
         "passed": False, "inputs": [{"label": "prompt 1"}, {"label": "token_ids 1"}],
         "figures": {"tokens": 9, "max_abs_logit_error": 0.5, "mean_abs_logit_error": 0.004, "mean_kl": 2e-5,
-                    "top1_agreement": 1.0, "perplexity_source": 1000.0, "perplexity_checkpoint": 1001.5},
+                    "top1_agreement": 1.0, "perplexity_source": 1000.0, "perplexity_checkpoint": 1001.5,
+                    "max_layer_error": 0.02},
         "tolerances": {"max_abs_logit_error": 0.1, "mean_abs_logit_error": 0.01, "mean_kl": 1e-4,
-                       "min_top1_agreement": 0.98},
+                       "min_top1_agreement": 0.98, "max_layer_error": 0.01, "max_perplexity_ratio": 1.01},
         "tolerance_sources": {"max_abs_logit_error": "recipe", "mean_abs_logit_error": "default for none",
-                              "mean_kl": "default for none", "min_top1_agreement": "default for none"},
-        "failures": [{"figure": "max_abs_logit_error", "value": 0.5, "limit": 0.1, "message": "..."}],
+                              "mean_kl": "default for none", "min_top1_agreement": "default for none",
+                              "max_layer_error": "default for none", "max_perplexity_ratio": "default for none"},
+        "failures": [{"figure": "max_abs_logit_error", "value": 0.5, "limit": 0.1, "message": "..."},
+                     {"figure": "max_layer_error", "value": 0.02, "limit": 0.01, "message": "...", "layer": 3}],
+        "layers": {"first_jump": 3, "worst_layer": 3, "jump_factor": 3.0, "layers": []},
+        "perplexity": {"windows": 2, "tokens": 62, "perplexity_source": 20.0, "perplexity_checkpoint": 20.1,
+                       "perplexity_ratio": 1.005, "recovery": 0.995025},
     }
     path = tmp_path / "verify.json"
     path.write_text(json.dumps(report))
@@ -134,6 +140,11 @@ def test_report_summary_from_verify_json(tmp_path):
         "  mean_abs_logit_error       0.004  <= 0.01     (default for none)  ok",
         "  mean_kl                    2e-05  <= 0.0001   (default for none)  ok",
         "  top1_agreement                 1  >= 0.98     (default for none)  ok",
+        "  max_layer_error             0.02  <= 0.01     (default for none)  OUT OF TOLERANCE",
         "  perplexity            source 1000, checkpoint 1002",
+        "  held-out perplexity   source 20, checkpoint 20.1: ratio 1.005 <= 1.01 (default for none), recovery "
+        "0.995, 62 tokens  ok",
+        "  layer 3 is the first whose error stands out from the others' (worst: layer 3); verify.md has the "
+        "layer-by-layer table",
         "FAIL",
     ]

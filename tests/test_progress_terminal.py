@@ -1,5 +1,5 @@
 """`recipe build` as a release engineer watches it: in a pseudo-terminal the live display shows
-calibrate's samples × layers and verify's layers × inputs counting up, and log lines never land on
+calibrate's samples × layers and verify's layer runs (3 × layers × inputs: verify/trace.py) counting up, and log lines never land on
 a half-drawn progress line; logs without a terminal get one running and one ran line per stage; a
 build waiting on another's lock says so."""
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_a_terminal_shows_calibrate_and_verify_counting_up(quant_model, calib_fi
     samples = min(48, len(calib_file.read_text().splitlines()))  # one sample per line of the file
     calibrate = _counts(output, "calibrate", "samples×layers")
     verify = _counts(output, "verify", "layers×inputs")
-    for counts, total in ((calibrate, samples * layers), (verify, 2 * layers * len(token_ids))):
+    for counts, total in ((calibrate, samples * layers), (verify, 3 * layers * len(token_ids))):
         assert counts, output[-3000:]
         assert {t for _, t in counts} == {total}
         done = [d for d, _ in counts]

@@ -167,3 +167,61 @@ def test_missing_smoothquant_scale_names_the_tensor(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="rank0.safetensors: transformer.layers.2.mlp.quantization_scaling_factor "
                                               "is missing; quant_algo W8A8_SQ_PER_TENSOR_PLUGIN needs it"):
         verify_checkpoint(corrupt(ckpt, tmp_path / "bad", drop), model_dir, token_ids=TOKENS)
+
+
+# ---- one layer's layout bug: the logit figures can stay inside their limits; the layer trace does not ----
+
+LAYER = 2  # of the tiny models' 4
+
+
+def _swap_one_qk_head_pair(tp: int) -> Edit:
+    def edit(rank: int, t: dict[str, torch.Tensor]) -> None:
+        if rank == 0:  # rank 0's first query head and first key head trade rows
+            w = t[f"transformer.layers.{LAYER}.attention.qkv.weight"]
+            q_rows = 64 // tp
+            q, k = w[0:8].clone(), w[q_rows:q_rows + 8].clone()
+            w[0:8], w[q_rows:q_rows + 8] = k, q
+    return edit
+
+
+def _swap_gate_up(tp: int) -> Edit:
+    def edit(rank: int, t: dict[str, torch.Tensor]) -> None:
+        fc, gate = f"transformer.layers.{LAYER}.mlp.fc.weight", f"transformer.layers.{LAYER}.mlp.gate.weight"
+        t[fc], t[gate] = t[gate].clone(), t[fc].clone()
+    return edit
+
+
+def _swap_rank_slices(ckpt: Path) -> Edit:
+    name = f"transformer.layers.{LAYER}.attention.dense.weight"
+    slices = {r: load_file(ckpt / f"rank{r}.safetensors")[name] for r in (0, 1)}
+
+    def edit(rank: int, t: dict[str, torch.Tensor]) -> None:
+        t[name] = slices[1 - rank].clone()
+    return edit
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa"])
+@pytest.mark.parametrize("bug", ["qk_head", "gate_up", "rank_slices"])
+def test_a_bug_in_one_layer_fails_and_the_trace_names_the_layer(tiny_model, tmp_path, variant, bug):
+    model_dir = tiny_model(variant)
+    tp = 2 if bug == "rank_slices" else 1
+    ckpt = convert(model_dir, tmp_path / "ok", tp_size=tp)
+    edit = {"qk_head": lambda: _swap_one_qk_head_pair(tp), "gate_up": lambda: _swap_gate_up(tp),
+            "rank_slices": lambda: _swap_rank_slices(ckpt)}[bug]()
+    result = verify_checkpoint(corrupt(ckpt, tmp_path / "bad", edit), model_dir, token_ids=TOKENS)
+    assert not result.passed
+    failure = next(f for f in result.failures if f.figure == "max_layer_error")
+    assert failure.layer == LAYER and f"max_layer_error {failure.value:.4g} (decoder layer {LAYER}) > 0.01" in failure.message
+    assert result.trace.first_jump == LAYER and result.trace.worst_layer == LAYER
+    others = [e.layer_error for e in result.trace.layers if e.layer != LAYER]
+    assert max(others) < 1e-5  # the other layers are as exact as a correct conversion
+    assert [e.cumulative_error > 1e-3 for e in result.trace.layers] == [False] * LAYER + [True] * (4 - LAYER)
+    assert f"(decoder layer {LAYER})" in failure_summary(result)
+
+
+def test_a_cast_checkpoint_passes_with_its_rounding_flat_across_layers(tiny_model, tmp_path):
+    model_dir = tiny_model("gqa")  # float32 source, checkpoint in bfloat16: rounding in every layer
+    result = verify_checkpoint(convert(model_dir, tmp_path / "bf16", dtype="bfloat16"), model_dir, token_ids=TOKENS)
+    assert result.passed, failure_summary(result)
+    errors = [e.layer_error for e in result.trace.layers]
+    assert 1e-3 < min(errors) and max(errors) < 0.01 and result.trace.first_jump is None

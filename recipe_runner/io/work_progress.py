@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
 
 PROGRESS_NAME = "progress.json"
 INTERVAL_ENV = "RECIPE_RUNNER_PROGRESS_INTERVAL"  # seconds between redraws and count writes (tests shorten it)
@@ -79,11 +78,3 @@ def read_progress(path: Path) -> dict | None:
         return None
     return record if isinstance(record, dict) else None
 
-
-T = TypeVar("T")
-
-
-def stepped(value: T, step: Callable[[], None]) -> T:
-    """`value`, after calling `step()`: counts one unit of work inside a comprehension."""
-    step()
-    return value

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
-from recipe_runner.calibration.dataset import FIELD as DATASET, locate_dataset
+from recipe_runner.calibration.dataset import CALIBRATION, PERPLEXITY, locate_dataset
 from recipe_runner.hf.files import tokenizer_problem
 from recipe_runner.hf.sources import source_problem
 from recipe_runner.checks.release import release_findings
@@ -31,7 +31,7 @@ from recipe_runner.pipeline.progress import format_size
 from recipe_runner.pipeline.usage import measure
 from recipe_runner.store.ownership import check_cache_location, check_output_location
 from recipe_runner.store.publish import Generation, OutputDir
-from recipe_runner.pipeline.resolve import ResolvedPlan, resolve, write_record
+from recipe_runner.pipeline.resolve import DATASET_INPUTS, ResolvedPlan, resolve, write_record
 from recipe_runner.stages.registry import PUBLISHED, StageJob, stage_executor
 from recipe_runner.trtllm.releases import FIELD, recorded_names, release_of_version, releases
 from recipe_runner.trtllm.toolchain import Toolchain, require_toolchain
@@ -67,6 +67,8 @@ class Preflight:
     problems: list[Problem]  # sorted by position; empty when the build can start
 
 
+DATASET_ROLES = {"calibration-data": CALIBRATION, "verify-data": PERPLEXITY}  # by stage input
+
 # Stages that tokenize with the source's tokenizer files: the field a missing tokenizer is reported at.
 TOKENIZER_USERS = {"calibrate": ("quantization.calibration", "calibration needs to tokenize its dataset"),
                    "verify": ("verify.prompts", "verify needs to tokenize verify.prompts (or give verify.token_ids)")}
@@ -81,14 +83,17 @@ def preflight(plans: list[Plan], store: CacheStore, *, force: bool = False) -> P
         recipe, directory = plan.recipe, plan.source.directory
         problems += filter(None, [source_problem(recipe, plan.source)])
         inputs = {i for s in plan.stages for i in s.inputs}
-        if "calibration-data" in inputs:
+        for role in (DATASET_ROLES[name] for name in DATASET_INPUTS if name in inputs):
+            field = role.field("dataset")
             try:
-                locate_dataset(recipe.get(DATASET), recipe.resolve_path(DATASET),
-                               recipe.get("quantization.calibration.split"))
+                locate_dataset(recipe.get(field), recipe.resolve_path(field), recipe.get(role.field("split")),
+                               recipe.get(role.field("revision")), role)
             except UserError as exc:
-                problems += as_problems(exc, recipe, DATASET, "quantization.calibration.split")
+                problems += as_problems(exc, recipe, field, role.field("split"), role.field("revision"))
         for stage in (s for s in plan.stages if "tokenizer" in s.inputs and directory is not None):
             field, needed_for = TOKENIZER_USERS[stage.name]
+            if stage.name == "verify" and not recipe.get("verify.prompts"):
+                field, needed_for = "verify.perplexity", "verify needs to tokenize verify.perplexity's dataset"
             message = tokenizer_problem(directory, needed_for)
             problems += [Problem(recipe.location(field), field, message)] if message else []
     problems += output_problems(plans, store, force)
@@ -223,8 +228,8 @@ def input_path(resolved: ResolvedPlan, name: str, entries: dict[str, Entry]) -> 
     """Where a stage reads input `name`: the tokenizer files sit in the source model's directory."""
     if name in ("source", "tokenizer"):
         return resolved.source_dir
-    if name == "calibration-data":  # a local file, or a dataset id that calibration looks up in the HF cache
-        return resolved.plan.recipe.resolve_path("quantization.calibration.dataset")
+    if name in DATASET_INPUTS:  # a local file, or a dataset id the stage looks up in the HF cache
+        return resolved.plan.recipe.resolve_path(f"{DATASET_INPUTS[name]}.dataset")
     return entries[name].path
 
 
@@ -319,19 +324,21 @@ def make_lock(resolved: ResolvedPlan, outputs: dict) -> LockFile:
 
 
 def lock_inputs(resolved: ResolvedPlan) -> dict:
-    """The inputs as the lock lists them: sources, tokenizer and calibration (None where no stage reads
-    them), each file's size and sha256, the calibration dataset's id and the HF-cache snapshot used."""
+    """The inputs as the lock lists them: sources, tokenizer, calibration and verify's perplexity dataset
+    (None where no stage reads them), each file's size and sha256, a dataset's id and the HF-cache
+    snapshot used."""
     def listing(files) -> dict:
         return {n: d.to_dict() for n, d in files.items()}
 
-    calibration = None
-    if resolved.calibration is not None:
-        found = resolved.calibration
-        calibration = {"dataset": found.dataset, "files": listing(found.files),
-                       **({"revision": found.revision} if found.revision is not None else {})}
+    def dataset(found) -> dict | None:
+        if found is None:
+            return None
+        return {"dataset": found.dataset, "files": listing(found.files),
+                **({"revision": found.revision} if found.revision is not None else {})}
+
     return {"sources": listing(resolved.sources),
             "tokenizer": listing(resolved.tokenizer.files) if resolved.tokenizer is not None else None,
-            "calibration": calibration}
+            "calibration": dataset(resolved.calibration), "perplexity": dataset(resolved.verify_data)}
 
 
 def _toolchain_versions(resolved: ResolvedPlan) -> dict[str, str]:

@@ -38,8 +38,8 @@ class StageStatus:
 
 @dataclass(frozen=True)
 class InputFiles:
-    """The files one input of the keys stands for, as the lock lists them; for a calibration dataset,
-    the dataset as the recipe names it and, from the local HF cache, the snapshot (commit) used."""
+    """The files one input of the keys stands for, as the lock lists them; for a dataset (calibration's,
+    verify's), the dataset as the recipe names it and, from the local HF cache, the snapshot (commit) used."""
 
     digest: str  # what enters the keys
     files: Mapping[str, FileDigest]  # relpath → size, sha256
@@ -56,6 +56,7 @@ class ResolvedPlan:
     toolchain: Toolchain | None = None  # trtllm-build, when the plan builds an engine here
     calibration: InputFiles | None = None  # when a stage reads calibration-data
     tokenizer: InputFiles | None = None  # when a stage reads the tokenizer
+    verify_data: InputFiles | None = None  # when verify measures perplexity on a dataset (verify-data)
 
     def status(self, name: str) -> StageStatus:
         return next(s for s in self.statuses if s.stage.name == name)
@@ -63,7 +64,7 @@ class ResolvedPlan:
     def input_files(self) -> dict[str, InputFiles]:
         """Every input of the keys that stands for files, by the name the keys give it."""
         found = {"source": InputFiles(_files_digest(self.sources), self.sources),
-                 "calibration-data": self.calibration, "tokenizer": self.tokenizer}
+                 "calibration-data": self.calibration, "tokenizer": self.tokenizer, "verify-data": self.verify_data}
         return {name: files for name, files in found.items() if files is not None}
 
 
@@ -83,15 +84,21 @@ def source_files(model_dir: Path) -> list[Path]:
     return sorted({*weights, *([config] if config.is_file() else [])})
 
 
-def calibration_input(plan: Plan, store: CacheStore, rehash: bool) -> InputFiles:
-    """A local calibration file enters keys by content; a dataset snapshot in the local HF cache by its
-    files' content (`revision` selects it, else refs/main); a dataset id not found here by name."""
-    dataset = plan.recipe.get("quantization.calibration.dataset")
-    path = plan.recipe.resolve_path("quantization.calibration.dataset")
+# The stage inputs that stand for a dataset (a local file or a dataset id in the HF cache), by the
+# recipe section naming it: calibration's statistics, verify's held-out perplexity text.
+DATASET_INPUTS = {"calibration-data": "quantization.calibration", "verify-data": "verify.perplexity"}
+
+
+def dataset_input(plan: Plan, store: CacheStore, rehash: bool, section: str) -> InputFiles:
+    """A local dataset file enters keys by content; a dataset snapshot in the local HF cache by its
+    files' content (`revision` selects it, else refs/main); a dataset id not found here by name.
+    `section` is the recipe section holding dataset and revision (DATASET_INPUTS)."""
+    dataset = plan.recipe.get(f"{section}.dataset")
+    path = plan.recipe.resolve_path(f"{section}.dataset")
     if path is not None and path.is_file():
         digest = store.hash_memo().digest(path, rehash=rehash)
         return InputFiles(digest.sha256, {path.name: digest}, dataset)
-    revision = plan.recipe.get("quantization.calibration.revision")
+    revision = plan.recipe.get(f"{section}.revision")
     found = cached_dataset_files(dataset, revision)
     if found is not None:
         files = store.hash_memo().hash_files(list(found.files), rehash=rehash, root=found.root)
@@ -115,15 +122,17 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: T
     sources = store.hash_memo().hash_files(source_files(source_dir), rehash=rehash, root=source_dir)
     source = InputFiles(_files_digest(sources), sources)
     inputs_by_name = {"source": source.digest}
-    calibration = tokenizer = None
-    if any("calibration-data" in s.inputs for s in plan.stages):
-        calibration = calibration_input(plan, store, rehash)
-        inputs_by_name["calibration-data"] = calibration.digest
+    datasets: dict[str, InputFiles] = {}
+    for name, section in DATASET_INPUTS.items():
+        if any(name in s.inputs for s in plan.stages):
+            datasets[name] = dataset_input(plan, store, rehash, section)
+            inputs_by_name[name] = datasets[name].digest
+    tokenizer = None
     if any("tokenizer" in s.inputs for s in plan.stages):
         tokenizer = tokenizer_input(source_dir, store, rehash)
         inputs_by_name["tokenizer"] = tokenizer.digest
     previous = read_record(store, plan.recipe.name)
-    known_files, new_files = previous.get(FILES, {}), listings([source, calibration, tokenizer])
+    known_files, new_files = previous.get(FILES, {}), listings([source, *datasets.values(), tokenizer])
     tools = key_tools()
     statuses = []
     for stage in plan.stages:
@@ -138,7 +147,8 @@ def resolve(plan: Plan, store: CacheStore, *, rehash: bool = False, toolchain: T
         if stage.name == "build-engine" and toolchain is None:
             cached, reasons = False, ("trtllm-build is not available here",)
         statuses.append(StageStatus(stage, key, cached, reasons))
-    return ResolvedPlan(plan, source_dir, sources, tuple(statuses), toolchain, calibration, tokenizer)
+    return ResolvedPlan(plan, source_dir, sources, tuple(statuses), toolchain, datasets.get("calibration-data"),
+                        tokenizer, datasets.get("verify-data"))
 
 
 def listings(inputs: Iterable[InputFiles | None]) -> dict[str, dict]:

@@ -21,7 +21,7 @@ from recipe_runner.errors import SourceModelError
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hf.remote_code import refuse_remote_code
-from recipe_runner.io.work_progress import stepped as _stepped
+from recipe_runner.reference.layerwise import forward_logits
 from recipe_runner.models import layout_for
 
 
@@ -58,7 +58,11 @@ class HFLayerwiseModel:
     def _read(self, name: str) -> torch.Tensor:
         return self.source.read(name).to(torch.float32)
 
-    def _layer(self, index: int) -> torch.nn.Module:
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+    def load_layer(self, index: int) -> torch.nn.Module:
         prefix = self.layout.hf_layer_tensor(index, "")
         state = {n[len(prefix):]: self._read(n) for n in self.source.names() if n.startswith(prefix)}
         with torch.device("meta"):
@@ -69,27 +73,25 @@ class HFLayerwiseModel:
     def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
         """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
         (layer, sequence)."""
-        with torch.no_grad():
-            table = self._read(self.layout.embedding.hf)
-            hidden = [table[torch.tensor(seq)].unsqueeze(0) for seq in sequences]  # [1, T, H]
-            del table
-            for index in range(self.model_config.num_hidden_layers):
-                layer = self._layer(index)
-                hidden = [_stepped(self._run_layer(layer, h), step) for h in hidden]
-                del layer
-            return self._head(hidden)
+        return forward_logits(self, sequences, step)
 
-    def _run_layer(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        table = self._read(self.layout.embedding.hf)
+        return [table[torch.tensor(seq)] for seq in sequences]  # [T, H]
+
+    def run_layer(self, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """[T, H] through the transformers decoder layer (which takes a batch: [1, T, H])."""
+        h = h.unsqueeze(0)
         T = h.shape[1]
         positions = torch.arange(T).unsqueeze(0)
         mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
         position_embeddings = self.rotary(h, positions)
         out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings)
-        return out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out)[0]
 
-    def _head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    def head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         with torch.device("meta"):
             norm = self.norm_cls(self.model_config.hidden_size, eps=self.model_config.rms_norm_eps)
         norm.load_state_dict({"weight": self._read(self.layout.final_norm.hf)}, assign=True)
         head = self._read(self.layout.embedding.hf if self.model_config.tie_word_embeddings else self.layout.lm_head.hf)
-        return [(norm(h) @ head.T)[0] for h in hidden]
+        return [norm(h) @ head.T for h in hidden]

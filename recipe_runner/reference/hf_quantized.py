@@ -16,7 +16,7 @@ import torch
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.io.work_progress import stepped as _stepped
+from recipe_runner.reference.layerwise import forward_logits
 from recipe_runner.reference import numerics as nx
 from recipe_runner.reference.hf_quant_format import HFCheckpointError, HFQuantFormat, detect_format
 from recipe_runner.reference.hf_quant_linear import Tensors, plain_linear, quantized_linear, scalar
@@ -110,22 +110,31 @@ class HFQuantizedModel:
         mlp = layer.linears
         return x + mlp["mlp.down_proj"](torch.nn.functional.silu(mlp["mlp.gate_proj"](h)) * mlp["mlp.up_proj"](h))
 
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
     def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
         """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
         (layer, sequence)."""
+        return forward_logits(self, sequences, step)
+
+    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        table = self._read("model.embed_tokens.weight")
+        return [table[torch.tensor(seq)] for seq in sequences]
+
+    def load_layer(self, index: int) -> HFLayer:
+        self.reader.release()  # the previous layer's mapped files
+        return self.layer(index)
+
+    def run_layer(self, layer: HFLayer, hidden: torch.Tensor) -> torch.Tensor:
+        return self._decoder(layer, hidden)
+
+    def head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         c = self.model_config
-        with torch.no_grad():
-            table = self._read("model.embed_tokens.weight")
-            hidden = [table[torch.tensor(seq)] for seq in sequences]
-            del table
-            for index in range(c.num_hidden_layers):
-                layer = self.layer(index)
-                hidden = [_stepped(self._decoder(layer, h), step) for h in hidden]
-                del layer
-                self.reader.release()
-            norm = self._read("model.norm.weight")
-            head_name = "lm_head.weight"
-            if head_name not in self.reader and c.tie_word_embeddings:
-                head_name = "model.embed_tokens.weight"
-            head = self._read(head_name)
-            return [(rms_norm(h, norm, c.rms_norm_eps) @ head.T)[:, :c.vocab_size] for h in hidden]
+        norm = self._read("model.norm.weight")
+        head_name = "lm_head.weight"
+        if head_name not in self.reader and c.tie_word_embeddings:
+            head_name = "model.embed_tokens.weight"
+        head = self._read(head_name)
+        return [(rms_norm(h, norm, c.rms_norm_eps) @ head.T)[:, :c.vocab_size] for h in hidden]

@@ -22,7 +22,6 @@ from typing import Callable
 import torch
 
 from recipe_runner.errors import UserError
-from recipe_runner.io.work_progress import stepped as _stepped
 from recipe_runner.reference import numerics as nx
 from recipe_runner.reference.checkpoint import (
     LM_HEAD,
@@ -32,6 +31,7 @@ from recipe_runner.reference.checkpoint import (
     CheckpointError,
     CheckpointReader,
 )
+from recipe_runner.reference.layerwise import forward_logits
 from recipe_runner.reference.linear import RankLinear, check_algos, rank_linear
 from recipe_runner.reference.rope import Rope, apply_rope
 
@@ -163,18 +163,19 @@ class ReferenceModel:
         self.rope = Rope(cfg.head_size, cfg.rotary_base, cfg.rotary_scaling, cfg.max_position_embeddings)
         self.rope.check()
 
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
     def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
         """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
         (layer, sequence)."""
-        with torch.no_grad():
-            hidden = self._embed(sequences)
-            for layer in range(self.config.num_layers):
-                ranks = self._layer(layer)
-                hidden = [_stepped(decoder_layer(self.config, ranks, h, self.rope), step) for h in hidden]
-                del ranks  # free this layer before the next one is read
-            return self._head(hidden)
+        return forward_logits(self, sequences, step)
 
-    def _layer(self, layer: int) -> list[RankLayer]:
+    def run_layer(self, ranks: list[RankLayer], hidden: torch.Tensor) -> torch.Tensor:
+        return decoder_layer(self.config, ranks, hidden, self.rope)
+
+    def load_layer(self, layer: int) -> list[RankLayer]:
         cfg = self.config
         pp_rank, local = cfg.locate_layer(layer)
         out = []
@@ -204,11 +205,11 @@ class ReferenceModel:
                                   f"[{cfg.vocab_size}, {cfg.hidden_size}]")
         return table
 
-    def _embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+    def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         table = self._embedding_table()
         return [table[torch.tensor(seq)].to(torch.float32) for seq in sequences]
 
-    def _head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    def head(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         cfg = self.config
         last = cfg.pp_size - 1
         norm = self._replicated(LN_F, last).to(torch.float32)

@@ -40,7 +40,7 @@ def _layer(m: "ModelConfig") -> int:  # one decoder layer's linears in float32
 class StageUse:
     """How one recipe uses a stage."""
 
-    inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data" / "tokenizer"
+    inputs: tuple[str, ...]  # upstream stages, or "source" / "calibration-data" / "verify-data" / "tokenizer"
     params: dict[str, Any]  # exactly the recipe fields its result depends on
     after: tuple[str, ...] = ()  # stages that must succeed first without entering the key
 
@@ -123,9 +123,13 @@ def _verify(d: Recipe) -> StageUse | None:
         return None
     # every checkpoint the recipe writes: the rank files, then each HF export (VERIFIED_STAGES order)
     checked = tuple(name for name in VERIFIED_STAGES if STAGES[name].uses(d) is not None)
-    # prompts are tokenized with the source's tokenizer files, which the "source" input does not cover
-    inputs = checked + (("source", "tokenizer") if d["verify"]["prompts"] else ("source",))
-    params = {**_pick(d["verify"], "prompts", "token_ids", "tolerances"), **_pick(d["source"], "trust_remote_code")}
+    # prompts and the perplexity dataset are tokenized with the source's tokenizer files, which the
+    # "source" input does not cover; the dataset's files enter as "verify-data"
+    dataset = "perplexity" in d["verify"]
+    inputs = checked + ("source",) + (("verify-data",) if dataset else ())
+    inputs += ("tokenizer",) if d["verify"]["prompts"] or dataset else ()
+    params = {**_pick(d["verify"], "prompts", "token_ids", "tolerances", "perplexity"),
+              **_pick(d["source"], "trust_remote_code")}
     return StageUse(inputs, params)
 
 
@@ -164,7 +168,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("export-hf-compressed-tensors", 3, _export_hf(HF_COMPRESSED_TENSORS),
               "recipe_runner.stages.export_hf:run_export_hf", lambda m, w: 2 * _largest(m) + GiB,
               publishes="hf-compressed-tensors", target=HF_COMPRESSED_TENSORS),
-    StageSpec("verify", 4, _verify, "recipe_runner.stages.verify:run_verify",
+    StageSpec("verify", 5, _verify, "recipe_runner.stages.verify:run_verify",
               lambda m, w: _layer(m) + _largest(m) + GiB, publishes="verify"),
     # trtllm-build's memory is unknown here, so it runs alone under --max-memory
     StageSpec("build-engine", 2, _build_engine, "recipe_runner.stages.engine:run_engine", lambda m, w: 1 << 62,

@@ -12,19 +12,31 @@ from __future__ import annotations
 from recipe_runner.errors import StageFailed
 from recipe_runner.recipe.model import thaw
 from recipe_runner.stages.registry import STAGES, VERIFIED_STAGES, StageJob
+from recipe_runner.verify.inputs import PerplexityText, VerifyInput, perplexity_windows
 from recipe_runner.verify.report import ReportContext, write_report
 from recipe_runner.verify.run import failure_summary, verify_checkpoint
+
+
+def held_out_windows(job: "StageJob") -> list[VerifyInput]:
+    """verify.perplexity's windows (the same for every checkpoint checked), or none."""
+    spec = job.params.get("perplexity")
+    if spec is None:
+        return []
+    text = PerplexityText(spec["dataset"], job.inputs["verify-data"], spec["text_field"], spec["split"],
+                          spec.get("revision"), spec["num_tokens"], spec["seq_len"])
+    return perplexity_windows(job.inputs["source"], text, trust_remote_code=job.params["trust_remote_code"])
 
 
 def run_verify(job: "StageJob") -> None:
     spec = job.params
     checked = [s for s in VERIFIED_STAGES if s in job.inputs]
+    windows = held_out_windows(job)
     failed = []
     for i, stage in enumerate(checked):
         result = verify_checkpoint(job.inputs[stage], job.inputs["source"], prompts=list(spec["prompts"]),
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
                                    tolerances=thaw(spec.get("tolerances") or {}), tolerances_from="recipe",
-                                   trust_remote_code=spec["trust_remote_code"],
+                                   trust_remote_code=spec["trust_remote_code"], perplexity_inputs=windows,
                                    progress=job.progress.part_of(i, len(checked)))
         # No recipe identity here: recipes that share this key share these bytes. Publishing
         # names the recipe (execute.recipe_reports).

@@ -29,9 +29,11 @@ LOCK_NAME = "recipe.lock"
 BUILD_RECORD_NAME = "build.json"
 
 Digests = dict[str, dict[str, Any]]  # {posix relpath: {"size": int, "sha256": str}}
-# "calibration": {"dataset": as the recipe names it, "revision": the HF-cache snapshot (commit) used,
-#                 absent for a local file, "files": Digests relative to the file's folder or the snapshot}
+# "calibration" (and "perplexity", verify's dataset): {"dataset": as the recipe names it, "revision": the
+#   HF-cache snapshot (commit) used, absent for a local file, "files": Digests relative to the file's
+#   folder or the snapshot}
 Calibration = dict[str, Any]
+DATASET_SECTIONS = ("calibration", "perplexity")  # the lock's dataset inputs, each in _calibration's shape
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class LockFile:
     outputs: Digests = field(default_factory=dict)
     tokenizer: Digests | None = None  # the source's tokenizer files, when a stage reads them
     calibration: Calibration | None = None  # when a stage reads calibration data
+    perplexity: Calibration | None = None  # when verify measures perplexity on a dataset
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -57,8 +60,9 @@ class LockFile:
         }
         if self.tokenizer is not None:
             data["tokenizer"] = _digests(self.tokenizer)
-        if self.calibration is not None:
-            data["calibration"] = _calibration(self.calibration)
+        for section in DATASET_SECTIONS:
+            if getattr(self, section) is not None:
+                data[section] = _calibration(getattr(self, section), section)
         return data
 
     def to_json(self) -> str:
@@ -84,7 +88,8 @@ class LockFile:
             sources=_digests(_require(data, "sources", dict)), stages=[dict(s) for s in stages],
             outputs=_digests(_require(data, "outputs", dict)),
             tokenizer=_digests(_require(data, "tokenizer", dict)) if "tokenizer" in data else None,
-            calibration=_calibration(_require(data, "calibration", dict)) if "calibration" in data else None,
+            **{section: _calibration(_require(data, section, dict), section)
+               for section in DATASET_SECTIONS if section in data},
         )
 
 
@@ -107,13 +112,13 @@ def _digests(files: Mapping[str, Any]) -> Digests:
     return dict(sorted(out.items()))
 
 
-def _calibration(section: Mapping[str, Any]) -> Calibration:
-    """Check and normalize a lock's calibration section."""
+def _calibration(section: Mapping[str, Any], name: str = "calibration") -> Calibration:
+    """Check and normalize a lock's dataset section `name` (calibration, perplexity)."""
     dataset, revision = section.get("dataset"), section.get("revision")
     if not isinstance(dataset, str):
-        raise ValueError(f"calibration.dataset: expected a string, got {type(dataset).__name__}")
+        raise ValueError(f"{name}.dataset: expected a string, got {type(dataset).__name__}")
     if revision is not None and not isinstance(revision, str):
-        raise ValueError(f"calibration.revision: expected a string, got {type(revision).__name__}")
+        raise ValueError(f"{name}.revision: expected a string, got {type(revision).__name__}")
     out: Calibration = {"dataset": dataset, "files": _digests(_require(section, "files", dict))}
     if revision is not None:
         out["revision"] = revision
@@ -181,10 +186,10 @@ def compare_outputs(expected: Mapping[str, Any], actual: Mapping[str, Any]) -> l
 
 
 def compare_inputs(locked: LockFile, sources: Mapping[str, Any], tokenizer: Mapping[str, Any] | None,
-                   calibration: Mapping[str, Any] | None) -> list[str]:
-    """One line per input that differs from the lock: every source, tokenizer and calibration file
-    (named as `compare_outputs` names them, after what it is), the calibration dataset's id and the
-    HF-cache snapshot it resolved to. `tokenizer` / `calibration` are None where no stage reads them."""
+                   calibration: Mapping[str, Any] | None, perplexity: Mapping[str, Any] | None = None) -> list[str]:
+    """One line per input that differs from the lock: every source, tokenizer and dataset file
+    (named as `compare_outputs` names them, after what it is), each dataset's id and the HF-cache
+    snapshot it resolved to. `tokenizer` / `calibration` / `perplexity` are None where no stage reads them."""
     problems = [f"source {line}" for line in compare_outputs(locked.sources, sources)]
     if tokenizer is not None:
         if locked.tokenizer is None:
@@ -192,20 +197,23 @@ def compare_inputs(locked: LockFile, sources: Mapping[str, Any], tokenizer: Mapp
                             "build without --locked once to write a lock that pins them")
         else:
             problems += [f"tokenizer {line}" for line in compare_outputs(locked.tokenizer, tokenizer)]
-    if calibration is not None:
-        want = locked.calibration
-        if want is None:
-            problems.append("calibration: the lock records no calibration data (an earlier recipe-runner wrote "
-                            "it); build without --locked once to write a lock that pins it")
-        else:
-            have = _calibration(calibration)
-            if have["dataset"] != want["dataset"]:
-                problems.append(f"calibration dataset {have['dataset']!r}, the lock says {want['dataset']!r}")
-            if have.get("revision") != want.get("revision"):
-                problems.append(f"calibration revision {have.get('revision') or '(a local file)'}, the lock says "
-                                f"{want.get('revision') or '(a local file)'}")
-            problems += [f"calibration {line}" for line in compare_outputs(want["files"], have["files"])]
+    for name, have in (("calibration", calibration), ("perplexity", perplexity)):
+        if have is not None:
+            problems += _dataset_problems(name, getattr(locked, name), _calibration(have, name))
     return problems
+
+
+def _dataset_problems(name: str, want: Calibration | None, have: Calibration) -> list[str]:
+    if want is None:
+        return [f"{name}: the lock records no {name} data (an earlier recipe-runner wrote it, or the recipe "
+                "gained it); build without --locked once to write a lock that pins it"]
+    problems = []
+    if have["dataset"] != want["dataset"]:
+        problems.append(f"{name} dataset {have['dataset']!r}, the lock says {want['dataset']!r}")
+    if have.get("revision") != want.get("revision"):
+        problems.append(f"{name} revision {have.get('revision') or '(a local file)'}, the lock says "
+                        f"{want.get('revision') or '(a local file)'}")
+    return problems + [f"{name} {line}" for line in compare_outputs(want["files"], have["files"])]
 
 
 def verify_lock(lock_path: Path | str, inputs: Callable[[LockFile], list[str]] | None = None) -> list[str]:

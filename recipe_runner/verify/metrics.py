@@ -66,3 +66,35 @@ def compare(source: list[torch.Tensor], checkpoint: list[torch.Tensor], sequence
         perplexity_source=_perplexity(source, sequences),
         perplexity_checkpoint=_perplexity(checkpoint, sequences),
     )
+
+
+@dataclass(frozen=True)
+class PerplexityFigures:
+    """Both models' perplexity on verify.perplexity's held-out windows."""
+
+    windows: int
+    tokens: int  # positions predicted: every window's length minus one
+    perplexity_source: float
+    perplexity_checkpoint: float
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.perplexity_checkpoint / self.perplexity_source
+
+    @property
+    def recovery(self) -> float:
+        """source / checkpoint perplexity: 1.0 when quantization costs nothing (llm-compressor's sense)."""
+        return self.perplexity_source / self.perplexity_checkpoint
+
+    def to_dict(self) -> dict:
+        return {**{k: round_figure(v) for k, v in asdict(self).items()},
+                "perplexity_ratio": round_figure(self.perplexity_ratio), "recovery": round_figure(self.recovery)}
+
+
+def perplexity_figures(source: list[torch.Tensor], checkpoint: list[torch.Tensor],
+                       sequences: list[list[int]]) -> PerplexityFigures | None:
+    """Perplexities over `sequences` (None when none has a token to predict)."""
+    ppl_source, ppl_checkpoint = _perplexity(source, sequences), _perplexity(checkpoint, sequences)
+    if ppl_source is None or ppl_checkpoint is None:
+        return None
+    return PerplexityFigures(len(sequences), sum(len(s) - 1 for s in sequences), ppl_source, ppl_checkpoint)

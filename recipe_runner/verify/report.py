@@ -7,6 +7,7 @@ and runs (the lock file records them); standalone reports name the directories t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 if TYPE_CHECKING:
     from recipe_runner.verify.run import VerifyResult
 
-REPORT_FORMAT = "recipe-runner/verify-report/1"
+REPORT_FORMAT = "recipe-runner/verify-report/2"  # 2: figures.max_layer_error and the layer trace
 JSON_NAME = "verify.json"
 MARKDOWN_NAME = "verify.md"
 TEMPLATE = "verify.md.j2"
@@ -27,7 +28,9 @@ _ROWS = (  # figure, limit, label, comparison
     ("mean_abs_logit_error", "mean_abs_logit_error", "mean abs logit error", "<="),
     ("mean_kl", "mean_kl", "mean KL(source ‖ checkpoint)", "<="),
     ("top1_agreement", "min_top1_agreement", "top-1 agreement", ">="),
+    ("max_layer_error", "max_layer_error", "worst decoder layer's error", "<="),
 )
+BAR_WIDTH = 24  # characters of the layer chart's widest bar in verify.md
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ def report_dict(result: VerifyResult, ctx: ReportContext) -> dict:
         "recipe": recipe,
         "checkpoint": checkpoint,
         "source": ctx.source_path,
-        "figures": result.figures.to_dict(),
+        "figures": {**result.figures.to_dict(), "max_layer_error": round_figure(result.trace.max_layer_error)},
+        "layers": result.trace.to_dict(),
+        "perplexity": None if result.perplexity is None else result.perplexity.to_dict(),
         "tolerances": {k: round_figure(v) for k, v in result.tolerances.to_dict().items()},
         "tolerance_sources": dict(result.tolerance_sources),
         "failures": [{**f.to_dict(), "value": round_figure(f.value)} for f in result.failures],
@@ -76,7 +81,23 @@ def render_markdown(report: dict) -> str:
     rows = [{"label": label, "value": report["figures"][figure], "limit": report["tolerances"][limit], "op": op,
              "source": report["tolerance_sources"][limit], "ok": figure not in failed}
             for figure, limit, label, op in _ROWS]
-    return env.from_string(text).render(**report, rows=rows)
+    if report["perplexity"] is not None:
+        rows.append({"label": "perplexity ratio (held-out text)", "value": report["perplexity"]["perplexity_ratio"],
+                     "limit": report["tolerances"]["max_perplexity_ratio"], "op": "<=",
+                     "source": report["tolerance_sources"]["max_perplexity_ratio"], "ok": "perplexity_ratio" not in failed})
+    return env.from_string(text).render(**report, rows=rows, chart=layer_chart(report["layers"]["layers"]))
+
+
+def layer_chart(layers: list[dict]) -> list[dict]:
+    """Each layer's row of verify.md's chart: its errors and a bar, on a log scale from the smallest
+    error shown to the largest (so a layer 40x above the rest stands out at a glance)."""
+    values = [max(e["layer_error"], 1e-12) for e in layers]
+    if not values:
+        return []
+    low, high = math.log10(min(values)), math.log10(max(values))
+    span = max(high - low, 1e-9)
+    return [{**e, "bar": "█" * max(1, round(BAR_WIDTH * (math.log10(v) - low) / span)) if high > low else "█"}
+            for e, v in zip(layers, values)]
 
 
 def write_report(directory: Path, result: VerifyResult, ctx: ReportContext) -> tuple[Path, Path]:
@@ -117,6 +138,17 @@ def format_report_summary(report: dict) -> str:
                      f"({sources[limit]})  {verdict}")
     lines.append(f"  perplexity            source {_num(figures['perplexity_source'])}, "
                  f"checkpoint {_num(figures['perplexity_checkpoint'])}")
+    held_out = report["perplexity"]
+    if held_out is not None:
+        verdict = "OUT OF TOLERANCE" if "perplexity_ratio" in failed else "ok"
+        lines.append(f"  held-out perplexity   source {_num(held_out['perplexity_source'])}, checkpoint "
+                     f"{_num(held_out['perplexity_checkpoint'])}: ratio {_num(held_out['perplexity_ratio'])} <= "
+                     f"{_num(limits['max_perplexity_ratio'])} ({sources['max_perplexity_ratio']}), recovery "
+                     f"{_num(held_out['recovery'])}, {held_out['tokens']} tokens  {verdict}")
+    trace = report["layers"]
+    if trace["first_jump"] is not None:
+        lines.append(f"  layer {trace['first_jump']} is the first whose error stands out from the others' "
+                     f"(worst: layer {trace['worst_layer']}); verify.md has the layer-by-layer table")
     lines.append("PASS" if report["passed"] else "FAIL")
     return "\n".join(lines)
 

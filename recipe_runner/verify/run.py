@@ -14,8 +14,9 @@ from recipe_runner.reference.checkpoint import CheckpointConfig
 from recipe_runner.reference.hf_quant_format import is_hf_checkpoint
 from recipe_runner.reference.hf_quantized import HFQuantizedModel
 from recipe_runner.verify.inputs import VerifyInput, prepare_inputs
-from recipe_runner.verify.metrics import Figures, compare
+from recipe_runner.verify.metrics import Figures, PerplexityFigures, compare, perplexity_figures
 from recipe_runner.verify.tolerances import Failure, Tolerances, check, resolve_tolerances
+from recipe_runner.verify.trace import LayerTrace, run_lockstep
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class VerifyResult:
     tolerances: Tolerances
     tolerance_sources: Mapping[str, str]  # limit -> who gave it ("recipe") or "default for <format>"
     failures: tuple[Failure, ...]
+    trace: LayerTrace  # each decoder layer's error (verify/trace.py)
+    perplexity: PerplexityFigures | None = None  # on verify.perplexity's held-out windows, when given
 
     @property
     def passed(self) -> bool:
@@ -68,11 +71,13 @@ def checkpoint_facts(cfg: CheckpointConfig) -> dict[str, object]:
 def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: Sequence[str] = (),
                       token_ids: Sequence[Sequence[int]] = (), tolerances: Mapping[str, float] | None = None,
                       tolerances_from: str = "given", trust_remote_code: bool = False,
+                      perplexity_inputs: Sequence[VerifyInput] = (),
                       progress: WorkProgress = NO_PROGRESS) -> VerifyResult:
     """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint, or a quantized HF checkpoint in the
     hf-modelopt / hf-compressed-tensors formats this project writes) with the HF model in `source_dir`.
 
-    `progress` counts (layer, input) steps of the source's forward and the checkpoint's.
+    `perplexity_inputs` (verify/inputs.perplexity_windows) are held-out windows: inputs like the others,
+    and the text both models' perplexity is measured on. `progress` counts the layer runs of the lockstep forward (verify/trace.py).
     Raises UserError for bad inputs, CheckpointError (StageFailed) for a checkpoint whose layout
     trtllm-build would reject; a checkpoint out of tolerance is a result with failures.
     """
@@ -91,23 +96,27 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
         facts = checkpoint_facts(cfg)
         quant_algo, kv_algo = cfg.quant_algo, cfg.kv_cache_quant_algo
         vocab_size = cfg.vocab_size
-    inputs = prepare_inputs(source_dir, prompts, token_ids, vocab_size, trust_remote_code=trust_remote_code)
+    inputs = [*prepare_inputs(source_dir, prompts, token_ids, vocab_size, trust_remote_code=trust_remote_code,
+                              more=perplexity_inputs), *perplexity_inputs]
     sequences = [list(i.token_ids) for i in inputs]
-    # both forwards, layer by layer over every input: 2 × layers × inputs steps
-    total = 2 * hf_model.model_config.num_hidden_layers * len(sequences)
+    # source and checkpoint in lockstep, the checkpoint's layers also on the source's inputs:
+    # 3 × layers × inputs layer runs (verify/trace.py)
+    total = 3 * hf_model.model_config.num_hidden_layers * len(sequences)
     done = [0]
 
     def step() -> None:
         done[0] += 1
         progress.update(min(done[0], total), total, "layers×inputs")
 
-    expected = hf_model.logits(sequences, step)
-    got = reference.logits(sequences, step)
+    expected, got, trace = run_lockstep(hf_model, reference, sequences, step)
     figures = compare(expected, got, sequences)
     per_input = tuple(compare([e], [g], [s]) for e, g, s in zip(expected, got, sequences))
+    held_out = len(perplexity_inputs)  # the windows come last
+    perplexity = perplexity_figures(expected[len(expected) - held_out:], got[len(got) - held_out:],
+                                    sequences[len(sequences) - held_out:]) if held_out else None
     limits, sources = resolve_tolerances(tolerances or {}, quant_algo, kv_algo, tolerances_from)
     return VerifyResult(facts, tuple(inputs), figures, per_input, limits, sources,
-                        tuple(check(figures, limits)))
+                        tuple(check(figures, limits, trace, perplexity)), trace, perplexity)
 
 
 def failure_summary(result: VerifyResult) -> str:
