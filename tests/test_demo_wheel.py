@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recipe_runner.demo import DEMO_RECIPE, demo_prompts, demo_recipe_path
+from recipe_runner.demo import DEMO_RECIPE, DEMO_RECIPES, demo_prompts, demo_recipe_path
 from tests.recipe_files import REPO
 
 REPO_RECIPE = REPO / "recipes" / "demo" / "tiny-llama.yaml"
@@ -34,6 +34,10 @@ def test_demo_recipe_is_the_reviewed_recipe():
     link = REPO.joinpath("recipe_runner", *DEMO_RECIPE)
     assert link.is_symlink() and link.resolve() == REPO_RECIPE.resolve()  # one source of truth
     assert demo_recipe_path() == REPO_RECIPE.resolve()
+    for model, parts in DEMO_RECIPES.items():  # every --model's recipe: a link to the reviewed file
+        link = REPO.joinpath("recipe_runner", *parts)
+        assert link.is_symlink() and link.resolve() == (REPO / "recipes" / "demo" / parts[-1]).resolve()
+        assert demo_recipe_path(model) == link.resolve()
     assert demo_prompts() == ["The capital of France is", "def fibonacci(n):"]
     assert yaml.safe_load(REPO_RECIPE.read_text())["verify"]["prompts"] == demo_prompts()
 
@@ -77,6 +81,8 @@ def test_demo_from_a_wheel_outside_the_repository(tmp_path):
         info = zf.getinfo(PACKAGED)
         assert not stat.S_ISLNK(info.external_attr >> 16)  # the file itself, not a dangling link
         assert zf.read(PACKAGED) == REPO_RECIPE.read_bytes()
+        for parts in DEMO_RECIPES.values():  # `recipe demo --model smollm2`'s recipe too
+            assert zf.read("recipe_runner/" + "/".join(parts)) == (REPO / "recipes" / "demo" / parts[-1]).read_bytes()
         assert zf.read("recipe_runner/data/recipe.v1.schema.json") == (REPO / "schema" / "recipe.v1.schema.json").read_bytes()
     root = _venv_with(wheel, tmp_path, env)
     work = tmp_path / "elsewhere"
