@@ -34,7 +34,7 @@ from recipe_runner.stages.quantized import read_artifact
 from recipe_runner.stages.shard_plan import plan_rank_tensors
 from recipe_runner.store.publish import swap_into_place
 from recipe_runner.stages.manifest import ConvertManifest, RankPlan, SourceTensor, source_tensors_of
-from recipe_runner.stages.shard_blocks import DEFAULT_BLOCK_BYTES, iter_output_blocks
+from recipe_runner.stages.shard_blocks import DEFAULT_BLOCK_BYTES, cast_threads, iter_output_blocks
 from recipe_runner.trtllm.config import config_json_bytes
 from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.releases import release_named
@@ -87,7 +87,7 @@ def write_rank(rank: RankPlan, source_dir: CheckpointDirs, work_dir: str | Path,
     by_name = {t.name: t for t in rank.tensors}
     path = Path(work_dir) / rank.file_name
     try:
-        with SafetensorsStreamWriter(path, specs) as writer:
+        with cast_threads(), SafetensorsStreamWriter(path, specs) as writer:
             for spec in writer.layout.order:
                 blocks = iter_output_blocks(by_name[spec.name], reader, max_block_bytes,
                                             zero_copy=zero_copy, staging=writer.staging)

@@ -13,6 +13,7 @@ float16's (or holds NaNs) is checked exactly, infinity by infinity, as before.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -25,6 +26,19 @@ from recipe_runner.stages.manifest import Concat, Read, Source, TensorPlan, Zero
 DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
 FLOAT16_MAX = 65504.0
 Staging = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # an output buffer of shape, dtype
+
+
+@contextmanager
+def cast_threads(count: int = 1) -> Iterator[None]:
+    """torch's intra-op threads while a rank file is written: one. The writer already keeps two cores
+    busy (cast | write | hash on three threads, and rank processes beside it); torch's pool on top
+    only oversubscribes them, its threads spinning at every barrier while the others wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fresh(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
