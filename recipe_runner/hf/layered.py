@@ -66,6 +66,9 @@ class LayeredCheckpoint:
     def map_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
         return self._part(name).map_rows(name, start, stop)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._part(name).rows(name, start, stop)
+
     def release(self) -> None:
         for part in self.parts:
             part.release()

@@ -210,6 +210,12 @@ class SourceCheckpoint:
         rows = self.row_range(name, start, stop) if info.shape else None
         return None if rows is None else map_range(rows, info.dtype, (stop - start, *info.shape[1:]))
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (dim 0) without a copy where the file can be mapped, else read: read-only
+        either way (copy or cast it; never write to it)."""
+        mapped = self.map_rows(name, start, stop)
+        return mapped if mapped is not None else self.read(name, 0, start, stop)
+
     def release(self) -> None:
         """Drop cached memory maps (.bin sources), so pages read so far stop counting as ours."""
         self._bin_cache = None

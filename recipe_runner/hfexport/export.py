@@ -116,9 +116,9 @@ class LayerExport:
         name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
         rows, cols = self.reader.shape(name)
         w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
-        for chunk in row_slices(rows, cols):
-            w[chunk] = self.reader.read(name, 0, chunk.start, chunk.stop).to(self.dtype)
-            self.reader.release()
+        for chunk in row_slices(rows, cols):  # cast straight from the mapped source, no copy in between
+            w[chunk] = self.reader.rows(name, chunk.start, chunk.stop).to(self.dtype)
+        self.reader.release()
         return w
 
     def _source_norm(self, norm: str) -> torch.Tensor:
@@ -242,9 +242,9 @@ def _source_blocks(reader: SourceCheckpoint, name: str, dtype: torch.dtype) -> I
     if len(shape) < 2:
         yield reader.read(name).to(dtype)
         return
-    for chunk in row_slices(rows, math.prod(shape[1:])):
-        yield reader.read(name, 0, chunk.start, chunk.stop).to(dtype)
-        reader.release()
+    for chunk in row_slices(rows, math.prod(shape[1:])):  # cast from the mapped source, no copy in between
+        yield reader.rows(name, chunk.start, chunk.stop).to(dtype)
+    reader.release()
 
 
 def _files(planned: list[Planned], max_shard_bytes: int) -> list[list[Planned]]:
