@@ -295,6 +295,11 @@ class SafetensorsStreamWriter:
             self._file = None
         self.partial_path.unlink(missing_ok=True)
 
+    def __del__(self) -> None:
+        # dropped without close() or abort(): stop the sink's threads, leave no partial file
+        if getattr(self, "_file", None) is not None:
+            self.abort()
+
     def __enter__(self) -> "SafetensorsStreamWriter":
         return self
 
