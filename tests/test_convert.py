@@ -252,6 +252,33 @@ def test_cast_path_bytes_do_not_depend_on_workers_or_blocks(parallel_embedding, 
     assert_round_trip(model, outs[0], hf_tensors, reassemble_checkpoint, checkpoint_ranks, dtype=torch.float16)
 
 
+def test_replicated_cast_tensors_are_computed_once(tiny_model, tmp_path, monkeypatch):
+    """With ranks written one after another, a tensor several ranks hold cast the same way (the replicated
+    embedding, the norms) is computed for the first and copied from its bytes for the others: same files."""
+    from recipe_runner.stages import shard
+    from recipe_runner.stages.shard_plan import plan_convert
+
+    model = tiny_model("bf16")
+    manifest = plan_convert(model, mapping=ParallelMapping(4), dtype="float16")
+    computed: list[str] = []
+    real = shard.iter_output_blocks
+
+    def counting(plan, *args, **kwargs):
+        computed.append(plan.name)
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(shard, "iter_output_blocks", counting)
+    monkeypatch.setattr(shard, "REPLICA_MIN_BYTES", 0)
+    reused = shard.write_checkpoint(manifest, model, tmp_path / "reused")
+    assert computed.count("transformer.vocab_embedding.weight") == 1
+    assert computed.count("transformer.ln_f.weight") == 1
+    monkeypatch.setattr(shard, "REPLICA_MIN_BYTES", 1 << 62)
+    computed.clear()
+    each = shard.write_checkpoint(manifest, model, tmp_path / "each")
+    assert computed.count("transformer.vocab_embedding.weight") == 4
+    _same_rank_files([reused, each], 4)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_other_casts_do_not_depend_on_blocks(dtype, tiny_model, tmp_path, hf_tensors, reassemble_checkpoint,
                                              checkpoint_ranks):

@@ -34,11 +34,11 @@ from recipe_runner.stages.quantized import read_artifact
 from recipe_runner.stages.shard_plan import plan_rank_tensors
 from recipe_runner.store.publish import swap_into_place
 from recipe_runner.stages.manifest import ConvertManifest, RankPlan, SourceTensor, source_tensors_of
-from recipe_runner.stages.shard_blocks import DEFAULT_BLOCK_BYTES, cast_threads, iter_output_blocks
+from recipe_runner.stages.shard_blocks import DEFAULT_BLOCK_BYTES, cast_threads, is_byte_copy, iter_output_blocks
 from recipe_runner.trtllm.config import config_json_bytes
 from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.releases import release_named
-from recipe_runner.io.safetensors_writer import SafetensorsStreamWriter, TensorSpec
+from recipe_runner.io.safetensors_writer import FileRange, SafetensorsStreamWriter, TensorSpec
 
 if TYPE_CHECKING:
     from recipe_runner.stages.registry import StageJob
@@ -73,28 +73,47 @@ def _disk_error(e: OSError, final_path: Path, needed: int) -> UserError:
     return UserError(f"could not write {final_path}: {e.strerror or e}")
 
 
+Replicas = dict  # (source, dtype, shape) of a computed tensor -> FileRange of its bytes in an earlier rank file
+REPLICA_MIN_BYTES = 1 << 20  # smaller tensors are cheaper to compute again than to look up and copy
+
+
 def write_rank(rank: RankPlan, source_dir: CheckpointDirs, work_dir: str | Path,
                expected_source: dict[str, SourceTensor], final_dir: str | Path,
-               max_block_bytes: int = DEFAULT_BLOCK_BYTES, zero_copy: bool = True) -> str:
+               max_block_bytes: int = DEFAULT_BLOCK_BYTES, zero_copy: bool = True,
+               replicas: Replicas | None = None) -> str:
     """Write `work_dir/rankN.safetensors` (complete or not at all); returns its file name.
 
     Top-level so worker processes can run it. `final_dir` is only used in error messages.
     `source_dir` may list several directories (quantized tensors first, the HF source last).
+    `replicas` (ranks written one after another): a tensor an earlier rank file of this checkpoint
+    already holds, cast or cut the same way (the replicated embedding of a cast), is copied from
+    those bytes by the kernel rather than computed again; this rank's are added to it.
     """
     reader = open_checkpoint(source_dir)
     _check_source(rank, reader, expected_source)
     specs = [TensorSpec(t.name, getattr(torch, t.dtype), t.shape) for t in rank.tensors]
     by_name = {t.name: t for t in rank.tensors}
     path = Path(work_dir) / rank.file_name
+    made: Replicas = {}
     try:
         with cast_threads(), SafetensorsStreamWriter(path, specs) as writer:
             for spec in writer.layout.order:
-                blocks = iter_output_blocks(by_name[spec.name], reader, max_block_bytes,
-                                            zero_copy=zero_copy, staging=writer.staging)
+                plan = by_name[spec.name]
+                earlier = (replicas or {}).get((plan.source, plan.dtype, plan.shape))
+                if earlier is not None:
+                    writer.write_blocks(spec.name, [earlier])
+                    continue
+                blocks = iter_output_blocks(plan, reader, max_block_bytes, zero_copy=zero_copy, staging=writer.staging)
                 writer.write_blocks(spec.name, blocks)
                 reader.release()
+                if plan.nbytes >= REPLICA_MIN_BYTES and not (zero_copy and is_byte_copy(plan, reader)):
+                    start, stop = writer.layout.offsets[spec.name]
+                    made[(plan.source, plan.dtype, plan.shape)] = FileRange(path, len(writer.layout.prefix) + start,
+                                                                            stop - start)
     except OSError as e:
         raise _disk_error(e, Path(final_dir) / rank.file_name, rank.nbytes) from None
+    if replicas is not None:
+        replicas.update(made)  # only once the file is complete, under its final name
     return rank.file_name
 
 
@@ -198,9 +217,10 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
             raise _disk_error(e, out_dir / CONFIG_FILE, 0) from None
         n_workers = min(workers, manifest.world_size)
         if n_workers == 1 and not (_in_ray_cluster() and manifest.world_size > 1):
+            replicas: Replicas = {}
             for rank in manifest.ranks:
                 write_rank(rank, source_dir, tmp, _source_for(manifest, rank), out_dir,
-                           max_block_bytes, zero_copy)
+                           max_block_bytes, zero_copy, replicas)
         else:
             _write_ranks_parallel(manifest, source_dir, tmp, out_dir, n_workers,
                                   max_block_bytes, zero_copy)

@@ -112,6 +112,13 @@ def _zero_copy(src: Source, reader: SourceCheckpoint, dtype: torch.dtype) -> Fil
     return reader.row_range(src.tensor, start, stop)
 
 
+def is_byte_copy(plan: TensorPlan, reader: SourceCheckpoint) -> bool:
+    """Whether every part of `plan` is a plain byte range of the source (kernel-copied: nothing computed)."""
+    dtype = getattr(torch, plan.dtype)
+    parts = plan.source.parts if isinstance(plan.source, Concat) else (plan.source,)
+    return all(_zero_copy(part, reader, dtype) is not None for part in parts)
+
+
 def iter_output_blocks(plan: TensorPlan, reader: SourceCheckpoint,
                        max_block_bytes: int = DEFAULT_BLOCK_BYTES, *, zero_copy: bool = True,
                        staging: Staging | None = None) -> Iterator[Block]:
