@@ -121,6 +121,12 @@ class LayerExport:
         self.reader.release()
         return w
 
+    def model_weight(self, projection: str) -> torch.Tensor:
+        """The source weight in the model dtype, read-only: mapped (no copy) when stored in that dtype; for
+        the group statistics, whose max |W| is the same in float32."""
+        name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
+        return self.reader.rows(name, 0, self.reader.shape(name)[0]).to(self.dtype)
+
     def _source_norm(self, norm: str) -> torch.Tensor:
         return self.reader.read(LLAMA.hf_layer_tensor(self.index, norm)).to(self.dtype)
 
@@ -133,7 +139,7 @@ class LayerExport:
                 norm = NORMS.get(group)
                 read_norm = (lambda: self._source_norm(norm).float()) if norm else None
                 self._groups[group] = self.quantizer.scale_group(self.stats, self.index, group,
-                                                                 lambda p: self.weight(p, cast=False), read_norm)
+                                                                 self.model_weight, read_norm)
         return self._groups[group]
 
     def norm(self, norm: str) -> torch.Tensor:

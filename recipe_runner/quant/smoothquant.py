@@ -34,7 +34,10 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor],
 
 
 def column_absmax(weight: torch.Tensor) -> torch.Tensor:
-    """max |W[:, j]| per input channel; lets callers combine several weights one at a time."""
+    """float32 max |W[:, j]| per input channel; lets callers combine several weights one at a time. Taken
+    in the weight's own float dtype (max and negation are exact in any), so no float32 copy is made."""
+    if weight.is_floating_point():
+        return absmax(weight, dim=0).float()
     return absmax(weight.float(), dim=0)
 
 

@@ -122,6 +122,12 @@ class LayerJob:
         self.reader.release()
         return w
 
+    def model_weight(self, projection: str) -> torch.Tensor:
+        """The projection's weight in the model dtype, read-only: mapped from the source when it is stored in
+        that dtype (no copy), for the group statistics (max |W| is the same in float32)."""
+        name = self.layout.hf_layer_tensor(self.index, projection + ".weight")
+        return self.reader.rows(name, 0, self.reader.shape(name)[0]).to(self.dtype)
+
     def weight_only_scale(self, projection: str) -> torch.Tensor:
         """The projection's W8A16/W4A16 scales, from its rows as mapped (trtllm-build quantizes the weight)."""
         name = self.layout.hf_layer_tensor(self.index, projection + ".weight")
@@ -164,7 +170,7 @@ class LayerJob:
         read_norm = None
         if norm is not None:
             read_norm = lambda: self.reader.read(self.layout.hf_layer_tensor(self.index, norm)).to(self.dtype).float()  # noqa: E731
-        return self.quantizer.scale_group(self.stats, self.index, projections, self.weight, read_norm)
+        return self.quantizer.scale_group(self.stats, self.index, projections, self.model_weight, read_norm)
 
     def quantize(self, projection: str, scaling: GroupScaling) -> QuantizedProjection:
         return self.quantizer.quantize(self.weight(projection), scaling)
