@@ -220,6 +220,78 @@ def test_workers_do_not_change_bytes(tiny_model, tmp_path):
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
 
 
+def _same_rank_files(outs, world_size: int) -> None:
+    """Every output holds the bytes of the first, and each rank file's recorded sha256 (the one the
+    writer computed while writing, io/written.py) is that of its bytes."""
+    import hashlib
+
+    from recipe_runner.io.written import written_sha256
+
+    for r in range(world_size):
+        f = outs[0] / f"rank{r}.safetensors"
+        data = f.read_bytes()
+        assert written_sha256(f, f.stat()) == hashlib.sha256(data).hexdigest()
+        for other in outs[1:]:
+            assert (other / f.name).read_bytes() == data, (other.name, f.name)
+
+
+@pytest.mark.parametrize("parallel_embedding,workers", [(True, (2, 4)), (False, (2,))])
+def test_cast_path_bytes_do_not_depend_on_workers_or_blocks(parallel_embedding, workers, tiny_model, tmp_path,
+                                                            hf_tensors, reassemble_checkpoint, checkpoint_ranks):
+    """bf16 -> float16, every tensor cast into reused buffers, written and hashed on their own threads:
+    1 to 4 rank processes, whole tensors or 100-byte row blocks, one result, equal to the source cast
+    tensor by tensor."""
+    from recipe_runner.stages.shard import write_checkpoint
+    from recipe_runner.stages.shard_plan import plan_convert
+
+    model = tiny_model("bf16")
+    manifest = plan_convert(model, mapping=ParallelMapping(4, 1, parallel_embedding), dtype="float16")
+    runs = [(1, 64 << 20), (1, 100), *((w, 100 if w == 2 else 64 << 20) for w in workers)]
+    outs = [write_checkpoint(manifest, model, tmp_path / f"w{w}-{b}", workers=w, max_block_bytes=b) for w, b in runs]
+    _same_rank_files(outs, 4)
+    assert_round_trip(model, outs[0], hf_tensors, reassemble_checkpoint, checkpoint_ranks, dtype=torch.float16)
+
+
+def test_replicated_cast_tensors_are_computed_once(tiny_model, tmp_path, monkeypatch):
+    """With ranks written one after another, a tensor several ranks hold cast the same way (the replicated
+    embedding, the norms) is computed for the first and copied from its bytes for the others: same files."""
+    from recipe_runner.stages import shard
+    from recipe_runner.stages.shard_plan import plan_convert
+
+    model = tiny_model("bf16")
+    manifest = plan_convert(model, mapping=ParallelMapping(4), dtype="float16")
+    computed: list[str] = []
+    real = shard.iter_output_blocks
+
+    def counting(plan, *args, **kwargs):
+        computed.append(plan.name)
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(shard, "iter_output_blocks", counting)
+    monkeypatch.setattr(shard, "REPLICA_MIN_BYTES", 0)
+    reused = shard.write_checkpoint(manifest, model, tmp_path / "reused")
+    assert computed.count("transformer.vocab_embedding.weight") == 1
+    assert computed.count("transformer.ln_f.weight") == 1
+    monkeypatch.setattr(shard, "REPLICA_MIN_BYTES", 1 << 62)
+    computed.clear()
+    each = shard.write_checkpoint(manifest, model, tmp_path / "each")
+    assert computed.count("transformer.vocab_embedding.weight") == 4
+    _same_rank_files([reused, each], 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_other_casts_do_not_depend_on_blocks(dtype, tiny_model, tmp_path, hf_tensors, reassemble_checkpoint,
+                                             checkpoint_ranks):
+    from recipe_runner.stages.shard import write_checkpoint
+    from recipe_runner.stages.shard_plan import plan_convert
+
+    model = tiny_model("gqa")  # float16
+    manifest = plan_convert(model, mapping=ParallelMapping(2, 2), dtype=dtype)
+    outs = [write_checkpoint(manifest, model, tmp_path / f"b{b}", max_block_bytes=b) for b in (64 << 20, 100, 7)]
+    _same_rank_files(outs, 4)
+    assert_round_trip(model, outs[0], hf_tensors, reassemble_checkpoint, checkpoint_ranks, dtype=getattr(torch, dtype))
+
+
 def test_output_is_deterministic_and_loads_with_safe_open(tiny_model, tmp_path):
     model = tiny_model("sharded")
     a = convert(model, tmp_path / "a", tp_size=4)

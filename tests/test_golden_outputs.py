@@ -50,7 +50,9 @@ import pytest
 import torch
 
 from recipe_runner.pipeline.build import run_build
+from recipe_runner.io.written import XATTR
 from recipe_runner.store.cache import CacheStore
+from recipe_runner.store.entry import entry_dirs, hash_tree, load_entry
 from recipe_runner.store.lock import read_lock
 from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.recipe import load_recipe, load_recipes
@@ -162,19 +164,24 @@ def _engine_shape(tiny_model, factory, store: CacheStore) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def built_outputs(tiny_model, quant_model, calib_file, tmp_path_factory) -> dict[str, dict[str, str]]:
+def golden_build(tiny_model, quant_model, calib_file, tmp_path_factory) -> tuple[dict[str, dict[str, str]], CacheStore]:
     # verify's figures are float32 noise (~1e-7) whose 6 significant digits follow torch's intra-op thread
     # count (recipe_runner leaves it at the core count): build single-threaded, as on any machine
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    store = CacheStore(tmp_path_factory.mktemp("golden-cache") / "cache")
     try:
-        return _build_every_shape(tiny_model, quant_model, calib_file, tmp_path_factory)
+        return _build_every_shape(tiny_model, quant_model, calib_file, tmp_path_factory, store), store
     finally:
         torch.set_num_threads(threads)
 
 
-def _build_every_shape(tiny_model, quant_model, calib_file, factory) -> dict[str, dict[str, str]]:
-    store = CacheStore(factory.mktemp("golden-cache") / "cache")
+@pytest.fixture(scope="module")
+def built_outputs(golden_build) -> dict[str, dict[str, str]]:
+    return golden_build[0]
+
+
+def _build_every_shape(tiny_model, quant_model, calib_file, factory, store: CacheStore) -> dict[str, dict[str, str]]:
     shapes: dict[str, dict[str, str]] = {}
 
     d = _workdir(factory, "verify", tiny_model("gqa", with_tokenizer=True))
@@ -241,3 +248,16 @@ def test_every_shape_publishes_the_recorded_bytes(built_outputs):
         pytest.fail("published outputs differ from tests/golden/outputs.sha256.json (re-record with "
                     "RECIPE_RECORD_GOLDEN=1 only if the change is intended):\n"
                     + _describe_mismatch(want, built_outputs), pytrace=False)
+
+
+def test_every_entry_manifest_equals_a_rehash_of_its_files(golden_build):
+    """Every shape's cache entries (rank files, quantize artifacts, HF exports, calibration statistics:
+    all written by the streaming writer, their manifests' sha256s computed as the bytes were written)
+    hold exactly what a re-hash of their files gives, so none could be served corrupt."""
+    _, store = golden_build
+    entries = [load_entry(d, d.name)[0] for d in entry_dirs(store.root)]
+    assert {"calibrate", "quantize", "shard", "export-hf-modelopt", "export-hf-compressed-tensors",
+            "build-engine"} <= {e.stage for e in entries}
+    for entry in entries:
+        assert entry.files == hash_tree(entry.path), (entry.stage, entry.key)
+        assert all(XATTR not in os.listxattr(entry.path / name) for name in entry.files)

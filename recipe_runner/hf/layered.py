@@ -63,6 +63,12 @@ class LayeredCheckpoint:
     def row_range(self, name: str, start: int, stop: int) -> FileRange | None:
         return self._part(name).row_range(name, start, stop)
 
+    def map_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        return self._part(name).map_rows(name, start, stop)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._part(name).rows(name, start, stop)
+
     def release(self) -> None:
         for part in self.parts:
             part.release()

@@ -7,10 +7,14 @@ Layouts, in the order they are looked for:
 Safetensors headers are parsed and checked first (hf.safetensors_header; cheap, no tensor data) so names, dtypes and shapes are known
 up front and a truncated file is reported before anything is converted. Data is read per request
 through `safe_open(...).get_slice(name)[index]` with the file opened only for that read: the
-memory map is dropped right after, so reading a whole model never keeps it resident.
+memory map is dropped right after, so reading a whole model never keeps it resident. The shard stage
+maps row blocks itself (`map_rows`): a read-only view of the page cache that a cast reads straight from,
+with no copy in between, unmapped as soon as the view is dropped.
 """
 from __future__ import annotations
 
+import mmap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +71,24 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise SourceModelError(f"{path} does not hold a flat state dict of tensors")
     return sd
+
+
+def map_range(src: FileRange, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A read-only tensor over the bytes of `src` (mapped from the page cache, not copied); the
+    mapping goes away with the last view of it. Never write to it."""
+    if src.length == 0:
+        return torch.empty(shape, dtype=dtype)
+    start = src.offset - src.offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(src.path, "rb", buffering=0) as f:
+            window = mmap.mmap(f.fileno(), src.offset + src.length - start, prot=mmap.PROT_READ, offset=start,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except (OSError, ValueError) as e:  # ValueError: the file is shorter than its header says
+        raise SourceModelError(f"{src.path}: cannot map bytes {src.offset}..{src.offset + src.length}: {e}") from None
+    with warnings.catch_warnings():  # read-only on purpose: torch warns that it cannot be written
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(window, dtype=torch.uint8, count=src.length, offset=src.offset - start)
+    return flat.view(dtype).view(shape)
 
 
 class SourceCheckpoint:
@@ -180,6 +202,19 @@ class SourceCheckpoint:
             raise ValueError(f"rows [{start}, {stop}) out of range for {name} {info.shape}")
         return FileRange(info.file, info.data_offset + start * row_bytes,
                          (stop - start) * row_bytes)
+
+    def map_rows(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) of a tensor of 1 or more dims as a read-only view of the file (no copy;
+        see map_range), or None where the format does not allow it (.bin sources)."""
+        info = self.info(name)
+        rows = self.row_range(name, start, stop) if info.shape else None
+        return None if rows is None else map_range(rows, info.dtype, (stop - start, *info.shape[1:]))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (dim 0) without a copy where the file can be mapped, else read: read-only
+        either way (copy or cast it; never write to it)."""
+        mapped = self.map_rows(name, start, stop)
+        return mapped if mapped is not None else self.read(name, 0, start, stop)
 
     def release(self) -> None:
         """Drop cached memory maps (.bin sources), so pages read so far stop counting as ours."""

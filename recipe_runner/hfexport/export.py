@@ -116,10 +116,16 @@ class LayerExport:
         name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
         rows, cols = self.reader.shape(name)
         w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
-        for chunk in row_slices(rows, cols):
-            w[chunk] = self.reader.read(name, 0, chunk.start, chunk.stop).to(self.dtype)
-            self.reader.release()
+        for chunk in row_slices(rows, cols):  # cast straight from the mapped source, no copy in between
+            w[chunk] = self.reader.rows(name, chunk.start, chunk.stop).to(self.dtype)
+        self.reader.release()
         return w
+
+    def model_weight(self, projection: str) -> torch.Tensor:
+        """The source weight in the model dtype, read-only: mapped (no copy) when stored in that dtype; for
+        the group statistics, whose max |W| is the same in float32."""
+        name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
+        return self.reader.rows(name, 0, self.reader.shape(name)[0]).to(self.dtype)
 
     def _source_norm(self, norm: str) -> torch.Tensor:
         return self.reader.read(LLAMA.hf_layer_tensor(self.index, norm)).to(self.dtype)
@@ -133,7 +139,7 @@ class LayerExport:
                 norm = NORMS.get(group)
                 read_norm = (lambda: self._source_norm(norm).float()) if norm else None
                 self._groups[group] = self.quantizer.scale_group(self.stats, self.index, group,
-                                                                 lambda p: self.weight(p, cast=False), read_norm)
+                                                                 self.model_weight, read_norm)
         return self._groups[group]
 
     def norm(self, norm: str) -> torch.Tensor:
@@ -242,9 +248,9 @@ def _source_blocks(reader: SourceCheckpoint, name: str, dtype: torch.dtype) -> I
     if len(shape) < 2:
         yield reader.read(name).to(dtype)
         return
-    for chunk in row_slices(rows, math.prod(shape[1:])):
-        yield reader.read(name, 0, chunk.start, chunk.stop).to(dtype)
-        reader.release()
+    for chunk in row_slices(rows, math.prod(shape[1:])):  # cast from the mapped source, no copy in between
+        yield reader.rows(name, chunk.start, chunk.stop).to(dtype)
+    reader.release()
 
 
 def _files(planned: list[Planned], max_shard_bytes: int) -> list[list[Planned]]:

@@ -5,6 +5,10 @@ The layout mirrors `safetensors.torch.save_file` (tensors ordered by dtype, wide
 by name; compact JSON header padded with spaces to 8 bytes; no metadata unless given), so the
 bytes are identical to what the reference library writes for the same tensors and loaders see
 aligned data. Nothing time- or path-dependent goes into the file.
+
+Bytes are written and hashed as they go (io/sink.py: a write thread and a hash thread behind the
+caller), and the finished file carries the record of its size and sha256 (io/written.py), so a cache
+entry's manifest needs no second read of it. Blocks cast into `staging` buffers reuse memory.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping, Sequence, Union
 
 import torch
+
+from recipe_runner.io.sink import HashingSink, StagingRing
+from recipe_runner.io.written import record_written
 
 # safetensors dtype codes, in the order of the Rust `Dtype` enum (save_file sorts by it, widest
 # alignment last; we sort descending, as it does).
@@ -129,8 +136,18 @@ def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
         view = view[f.write(view):]
 
 
+STAGING_BYTES = 64 << 20  # one reusable output buffer (shard.DEFAULT_BLOCK_BYTES blocks fit)
+
+
 # errnos meaning "copy_file_range cannot do this pair of files", not "the copy failed"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _check_range(src: FileRange) -> None:
+    """Refuse a range past the end of its file now, not later on the write thread."""
+    size = os.stat(src.path).st_size
+    if src.offset + src.length > size:
+        raise OSError(errno.EIO, f"{src.path} ended before byte {src.offset + src.length} (it has {size})")
 
 
 def _copy_range(f: BinaryIO, src: FileRange) -> None:
@@ -169,6 +186,7 @@ class SafetensorsStreamWriter:
 
     The file is written as `<path>.partial` and renamed to `path` only by a successful
     `close()`; `abort()` (or leaving the `with` block by an exception) deletes the partial file.
+    After `close()`, `sha256` and `size` describe the bytes written (also recorded on the file).
     """
 
     def __init__(self, path: str | Path, specs: Sequence[TensorSpec],
@@ -176,20 +194,35 @@ class SafetensorsStreamWriter:
         self.path = Path(path)
         self.layout = plan_layout(specs, metadata, keep_order)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.sha256: str | None = None
         self._next = 0  # index into layout.order of the tensor to write next
+        self._ring = StagingRing(2, STAGING_BYTES)
+        self._lent: dict[int, object] = {}  # data_ptr of a lent staging tensor -> its give-back
         # unbuffered: large blocks go straight to the kernel, and os.copy_file_range can
         # append at the descriptor's position without a user-space buffer in between
         self._file: BinaryIO | None = open(self.partial_path, "wb", buffering=0)
+        # the module's functions as they are now (tests replace them to fill the disk)
+        self._sink = HashingSink(self._file, _write_all, _copy_range)
         try:
-            _write_all(self._file, self.layout.prefix)
+            self._sink.put(memoryview(self.layout.prefix))
         except BaseException:
             self.abort()
             raise
 
     @property
+    def size(self) -> int:
+        return self.layout.file_size
+
+    @property
     def pending(self) -> list[str]:
         """Names still to write, in the order they must be written."""
         return [s.name for s in self.layout.order[self._next:]]
+
+    def staging(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An output tensor to fill and then pass as a block: its memory is reused once written."""
+        tensor, give_back = self._ring.take(tuple(shape), dtype)
+        self._lent[tensor.data_ptr()] = give_back
+        return tensor
 
     def _expect(self, name: str) -> TensorSpec:
         if self._file is None:
@@ -212,7 +245,8 @@ class SafetensorsStreamWriter:
         """Write the next tensor as consecutive row blocks (their bytes concatenated).
 
         A block is a tensor of the planned dtype, or a FileRange holding bytes already in that
-        dtype (copied without passing through this process).
+        dtype (copied without passing through this process). A tensor must not change until the
+        writer is closed, unless it came from `staging`.
         """
         spec = self._expect(name)
         written = 0
@@ -223,11 +257,10 @@ class SafetensorsStreamWriter:
             written += data.nbytes
             if written > spec.nbytes:
                 raise ValueError(f"{name}: more bytes than its planned shape {spec.shape}")
-            assert self._file is not None
             if isinstance(data, FileRange):
-                _copy_range(self._file, data)
-            else:
-                _write_all(self._file, data)
+                _check_range(data)
+            give_back = self._lent.pop(block.data_ptr(), None) if isinstance(block, torch.Tensor) else None
+            self._sink.put(data, give_back)  # type: ignore[arg-type]
         if written != spec.nbytes:
             raise ValueError(f"{name}: wrote {written} bytes, planned {spec.nbytes}")
         self._next += 1
@@ -241,6 +274,8 @@ class SafetensorsStreamWriter:
             self.abort()
             raise ValueError(f"{self.path}: not all tensors written (missing {missing[:3]}…)")
         try:
+            self.sha256 = self._sink.finish()
+            record_written(self._file.fileno(), self._sink.size, self.sha256)
             self._file.close()
         except BaseException:
             self.abort()
@@ -251,6 +286,7 @@ class SafetensorsStreamWriter:
 
     def abort(self) -> None:
         """Drop the partial file; safe to call more than once."""
+        self._sink.abort()
         if self._file is not None:
             try:
                 self._file.close()
@@ -258,6 +294,11 @@ class SafetensorsStreamWriter:
                 pass  # e.g. ENOSPC while flushing: the file is being deleted anyway
             self._file = None
         self.partial_path.unlink(missing_ok=True)
+
+    def __del__(self) -> None:
+        # dropped without close() or abort(): stop the sink's threads, leave no partial file
+        if getattr(self, "_file", None) is not None:
+            self.abort()
 
     def __enter__(self) -> "SafetensorsStreamWriter":
         return self

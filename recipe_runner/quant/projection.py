@@ -10,7 +10,7 @@ hfexport/export.py as the Hugging Face formats. What a format decides about the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
@@ -202,10 +202,22 @@ class ProjectionQuantizer:
             amax = absmax(weight.reshape(weight.shape[0], -1, self.settings.group_size), dim=2)
         else:
             amax = absmax(weight, dim=1)
+        return self.scale_from_amax(amax.float(), qmax)
+
+    def scale_from_amax(self, amax: torch.Tensor, qmax: int) -> torch.Tensor:
+        """The integer formats' dequantization scale from the float32 max |W| of its granule."""
         scale = (amax / qmax).clamp(min=MIN_SCALE)
         if self.form.model_dtype_int_scales and self.algorithm.family in (WEIGHT_ONLY, AWQ):
             return scale.to(self.dtype)  # the stored scale is the one the codes come from
         return scale
+
+    def weight_only_scale(self, rows: Iterable[torch.Tensor]) -> torch.Tensor:
+        """W8A16/W4A16 per-channel scales where the checkpoint keeps the float weight (no codes), from its
+        row chunks in the model dtype: max |W| is exact in any float dtype, so no float32 copy is made."""
+        assert self.algorithm.family == WEIGHT_ONLY and not self.form.weight_only_codes
+        assert self.algorithm.granularity not in ("tensor", "group")
+        amax = torch.cat([absmax(chunk.to(self.dtype), dim=1).float() for chunk in rows])
+        return self.scale_from_amax(amax, FORMATS[self.algorithm.weight_bits].qmax)
 
     # ---- shapes, without computing ---------------------------------------------------------------
 

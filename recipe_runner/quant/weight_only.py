@@ -49,9 +49,11 @@ def int_codes(weight: torch.Tensor, scale: torch.Tensor, fmt: IntFormat) -> torc
     s = scale.float().expand(out_dim) if scale.dim() == 0 else scale.float()
     s = s.reshape(out_dim, -1)
     codes = torch.empty(weight.shape, dtype=torch.int8)
+    buffer = torch.empty(0)  # one chunk's float32 quotients, reused: no fresh memory to fault in per chunk
     for rows in row_slices(out_dim, in_dim):
-        q = weight[rows].reshape(-1, s.shape[1], in_dim // s.shape[1]) / s[rows, :, None]
-        codes[rows] = q.round_().clamp_(fmt.qmin, fmt.qmax).reshape(-1, in_dim).to(torch.int8)
+        chunk = weight[rows].reshape(-1, s.shape[1], in_dim // s.shape[1])
+        q = torch.div(chunk, s[rows, :, None], out=buffer.resize_(chunk.shape))
+        codes[rows].copy_(q.round_().clamp_(fmt.qmin, fmt.qmax).reshape(-1, in_dim))  # copy_ casts, as .to does
     return codes
 
 

@@ -39,9 +39,10 @@ from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.models import layout_for
 from recipe_runner.models.layout import Linear, ModelLayout
 from recipe_runner.quant import kv, smoothquant as sq
+from recipe_runner.quant.chunks import row_slices
 from recipe_runner.quant.algorithms import AWQ, FP8, KV_CACHES, NONE, SMOOTHQUANT, WEIGHT_ONLY
 from recipe_runner.quant.packing import pack_int4_rows
-from recipe_runner.quant.projection import (FLOAT, NO_SCALING, PREQUANT, Form, GroupScaling, ProjectionQuantizer,
+from recipe_runner.quant.projection import (FLOAT, PREQUANT, Form, GroupScaling, ProjectionQuantizer,
                                             QuantizedProjection)
 from recipe_runner.quant.settings import QuantSettings
 from recipe_runner.stages.convert import read_model_facts
@@ -111,10 +112,30 @@ class LayerJob:
         return layout_for(self.cfg)
 
     def weight(self, projection: str) -> torch.Tensor:
-        """The projection's weight as the checkpoint stores it (model dtype), in float32."""
-        w = self.reader.read(self.layout.hf_layer_tensor(self.index, projection + ".weight"))
+        """The projection's weight as the checkpoint stores it (model dtype), in float32: cast row chunk by
+        row chunk straight from the mapped source into the one float32 tensor (no whole-weight copy)."""
+        name = self.layout.hf_layer_tensor(self.index, projection + ".weight")
+        rows, cols = self.reader.shape(name)
+        w = torch.empty((rows, cols), dtype=torch.float32)
+        for chunk in row_slices(rows, cols):
+            w[chunk] = self.reader.rows(name, chunk.start, chunk.stop).to(self.dtype)
         self.reader.release()
-        return w.to(self.dtype).float()
+        return w
+
+    def model_weight(self, projection: str) -> torch.Tensor:
+        """The projection's weight in the model dtype, read-only: mapped from the source when it is stored in
+        that dtype (no copy), for the group statistics (max |W| is the same in float32)."""
+        name = self.layout.hf_layer_tensor(self.index, projection + ".weight")
+        return self.reader.rows(name, 0, self.reader.shape(name)[0]).to(self.dtype)
+
+    def weight_only_scale(self, projection: str) -> torch.Tensor:
+        """The projection's W8A16/W4A16 scales, from its rows as mapped (trtllm-build quantizes the weight)."""
+        name = self.layout.hf_layer_tensor(self.index, projection + ".weight")
+        rows, cols = self.reader.shape(name)
+        chunks = (self.reader.rows(name, c.start, c.stop) for c in row_slices(rows, cols))
+        scale = self.quantizer.weight_only_scale(chunks)
+        self.reader.release()
+        return scale
 
     def name(self, module: str, suffix: str) -> str:
         return self.layout.hf_layer_tensor(self.index, f"{module}.{suffix}")
@@ -149,7 +170,7 @@ class LayerJob:
         read_norm = None
         if norm is not None:
             read_norm = lambda: self.reader.read(self.layout.hf_layer_tensor(self.index, norm)).to(self.dtype).float()  # noqa: E731
-        return self.quantizer.scale_group(self.stats, self.index, projections, self.weight, read_norm)
+        return self.quantizer.scale_group(self.stats, self.index, projections, self.model_weight, read_norm)
 
     def quantize(self, projection: str, scaling: GroupScaling) -> QuantizedProjection:
         return self.quantizer.quantize(self.weight(projection), scaling)
@@ -183,7 +204,7 @@ def _projections(group: list[Linear]) -> list[str]:
 def _weight_only(job: LayerJob) -> None:
     for lin in job.linears():
         for proj in lin.projections:
-            job.add(proj, "weight_only_scale", job.quantize(proj, NO_SCALING).weight_scale)
+            job.add(proj, "weight_only_scale", job.weight_only_scale(proj))
     job.flush("scales")
 
 

@@ -1,10 +1,12 @@
 """Shard stage: execute a ConvertManifest into config.json + rank{N}.safetensors.
 
-Memory: tensors are produced in row blocks of at most `max_block_bytes` (read lazily from the
-source, converted to the output dtype, appended to the rank file), so peak memory is one block —
-never a whole rank file, and not even a whole large tensor. Parts that are plain byte copies of
-the source (whole tensors and row slices in the same dtype: most of a checkpoint) do not pass
-through this process at all: the kernel copies them (os.copy_file_range, as cp does).
+Memory: tensors are produced in row blocks of at most `max_block_bytes` (stages/shard_blocks.py:
+mapped from the source, cast into a reused output buffer, appended to the rank file), so peak memory
+is a few blocks — never a whole rank file, and not even a whole large tensor. Parts that are plain
+byte copies of the source (whole tensors and row slices in the same dtype: most of a checkpoint) do
+not pass through this process at all: the kernel copies them (os.copy_file_range, as cp does). The
+writer writes and hashes on two threads while the next block is cast (io/sink.py), and records each
+rank file's sha256 on it (io/written.py), so the cache never reads the files back to hash them.
 
 Atomicity: everything is written into a temp dir beside `out_dir` and renamed into place only
 when complete. Inside it each rank file is written as `rankN.safetensors.partial` and renamed when
@@ -19,7 +21,7 @@ import sys
 import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,123 +33,17 @@ from recipe_runner.stages.convert import read_model_facts
 from recipe_runner.stages.quantized import read_artifact
 from recipe_runner.stages.shard_plan import plan_rank_tensors
 from recipe_runner.store.publish import swap_into_place
-from recipe_runner.stages.manifest import (
-    Concat,
-    ConvertManifest,
-    RankPlan,
-    Read,
-    Source,
-    SourceTensor,
-    TensorPlan,
-    Zeros,
-    source_tensors_of,
-)
+from recipe_runner.stages.manifest import ConvertManifest, RankPlan, SourceTensor, source_tensors_of
+from recipe_runner.stages.shard_blocks import DEFAULT_BLOCK_BYTES, cast_threads, is_byte_copy, iter_output_blocks
 from recipe_runner.trtllm.config import config_json_bytes
 from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.releases import release_named
-from recipe_runner.io.safetensors_writer import (
-    Block,
-    FileRange,
-    SafetensorsStreamWriter,
-    TensorSpec,
-)
+from recipe_runner.io.safetensors_writer import FileRange, SafetensorsStreamWriter, TensorSpec
 
 if TYPE_CHECKING:
     from recipe_runner.stages.registry import StageJob
 
-DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
 CONFIG_FILE = "config.json"
-
-
-# ---- evaluating source expressions in row blocks ---------------------------------------------
-
-
-def _row_blocks(rows: int, row_bytes: int, max_block_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, max_block_bytes // max(row_bytes, 1))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
-
-
-def _read_blocks(src: Read, reader: SourceCheckpoint, max_block_bytes: int
-                 ) -> Iterator[torch.Tensor]:
-    shape = reader.shape(src.tensor)
-    if len(shape) < 2:
-        yield reader.read(src.tensor, src.dim, src.start, src.stop)
-        return
-    index = [slice(None)] * len(shape)
-    if src.dim is not None:
-        index[src.dim] = slice(src.start, src.stop)
-    r_start, r_stop, _ = index[0].indices(shape[0])
-    # a row block of a column slice still touches whole source rows: size blocks by those
-    src_row_bytes = reader.dtype(src.tensor).itemsize * _numel(shape[1:])
-    for r0, r1 in _row_blocks(r_stop - r_start, src_row_bytes, max_block_bytes):
-        index[0] = slice(r_start + r0, r_start + r1)
-        yield reader.read_block(src.tensor, tuple(index))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def iter_source_blocks(src: Source, reader: SourceCheckpoint, dtype: torch.dtype,
-                       max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[torch.Tensor]:
-    """Row blocks (dim 0) whose concatenation is `src`; Zeros come out in `dtype`, reads in
-    their source dtype."""
-    if isinstance(src, Zeros):
-        row_bytes = _numel(src.shape[1:]) * dtype.itemsize
-        for r0, r1 in _row_blocks(src.shape[0], row_bytes, max_block_bytes):
-            yield torch.zeros((r1 - r0, *src.shape[1:]), dtype=dtype)
-    elif isinstance(src, Read):
-        yield from _read_blocks(src, reader, max_block_bytes)
-    else:
-        for part in src.parts:
-            yield from iter_source_blocks(part, reader, dtype, max_block_bytes)
-
-
-def _zero_copy(src: Source, reader: SourceCheckpoint, dtype: torch.dtype) -> FileRange | None:
-    """`src` as a byte range of a source file when it needs no transform at all: a whole tensor
-    or a row slice, already in the output dtype. Copied by the kernel, like cp."""
-    if not isinstance(src, Read) or reader.dtype(src.tensor) != dtype:
-        return None
-    shape = reader.shape(src.tensor)
-    start, stop = 0, (shape[0] if shape else 1)
-    if src.dim == 0:
-        start, stop, _ = slice(src.start, src.stop).indices(shape[0])
-    elif src.dim is not None:  # a slice of an inner dim is contiguous only when it is all of it
-        if slice(src.start, src.stop).indices(shape[src.dim])[:2] != (0, shape[src.dim]):
-            return None
-    return reader.row_range(src.tensor, start, stop)
-
-
-def iter_output_blocks(plan: TensorPlan, reader: SourceCheckpoint,
-                       max_block_bytes: int = DEFAULT_BLOCK_BYTES, *, zero_copy: bool = True
-                       ) -> Iterator[Block]:
-    """The bytes of `plan`, in order: tensors in the output dtype, or (zero_copy) file ranges
-    for parts that are plain byte copies of the source."""
-    dtype = getattr(torch, plan.dtype)
-    parts = plan.source.parts if isinstance(plan.source, Concat) else (plan.source,)
-    for part in parts:
-        direct = _zero_copy(part, reader, dtype) if zero_copy else None
-        if direct is not None:
-            yield direct
-            continue
-        for block in iter_source_blocks(part, reader, dtype, max_block_bytes):
-            yield _convert_block(block, dtype, plan.name)
-
-
-def _convert_block(block: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    if block.dtype == dtype:
-        return block
-    out = block.to(dtype)
-    # float16 has a smaller range than bfloat16/float32: refuse silent infinities
-    if dtype == torch.float16 and torch.isinf(out).sum() > torch.isinf(block).sum():
-        peak = block.abs().max().item()
-        raise UserError(f"tensor {name}: values up to {peak:.4g} overflow float16 (max 65504); "
-                        "convert with dtype bfloat16 or float32")
-    return out
 
 
 # ---- writing one rank --------------------------------------------------------------------------
@@ -177,28 +73,47 @@ def _disk_error(e: OSError, final_path: Path, needed: int) -> UserError:
     return UserError(f"could not write {final_path}: {e.strerror or e}")
 
 
+Replicas = dict  # (source, dtype, shape) of a computed tensor -> FileRange of its bytes in an earlier rank file
+REPLICA_MIN_BYTES = 1 << 20  # smaller tensors are cheaper to compute again than to look up and copy
+
+
 def write_rank(rank: RankPlan, source_dir: CheckpointDirs, work_dir: str | Path,
                expected_source: dict[str, SourceTensor], final_dir: str | Path,
-               max_block_bytes: int = DEFAULT_BLOCK_BYTES, zero_copy: bool = True) -> str:
+               max_block_bytes: int = DEFAULT_BLOCK_BYTES, zero_copy: bool = True,
+               replicas: Replicas | None = None) -> str:
     """Write `work_dir/rankN.safetensors` (complete or not at all); returns its file name.
 
     Top-level so worker processes can run it. `final_dir` is only used in error messages.
     `source_dir` may list several directories (quantized tensors first, the HF source last).
+    `replicas` (ranks written one after another): a tensor an earlier rank file of this checkpoint
+    already holds, cast or cut the same way (the replicated embedding of a cast), is copied from
+    those bytes by the kernel rather than computed again; this rank's are added to it.
     """
     reader = open_checkpoint(source_dir)
     _check_source(rank, reader, expected_source)
     specs = [TensorSpec(t.name, getattr(torch, t.dtype), t.shape) for t in rank.tensors]
     by_name = {t.name: t for t in rank.tensors}
     path = Path(work_dir) / rank.file_name
+    made: Replicas = {}
     try:
-        with SafetensorsStreamWriter(path, specs) as writer:
+        with cast_threads(), SafetensorsStreamWriter(path, specs) as writer:
             for spec in writer.layout.order:
-                blocks = iter_output_blocks(by_name[spec.name], reader, max_block_bytes,
-                                            zero_copy=zero_copy)
+                plan = by_name[spec.name]
+                earlier = (replicas or {}).get((plan.source, plan.dtype, plan.shape))
+                if earlier is not None:
+                    writer.write_blocks(spec.name, [earlier])
+                    continue
+                blocks = iter_output_blocks(plan, reader, max_block_bytes, zero_copy=zero_copy, staging=writer.staging)
                 writer.write_blocks(spec.name, blocks)
                 reader.release()
+                if plan.nbytes >= REPLICA_MIN_BYTES and not (zero_copy and is_byte_copy(plan, reader)):
+                    start, stop = writer.layout.offsets[spec.name]
+                    made[(plan.source, plan.dtype, plan.shape)] = FileRange(path, len(writer.layout.prefix) + start,
+                                                                            stop - start)
     except OSError as e:
         raise _disk_error(e, Path(final_dir) / rank.file_name, rank.nbytes) from None
+    if replicas is not None:
+        replicas.update(made)  # only once the file is complete, under its final name
     return rank.file_name
 
 
@@ -302,9 +217,10 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
             raise _disk_error(e, out_dir / CONFIG_FILE, 0) from None
         n_workers = min(workers, manifest.world_size)
         if n_workers == 1 and not (_in_ray_cluster() and manifest.world_size > 1):
+            replicas: Replicas = {}
             for rank in manifest.ranks:
                 write_rank(rank, source_dir, tmp, _source_for(manifest, rank), out_dir,
-                           max_block_bytes, zero_copy)
+                           max_block_bytes, zero_copy, replicas)
         else:
             _write_ranks_parallel(manifest, source_dir, tmp, out_dir, n_workers,
                                   max_block_bytes, zero_copy)

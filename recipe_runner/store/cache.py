@@ -13,7 +13,8 @@
     <root>/state.sqlite3                             the source-hash memo (recipe_runner.store.hashing)
 
 An entry is built in a temp dir under the key's lock and renamed into place only when its
-manifest is written and synced, so a crash or a kill leaves a temp dir, never a half entry
+manifest is written and synced (its sha256s are those the streaming writer computed from the bytes as
+it wrote them, io/written.py; only files without such a record are read back to be hashed), so a crash or a kill leaves a temp dir, never a half entry
 (design rule 5). Nothing outside the cache links to an entry's files (outputs are copies), so an
 entry changes only if someone edits the cache itself: `get` compares every file's fingerprint
 (one stat) with its seal and re-hashes any file that differs; a file whose sha256 no longer
@@ -34,8 +35,8 @@ from typing import Callable, Iterable
 
 from filelock import FileLock, Timeout
 
-from recipe_runner.store.entry import (DATA, INFO, MANIFEST, SEAL, Entry, content_problem, entry_dirs, hash_tree,
-                                       key_dir, key_lock, load_entry, missing_or_resized, write_json)
+from recipe_runner.store.entry import (DATA, INFO, MANIFEST, SEAL, Entry, content_problem, entry_dirs, key_dir,
+                                       key_lock, load_entry, manifest_records, missing_or_resized, write_json)
 from recipe_runner.store.fsutil import fingerprints, fsync_dir, rmtree, seal_tree
 from recipe_runner.store.gc import EntryInfo, collect, list_entries
 from recipe_runner.store.hashing import HashMemo
@@ -125,7 +126,7 @@ class CacheStore:
         try:
             (tmp / DATA).mkdir()
             produce(tmp / DATA)
-            files = hash_tree(tmp / DATA)
+            files = manifest_records(tmp / DATA)  # the digests recorded while writing; hashes the rest
             manifest = {"key": key, "stage": stage, "files": files}
             now = time.time()
             write_json(tmp / MANIFEST, manifest)

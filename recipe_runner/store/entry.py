@@ -3,7 +3,9 @@
 Where an entry lives under a store's root and the key's build lock; `Entry`, what a complete entry
 holds; reading and checking its manifest (`load_entry`); its seal, checked by fingerprint with a
 re-hash of only the files that differ (`Entry.problem`), or every file re-hashed (`content_problem`);
-the manifest's file records of a payload (`hash_tree`). Nothing here knows a store beyond its root.
+the manifest's file records of a payload (`hash_tree`), and of a payload just produced, from the
+digests its writers recorded as they wrote (`manifest_records`). Nothing here knows a store beyond its
+root.
 """
 from __future__ import annotations
 
@@ -13,14 +15,16 @@ import os
 import re
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock
 
+from recipe_runner.io.written import forget_written, written_sha256
 from recipe_runner.store.fsutil import atomic_write_text, changed_files, fingerprints
-from recipe_runner.store.hashing import sha256_file
+from recipe_runner.store.hashing import HASH_THREADS, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +177,26 @@ def hash_tree(data: Path, hash_files: bool = True) -> dict[str, dict]:
                 raise ValueError(f"{rel}: only regular files can be cached (links and devices cannot be hashed)")
             files[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path) if hash_files else ""}
     return dict(sorted(files.items()))
+
+
+def manifest_records(data: Path) -> dict[str, dict]:
+    """`hash_tree(data)` of a payload just produced, without reading back what the streaming writer
+    wrote: a file that carries the record of its bytes as written (io/written.py) and is still that
+    file gets the recorded sha256; only the others (small JSON files, a file system without xattrs)
+    are hashed, on a few threads. The records are removed: from now on the manifest holds them."""
+    files = hash_tree(data, hash_files=False)
+
+    def record(rel: str) -> dict:
+        path = data / rel
+        st = os.stat(path)
+        sha = written_sha256(path, st)
+        if sha is None:
+            return {"size": st.st_size, "sha256": sha256_file(path)}
+        forget_written(path)
+        return {"size": st.st_size, "sha256": sha}
+
+    with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(files)))) as pool:
+        return dict(zip(files, pool.map(record, files)))
 
 
 def read_json(path: Path) -> object | None:

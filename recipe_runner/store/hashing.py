@@ -7,7 +7,9 @@ path, size, mtime_ns and inode. Any of those changing means the file is read aga
 
 Several `recipe` processes may share one memo: sqlite serializes the writes (WAL
 journal, busy timeout), and "database is locked" is retried. The memo is only an
-accelerator: if its database is unusable, files are hashed without it.
+accelerator: if its database is unusable, files are hashed without it. `hash_files` hashes the
+files the memo does not know on several threads (reads and hashlib release the GIL), so a sharded
+model hashes at the speed of the disk rather than of one core.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import logging
 import os
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -28,6 +31,7 @@ CHUNK = 8 << 20  # 8 MiB: large enough to be I/O-bound, small enough to stay off
 # such "racy" hashes are returned but not remembered (the same trick git uses for its index).
 RACY_WINDOW_NS = 2_000_000_000
 _BUSY_RETRIES = 8
+HASH_THREADS = max(1, min(8, os.cpu_count() or 1))  # files hashed at once
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,18 @@ def sha256_file(path: Path | str, chunk: int = CHUNK) -> str:
 
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _hash_stable(abspath: str, st: os.stat_result) -> tuple[os.stat_result, str, int]:
+    """(stat, sha256, when hashing started) of a file that did not change while it was read."""
+    for _ in range(3):
+        started_ns = time.time_ns()
+        sha = sha256_file(abspath)
+        after = os.stat(abspath)
+        if _identity(after) == _identity(st):
+            return st, sha, started_ns
+        st = after  # written to while we read it: the hash may mix versions, read again
+    raise OSError(f"{abspath} keeps changing while it is hashed; wait for the writer to finish")
 
 
 class HashMemo:
@@ -82,14 +98,29 @@ class HashMemo:
     def hash_files(self, paths: Iterable[Path | str], rehash: bool = False,
                    root: Path | str | None = None) -> dict[str, FileDigest]:
         """{name: FileDigest} for `paths`, sorted; names are posix paths relative to `root`,
-        or bare file names without a root (which must then be unique)."""
+        or bare file names without a root (which must then be unique). Files the memo does not
+        know are hashed in parallel; the memo is read and written from this thread only."""
         out: dict[str, FileDigest] = {}
+        todo: list[tuple[str, str, os.stat_result]] = []
+        names: set[str] = set()
         for path in paths:
             path = Path(path)
             name = path.relative_to(root).as_posix() if root is not None else path.name
-            if name in out:
+            if name in names:
                 raise ValueError(f"two files named {name!r}; pass root= to name them by relative path")
-            out[name] = self.digest(path, rehash)
+            names.add(name)
+            abspath = os.path.abspath(path)
+            st = os.stat(abspath)
+            known = None if rehash else self._lookup(abspath, st)
+            if known is not None:
+                out[name] = FileDigest(st.st_size, known)
+            else:
+                todo.append((name, abspath, st))
+        with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(todo)))) as pool:
+            hashed = list(pool.map(lambda t: _hash_stable(t[1], t[2]), todo))
+        for (name, abspath, _), (st, sha, started_ns) in zip(todo, hashed):
+            self._remember(abspath, st, sha, started_ns)
+            out[name] = FileDigest(st.st_size, sha)
         return dict(sorted(out.items()))
 
     def close(self) -> None:
@@ -100,18 +131,13 @@ class HashMemo:
     # -- memo ---------------------------------------------------------------------------
 
     def _hash_and_remember(self, abspath: str, st: os.stat_result) -> FileDigest:
-        for _ in range(3):
-            started_ns = time.time_ns()
-            sha = sha256_file(abspath)
-            after = os.stat(abspath)
-            if _identity(after) == _identity(st):
-                break
-            st = after  # written to while we read it: the hash may mix versions, read again
-        else:
-            raise OSError(f"{abspath} keeps changing while it is hashed; wait for the writer to finish")
+        st, sha, started_ns = _hash_stable(abspath, st)
+        self._remember(abspath, st, sha, started_ns)
+        return FileDigest(st.st_size, sha)
+
+    def _remember(self, abspath: str, st: os.stat_result, sha: str, started_ns: int) -> None:
         if st.st_mtime_ns < started_ns - RACY_WINDOW_NS:
             self._store(abspath, st, sha)
-        return FileDigest(st.st_size, sha)
 
     def _lookup(self, abspath: str, st: os.stat_result) -> str | None:
         row = self._execute("SELECT size, mtime_ns, inode, sha256 FROM file_hashes WHERE path = ?",
