@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Mapping, Sequence, Union
+from typing import BinaryIO, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -197,7 +197,7 @@ class SafetensorsStreamWriter:
         self.sha256: str | None = None
         self._next = 0  # index into layout.order of the tensor to write next
         self._ring = StagingRing(2, STAGING_BYTES)
-        self._lent: dict[int, object] = {}  # data_ptr of a lent staging tensor -> its give-back
+        self._lent: dict[int, Callable[[], None]] = {}  # data_ptr of a lent staging tensor -> its give-back
         # unbuffered: large blocks go straight to the kernel, and os.copy_file_range can
         # append at the descriptor's position without a user-space buffer in between
         self._file: BinaryIO | None = open(self.partial_path, "wb", buffering=0)
@@ -260,7 +260,7 @@ class SafetensorsStreamWriter:
             if isinstance(data, FileRange):
                 _check_range(data)
             give_back = self._lent.pop(block.data_ptr(), None) if isinstance(block, torch.Tensor) else None
-            self._sink.put(data, give_back)  # type: ignore[arg-type]
+            self._sink.put(data, give_back)
         if written != spec.nbytes:
             raise ValueError(f"{name}: wrote {written} bytes, planned {spec.nbytes}")
         self._next += 1
