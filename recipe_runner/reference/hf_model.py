@@ -10,7 +10,6 @@ attention is plainly causal, as in a TensorRT-LLM engine built without max_atten
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoConfig
@@ -21,7 +20,7 @@ from recipe_runner.errors import SourceModelError
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hf.remote_code import refuse_remote_code
-from recipe_runner.reference.layerwise import forward_logits
+from recipe_runner.reference.layerwise import LayerwiseLogits
 from recipe_runner.models import layout_for
 
 
@@ -34,7 +33,7 @@ def _modules(architecture: str):
     return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
 
 
-class HFLayerwiseModel:
+class HFLayerwiseModel(LayerwiseLogits):
     """Logits of a HF LLaMA / Mistral model directory, computed layer by layer."""
 
     def __init__(self, model_dir: str | Path, *, trust_remote_code: bool = False):
@@ -69,11 +68,6 @@ class HFLayerwiseModel:
             layer = self.layer_cls(self.config, index)
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
-
-    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
-        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
-        (layer, sequence)."""
-        return forward_logits(self, sequences, step)
 
     def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         table = self._read(self.layout.embedding.hf)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig, read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.reference.layerwise import forward_logits
+from recipe_runner.reference.layerwise import LayerwiseLogits
 from recipe_runner.reference import numerics as nx
 from recipe_runner.reference.hf_quant_format import HFCheckpointError, HFQuantFormat, detect_format
 from recipe_runner.reference.hf_quant_linear import Tensors, plain_linear, quantized_linear, scalar
@@ -34,7 +33,7 @@ class HFLayer:
     v_scale: torch.Tensor | None
 
 
-class HFQuantizedModel:
+class HFQuantizedModel(LayerwiseLogits):
     """Logits of a quantized HF LLaMA / Mistral checkpoint, computed layer by layer on CPU."""
 
     def __init__(self, ckpt_dir: str | Path):
@@ -113,11 +112,6 @@ class HFQuantizedModel:
     @property
     def num_layers(self) -> int:
         return self.model_config.num_hidden_layers
-
-    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
-        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
-        (layer, sequence)."""
-        return forward_logits(self, sequences, step)
 
     def embed(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         table = self._read("model.embed_tokens.weight")

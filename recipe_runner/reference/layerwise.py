@@ -40,6 +40,15 @@ def forward_logits(model: LayerwiseModel, sequences: list[list[int]],
         return model.head(hidden)
 
 
+class LayerwiseLogits:
+    """`logits` for a LayerwiseModel (the three verify models inherit it)."""
+
+    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
+        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
+        (layer, sequence)."""
+        return forward_logits(self, sequences, step)  # type: ignore[arg-type]  # subclasses are LayerwiseModels
+
+
 def stepped(value: torch.Tensor, step: Callable[[], None]) -> torch.Tensor:
     """`value`, after calling `step()`: counts one unit of work inside a comprehension."""
     step()

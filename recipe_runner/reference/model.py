@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,7 +30,7 @@ from recipe_runner.reference.checkpoint import (
     CheckpointError,
     CheckpointReader,
 )
-from recipe_runner.reference.layerwise import forward_logits
+from recipe_runner.reference.layerwise import LayerwiseLogits
 from recipe_runner.reference.linear import RankLinear, check_algos, rank_linear
 from recipe_runner.reference.rope import Rope, apply_rope
 
@@ -148,7 +147,7 @@ def decoder_layer(cfg: CheckpointConfig, ranks: list[RankLayer], x: torch.Tensor
     return x + sum(rank_mlp(r, rms_norm(x, r.post_norm, eps)) for r in ranks)
 
 
-class ReferenceModel:
+class ReferenceModel(LayerwiseLogits):
     """Logits of a TensorRT-LLM LLaMA checkpoint, computed from the checkpoint alone."""
 
     def __init__(self, ckpt_dir: str | Path):
@@ -166,11 +165,6 @@ class ReferenceModel:
     @property
     def num_layers(self) -> int:
         return self.config.num_layers
-
-    def logits(self, sequences: list[list[int]], step: Callable[[], None] = lambda: None) -> list[torch.Tensor]:
-        """[len(seq), vocab_size] float32 logits for each token sequence; `step()` after each
-        (layer, sequence)."""
-        return forward_logits(self, sequences, step)
 
     def run_layer(self, ranks: list[RankLayer], hidden: torch.Tensor) -> torch.Tensor:
         return decoder_layer(self.config, ranks, hidden, self.rope)
