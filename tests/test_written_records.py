@@ -68,6 +68,7 @@ def test_large_ranges_are_hashed_window_by_window(tmp_path, monkeypatch):
     from recipe_runner.io import sink
 
     monkeypatch.setattr(sink, "HASH_MAP_BYTES", 8192)  # many mapped windows, unaligned ends
+    monkeypatch.setattr(safetensors_writer, "COPY_PIECE_BYTES", 30_001)  # and ranges copied in pieces
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(100_003))
     path = tmp_path / "x.safetensors"

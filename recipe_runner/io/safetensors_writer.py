@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Mapping, Sequence, Union
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 
@@ -137,10 +137,21 @@ def _write_all(f: BinaryIO, data: bytes | memoryview) -> None:
 
 
 STAGING_BYTES = 64 << 20  # one reusable output buffer (shard.DEFAULT_BLOCK_BYTES blocks fit)
+# A kernel copy goes to the sink in pieces this large, so the hash thread reads each piece from the
+# page cache while the copy has just brought it into the CPU caches, a few pieces behind at most.
+COPY_PIECE_BYTES = 8 << 20
 
 
 # errnos meaning "copy_file_range cannot do this pair of files", not "the copy failed"
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _pieces(src: FileRange, size: int) -> Iterator[FileRange]:
+    """`src` in consecutive ranges of at most `size` bytes."""
+    for offset in range(src.offset, src.offset + src.length, size):
+        yield FileRange(src.path, offset, min(size, src.offset + src.length - offset))
+    if src.length == 0:
+        yield src
 
 
 def _check_range(src: FileRange) -> None:
@@ -259,8 +270,10 @@ class SafetensorsStreamWriter:
                 raise ValueError(f"{name}: more bytes than its planned shape {spec.shape}")
             if isinstance(data, FileRange):
                 _check_range(data)
-            give_back = self._lent.pop(block.data_ptr(), None) if isinstance(block, torch.Tensor) else None
-            self._sink.put(data, give_back)
+                for piece in _pieces(data, COPY_PIECE_BYTES):
+                    self._sink.put(piece)
+                continue
+            self._sink.put(data, self._lent.pop(block.data_ptr(), None))
         if written != spec.nbytes:
             raise ValueError(f"{name}: wrote {written} bytes, planned {spec.nbytes}")
         self._next += 1

@@ -23,7 +23,9 @@ from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.io.safetensors_writer import Block, FileRange
 from recipe_runner.stages.manifest import Concat, Read, Source, TensorPlan, Zeros
 
-DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
+# Small enough that a block cast into its buffer is still in the CPU caches when the sink's threads
+# hash and write it (64 MiB blocks went through memory three times: ~30% more CPU on 2 cores here).
+DEFAULT_BLOCK_BYTES = 4 * 1024 * 1024
 FLOAT16_MAX = 65504.0
 Staging = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # an output buffer of shape, dtype
 
