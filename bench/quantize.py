@@ -3,7 +3,7 @@ Llama-3.1-70B shapes.
 
     python bench/quantize.py [--layers 1] [--tp 2] [--samples 16] [--seq-len 128]
                              [--algos w8a16,w8a8_sq_per_channel_per_token]
-                             [--exports hf-modelopt:nvfp4,hf-compressed-tensors:w4a16_awq]
+                             [--exports hf-modelopt:nvfp4,hf-compressed-tensors:w4a16_awq] [--alpha auto]
 
 Writes the bf16 HF-style source of bench/convert.py (hidden 8192, intermediate 28672, 64 heads,
 8 KV heads, vocab 128256; --layers layers) plus a tiny tokenizer (recipe_runner.demo) and a
@@ -13,7 +13,9 @@ stage of the target for --exports), timed, with the child's peak RSS (VmHWM). Ta
 under one decoder layer's float32 weights + 2 GiB; quantize + shard (and each export) within 1.3 x
 `cp -r` of the source scaled by (bytes written / source bytes), cp alternated with the jobs (best of
 --repeat before the jobs and after them) and every timing from a `sync` to a `sync`; the calibration
-(a forward pass over the samples, no bytes to move) is reported beside, not counted. Removes everything.
+(a forward pass over the samples, no bytes to move) is reported beside, not counted. `--alpha auto`
+runs SmoothQuant's α search in the calibrate phase of the SmoothQuant algos (smoothquant_alpha: auto).
+Removes everything.
 """
 from __future__ import annotations
 
@@ -43,22 +45,27 @@ if args["phase"] == "calibrate":
     from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
     family = (["awq"] if args["algo"] == "w4a16_awq" else ["amax"] if args["algo"] in ("fp8", "nvfp4")
               else ["smoothquant"])
+    from recipe_runner.quant.sq_auto import AlphaSearch, is_auto
+    search = AlphaSearch(args["algo"]) if is_auto(args["alpha"]) and family == ["smoothquant"] else None
     settings = CalibrationSettings("calib.txt", Path(args["calib"]), num_samples=args["samples"],
                                    max_seq_len=args["seq_len"], batch_size=args["batch"], statistics=tuple(family),
-                                   group_size=128)
+                                   group_size=128, smoothquant_search=search)
     calibrate(src, settings, Path(args["out"]))
 elif args["phase"] == "quantize":
     from recipe_runner.calibration.stats import read_stats
     from recipe_runner.quant.settings import QuantSettings
     from recipe_runner.stages.quantize import quantize_checkpoint
     stats = read_stats(Path(args["stats"])) if args["stats"] else None
-    quantize_checkpoint(src, stats, QuantSettings(args["algo"]), "bfloat16", Path(args["out"]))
+    alpha = args["alpha"] if args["algo"].startswith("w8a8_sq") else 0.5
+    quantize_checkpoint(src, stats, QuantSettings(args["algo"], smoothquant_alpha=alpha), "bfloat16", Path(args["out"]))
 elif args["phase"] == "export":
     from recipe_runner.calibration.stats import read_stats
     from recipe_runner.hfexport.export import export_checkpoint
     from recipe_runner.quant.settings import QuantSettings
     stats = read_stats(Path(args["stats"])) if args["stats"] else None
-    export_checkpoint(src, stats, QuantSettings(args["algo"]), args["target"], "bfloat16", Path(args["out"]))
+    alpha = args["alpha"] if args["algo"].startswith("w8a8_sq") else 0.5
+    export_checkpoint(src, stats, QuantSettings(args["algo"], smoothquant_alpha=alpha), args["target"], "bfloat16",
+                      Path(args["out"]))
 else:
     from recipe_runner.hf.config import read_model_config
     from recipe_runner.hf.layered import open_checkpoint
@@ -124,9 +131,11 @@ def main() -> None:
                     help="algos for the trtllm-checkpoint target (quantize + shard)")
     ap.add_argument("--exports", default="hf-modelopt:nvfp4,hf-compressed-tensors:w4a16_awq",
                     help="target:algo pairs for the Hugging Face targets (export stage)")
+    ap.add_argument("--alpha", default="0.5", help="smoothquant_alpha of the SmoothQuant algos: a number or auto")
     ap.add_argument("--tmp", default="/tmp")
     ap.add_argument("--repeat", type=int, default=2, help="cp runs; the best one counts")
     args = ap.parse_args()
+    alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
 
     from recipe_runner.demo import make_tiny_tokenizer
 
@@ -157,19 +166,19 @@ def main() -> None:
                 (out / "stats").mkdir()
                 phases["calibrate"] = run_phase(phase="calibrate", algo=algo, src=str(src), calib=str(root / "calib.txt"),
                                                 samples=args.samples, seq_len=args.seq_len, batch=args.batch,
-                                                out=str(out / "stats"))
+                                                alpha=alpha, out=str(out / "stats"))
                 stats_dir = str(out / "stats")
             if output_target == "trtllm-checkpoint":
                 (out / "quant").mkdir()
                 phases["quantize"] = run_phase(phase="quantize", algo=algo, src=str(src), stats=stats_dir,
-                                               out=str(out / "quant"))
+                                               alpha=alpha, out=str(out / "quant"))
                 phases["shard"] = run_phase(phase="shard", src=str(src), quant=str(out / "quant"), tp=args.tp,
                                             out=str(out / "ckpt"))
                 print(f"{algo} (tp={args.tp}):")
             else:
                 (out / "export").mkdir()
                 phases["export"] = run_phase(phase="export", algo=algo, target=output_target, src=str(src),
-                                             stats=stats_dir, out=str(out / "export"))
+                                             stats=stats_dir, alpha=alpha, out=str(out / "export"))
                 print(f"{algo} as {output_target}:")
             for name, s in phases.items():
                 print(f"  {name:<10} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s)   "

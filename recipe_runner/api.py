@@ -1,8 +1,12 @@
-"""Python API for scripting users: convert a HF model directory to a TensorRT-LLM checkpoint."""
+"""Python API for scripting users: convert a HF model directory to a TensorRT-LLM checkpoint; search
+SmoothQuant's α per layer as `smoothquant_alpha: auto` does."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from recipe_runner.quant.algorithms import ALGORITHMS, SMOOTHQUANT, SMOOTHQUANT_STATISTICS
+from recipe_runner.quant.sq_auto import AlphaSearch, AlphaSearchResult
+from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
 from recipe_runner.stages.shard_plan import plan_convert
 from recipe_runner.stages.shard import write_checkpoint
 from recipe_runner.trtllm.mapping import ParallelMapping
@@ -32,3 +36,30 @@ def convert(
     mapping = ParallelMapping(tp_size, pp_size, use_parallel_embedding, embedding_sharding_dim)
     manifest = plan_convert(model_dir, mapping=mapping, dtype=dtype, release=release_named(tensorrt_llm))
     return write_checkpoint(manifest, model_dir, out_dir, workers=workers)
+
+
+def smoothquant_alpha_search(
+    model_dir: str | Path,
+    calibration_file: str | Path,
+    *,
+    algo: str = "w8a8_sq_per_channel_per_token",
+    num_samples: int = 512,
+    max_seq_len: int = 512,
+    batch_size: int = 1,
+    seed: int = 0,
+    text_field: str = "text",
+    trust_remote_code: bool = False,
+) -> AlphaSearchResult:
+    """What `smoothquant_alpha: auto` chooses for `model_dir` over a local calibration file (.txt, .jsonl,
+    .json; the recipe's quantization.calibration fields by the same names): per layer and input group the
+    α kept and the output error at every grid α (`result.alphas[(layer, "self_attn.q_proj")]`, groups
+    named by their first projection; `result.report()` is smoothquant.json). The calibrate stage's own
+    code, so a recipe with the same settings chooses the same α."""
+    if ALGORITHMS[algo].family != SMOOTHQUANT:
+        raise ValueError(f"algo {algo} is not SmoothQuant: it has no alpha to search")
+    path = Path(calibration_file)
+    settings = CalibrationSettings(path.name, path, text_field, "train", num_samples, max_seq_len, seed, batch_size,
+                                   statistics=(SMOOTHQUANT_STATISTICS,), smoothquant_search=AlphaSearch(algo))
+    stats = calibrate(Path(model_dir), settings, trust_remote_code=trust_remote_code)
+    assert stats.alpha_search is not None
+    return AlphaSearchResult(stats.alpha_search, dict(stats.alphas))

@@ -35,6 +35,8 @@ from recipe_runner.hf.remote_code import refuse_remote_code
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.models import layout_for
 from recipe_runner.quant.awq import search_scales
+from recipe_runner.quant.sq_auto import AlphaChoice, AlphaSearch
+from recipe_runner.quant.sq_search import group_errors
 
 SPILL_BYTES = 1 << 30
 EMBED_BLOCK_BYTES = 64 << 20
@@ -45,6 +47,7 @@ Log = Callable[[str], None]
 class RunnerOptions:
     collect_mean: bool = False  # x_absmean, for AWQ
     awq_group_size: int | None = None  # run the AWQ scale search with this group size
+    alpha_search: AlphaSearch | None = None  # run SmoothQuant's α search (smoothquant_alpha auto)
     spill_bytes: int = SPILL_BYTES
 
 
@@ -136,7 +139,8 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
     total = sum(b.ids.numel() for b in batches) * hidden_size * 4
     states = HiddenStates(total, options.spill_bytes)
     stats = CalibrationStats()
-    quota = -(-AWQ_SEARCH_TOKENS // len(batches)) if options.awq_group_size else 0
+    stats.alpha_search = options.alpha_search
+    quota = -(-_search_tokens(options) // len(batches))
     samples = sum(b.ids.shape[0] for b in batches)
     total, done = samples * config.num_hidden_layers, 0
     try:
@@ -145,7 +149,7 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
         reader.release()
         for index in range(config.num_hidden_layers):
             layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index)
-            collector = LayerCollector(layer, layout, with_mean=options.collect_mean, awq_quota=quota,
+            collector = LayerCollector(layer, layout, with_mean=options.collect_mean, sample_quota=quota,
                                        head_dim=head_dim)
             with torch.no_grad():
                 for b, batch in enumerate(batches):
@@ -167,6 +171,9 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
             if options.awq_group_size:
                 progress.note(f"AWQ scale search, layer {index + 1}/{config.num_hidden_layers}")
                 _awq_search(layer, collector, stats, index, options.awq_group_size)
+            if options.alpha_search is not None:
+                progress.note(f"SmoothQuant alpha search, layer {index + 1}/{config.num_hidden_layers}")
+                _alpha_search(layer, collector, stats, index, options.alpha_search)
             del layer, collector
             log(f"calibrated layer {index + 1}/{config.num_hidden_layers}")
     finally:
@@ -180,5 +187,22 @@ def _awq_search(layer: torch.nn.Module, collector: LayerCollector, stats: Calibr
         for group in collector.layout.groups:
             weights = [layer.get_submodule(p).weight for p in group.projections]
             x_mean = stats.linears[(index, group.first)].x_absmean
-            result = search_scales(collector.awq_inputs(group.first), weights, x_mean, group_size)
+            result = search_scales(collector.group_inputs(group.first), weights, x_mean, group_size)
             stats.awq[(index, group.first)] = AwqResult(result.alpha, result.scales, list(result.errors))
+
+
+def _search_tokens(options: RunnerOptions) -> int:
+    """Input rows a search keeps per input group and layer (0: no search, nothing kept)."""
+    if options.awq_group_size:
+        return AWQ_SEARCH_TOKENS
+    return options.alpha_search.tokens if options.alpha_search is not None else 0
+
+
+def _alpha_search(layer: torch.nn.Module, collector: LayerCollector, stats: CalibrationStats, index: int,
+                  search: AlphaSearch) -> None:
+    """Per input group, the α of the grid whose W8A8 output is closest to the float output (quant/sq_search.py)."""
+    with torch.no_grad():
+        for group in collector.layout.groups:
+            weights = {p: layer.get_submodule(p).weight for p in group.projections}
+            errors = group_errors(stats, index, group.projections, weights, collector.group_inputs(group.first), search)
+            stats.alphas[(index, group.first)] = AlphaChoice.pick(search.grid, errors)

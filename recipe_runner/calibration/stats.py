@@ -7,6 +7,8 @@ Per linear (HF module names, e.g. model.layers.3.self_attn.q_proj) over all real
   x_absmean [in]  mean |input| per input channel  (AWQ's x̄; collected for the awq family only)
 Per AWQ group (linears sharing an input, named by the first; the model layout's input groups):
   the searched scales s [in].
+Per SmoothQuant input group, with smoothquant_alpha auto (quant/sq_auto.py): the α kept and the
+  output error at every grid α, in calibration.json ("smoothquant"; absent otherwise).
 Per layer: k_rope_absmax [] = max |K after RoPE| over real tokens (the key states the attention
   sees; FP8 KV k_scale of the Hugging Face targets). Stored as layers.<i>.self_attn.k_rope_absmax;
   artifacts written before it existed simply lack it (readers raise "rebuild" only when it is needed).
@@ -23,12 +25,14 @@ from safetensors.torch import load_file
 from recipe_runner.errors import UserError
 from recipe_runner.io.safetensors_writer import write_safetensors
 from recipe_runner.models.layout import ModelLayout
+from recipe_runner.quant.sq_auto import AlphaChoice, AlphaSearch, alpha_report
 
 STATS_FILE = "statistics.safetensors"
 META_FILE = "calibration.json"
 FORMAT = "recipe-runner/calibration/1"
 K_ROPE_ABSMAX = "self_attn.k_rope_absmax"  # per-layer tensor name (no linear is called self_attn)
 AWQ_SEARCH_TOKENS = 1024  # tokens per group for the α search (α is one number; s uses every token)
+SQ_META = "smoothquant"  # calibration.json: the SmoothQuant α search's settings and results
 
 
 @dataclass
@@ -51,6 +55,8 @@ class CalibrationStats:
     awq: dict[tuple[int, str], AwqResult] = field(default_factory=dict)  # key: (layer, first projection)
     meta: dict = field(default_factory=dict)
     k_rope_absmax: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> scalar max |K after RoPE|
+    alpha_search: AlphaSearch | None = None  # smoothquant_alpha auto: the search run, and its choices
+    alphas: dict[tuple[int, str], AlphaChoice] = field(default_factory=dict)  # key: (layer, first projection)
 
     def linear(self, layer: int, projection: str) -> LinearStats:
         try:
@@ -65,6 +71,20 @@ class CalibrationStats:
         except KeyError:
             raise UserError(f"the calibration statistics have no post-RoPE K amax for layer {layer} (written by "
                             "an older version); rebuild the calibrate stage") from None
+
+    def smoothquant_alpha(self, layer: int, projection: str) -> float:
+        try:
+            return self.alphas[(layer, projection)].alpha
+        except KeyError:
+            raise UserError(f"the calibration statistics have no searched SmoothQuant alpha for layer {layer} "
+                            f"{projection} (smoothquant_alpha auto); rebuild the calibrate stage") from None
+
+    def alpha_report(self) -> dict:
+        """The searched α as smoothquant.json holds them (quant/sq_auto.py)."""
+        if self.alpha_search is None or not self.alphas:
+            raise UserError("the calibration statistics hold no SmoothQuant alpha search (smoothquant_alpha auto); "
+                            "rebuild the calibrate stage")
+        return alpha_report(self.alpha_search, self.alphas)
 
     def awq_scales(self, layer: int, projection: str) -> torch.Tensor:
         try:
@@ -117,18 +137,18 @@ def keys_after_rope(k_proj_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 class LayerCollector:
     """Forward hooks on one decoder layer's linears (the layout's projections); `mask` selects the
-    real tokens of the batch being run. With `awq_quota`, also keeps evenly spaced input rows per
-    input group for the AWQ scale search. With `head_dim`, also records max |K after RoPE| over the
-    real tokens, from the key projection's output and the batch's rotary tables `rope` = (cos, sin),
-    set per batch like `mask`."""
+    real tokens of the batch being run. With `sample_quota`, also keeps evenly spaced input rows per
+    input group for a search (AWQ's scales, SmoothQuant's α). With `head_dim`, also records max |K
+    after RoPE| over the real tokens, from the key projection's output and the batch's rotary tables
+    `rope` = (cos, sin), set per batch like `mask`."""
 
-    def __init__(self, layer: torch.nn.Module, layout: ModelLayout, *, with_mean: bool, awq_quota: int = 0,
+    def __init__(self, layer: torch.nn.Module, layout: ModelLayout, *, with_mean: bool, sample_quota: int = 0,
                  head_dim: int | None = None):
         self.layout = layout
         self.mask: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.acc = {p: _Accumulator(with_mean) for p in layout.projection_names}
-        self.awq_quota = awq_quota
+        self.sample_quota = sample_quota
         self.samples: dict[str, list[torch.Tensor]] = {g.first: [] for g in layout.groups}
         self.head_dim = head_dim
         self.k_rope_absmax: torch.Tensor | None = None
@@ -149,8 +169,8 @@ class LayerCollector:
             x = inputs[0][self.mask]
             y = output[self.mask]
             self.acc[projection].add(x, y)
-            if self.awq_quota and projection in self.samples:
-                k = min(self.awq_quota, x.shape[0])
+            if self.sample_quota and projection in self.samples:
+                k = min(self.sample_quota, x.shape[0])
                 rows = (torch.arange(k) * x.shape[0]) // k  # evenly spaced, distinct
                 self.samples[projection].append(x[rows].float().clone())
         return hook
@@ -160,7 +180,7 @@ class LayerCollector:
             h.remove()
         return {p: a.result() for p, a in self.acc.items()}
 
-    def awq_inputs(self, first_projection: str) -> torch.Tensor:
+    def group_inputs(self, first_projection: str) -> torch.Tensor:
         return torch.cat(self.samples[first_projection])
 
 
@@ -182,6 +202,8 @@ def write_stats(out_dir: Path, stats: CalibrationStats) -> None:
         tensors[f"layers.{layer}.{K_ROPE_ABSMAX}"] = amax.float().reshape(()).contiguous()
     write_safetensors(out_dir / STATS_FILE, tensors)
     meta = {"format": FORMAT, **stats.meta, "awq": awq_meta}
+    if stats.alpha_search is not None:  # only then: the artifact of a numeric α stays as it was
+        meta[SQ_META] = _alphas_meta(stats.alpha_search, stats.alphas)
     (out_dir / META_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n", encoding="utf-8")
 
 
@@ -190,7 +212,9 @@ def read_stats(stats_dir: Path) -> CalibrationStats:
     if meta.get("format") != FORMAT:
         raise UserError(f"{stats_dir / META_FILE}: not a {FORMAT} artifact; rebuild the calibrate stage")
     tensors = load_file(str(stats_dir / STATS_FILE))
-    stats = CalibrationStats(meta={k: v for k, v in meta.items() if k != "awq"})
+    stats = CalibrationStats(meta={k: v for k, v in meta.items() if k not in ("awq", SQ_META)})
+    if SQ_META in meta:
+        stats.alpha_search, stats.alphas = _alphas_from_meta(meta[SQ_META])
     for name, t in tensors.items():
         _, layer, rest = name.split(".", 2)
         proj, kind = rest.rsplit(".", 1)
@@ -204,3 +228,17 @@ def read_stats(stats_dir: Path) -> CalibrationStats:
             entry = stats.linears.setdefault(key, LinearStats(torch.empty(0), torch.empty(0)))
             setattr(entry, kind, t)
     return stats
+
+
+def _alphas_meta(search: AlphaSearch, alphas: dict[tuple[int, str], AlphaChoice]) -> dict:
+    groups = {f"{layer}.{proj}": {"alpha": c.alpha, "errors": list(c.errors)}
+              for (layer, proj), c in sorted(alphas.items())}
+    return {"search": search.params(), "groups": groups}
+
+
+def _alphas_from_meta(meta: dict) -> tuple[AlphaSearch, dict[tuple[int, str], AlphaChoice]]:
+    alphas = {}
+    for name, info in meta["groups"].items():
+        layer, proj = name.split(".", 1)
+        alphas[(int(layer), proj)] = AlphaChoice(info["alpha"], tuple(info["errors"]))
+    return AlphaSearch.from_params(meta["search"]), alphas

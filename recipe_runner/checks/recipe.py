@@ -13,7 +13,8 @@ from recipe_runner.calibration.dataset import looks_like_path
 from recipe_runner.checks.release import release_findings
 from recipe_runner.checks.targets import target_findings
 from recipe_runner.quant import algorithms
-from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES
+from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES, SMOOTHQUANT
+from recipe_runner.quant.sq_auto import is_auto
 from recipe_runner.trtllm.mapping import ParallelMapping
 
 Finding = tuple[str, str]
@@ -66,6 +67,16 @@ def calibration_when_needed(recipe: Mapping[str, Any]) -> Iterator[Finding]:
         why = quant["algo"] if ALGORITHMS[quant["algo"]].calibrated else f"kv_cache {quant['kv_cache']}"
         yield "quantization", (f"{why} needs calibration data: add quantization.calibration.dataset "
                                "(a local .txt/.jsonl file or a dataset id in the local HF cache)")
+
+
+def smoothquant_auto_needs_smoothquant(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """smoothquant_alpha auto runs SmoothQuant's α search in calibration; another algo has no α to search
+    (a number is merely unread by it: every recipe carries the default 0.5)."""
+    quant = recipe["quantization"]
+    if is_auto(quant["smoothquant_alpha"]) and ALGORITHMS[quant["algo"]].family != SMOOTHQUANT:
+        sq = ", ".join(a for a, v in ALGORITHMS.items() if v.family == SMOOTHQUANT)
+        yield "quantization.smoothquant_alpha", (f"auto searches SmoothQuant's alpha, but algo {quant['algo']} "
+                                                 f"is not SmoothQuant; use one of {sq}, or remove smoothquant_alpha")
 
 
 def embedding_dim_needs_parallel_embedding(recipe: Mapping[str, Any]) -> Iterator[Finding]:
@@ -123,6 +134,7 @@ RULES: tuple[Rule, ...] = (
     source_is_local_or_pinned,
     calibration_when_needed,
     calibration_revision_is_pinned,
+    smoothquant_auto_needs_smoothquant,
     embedding_dim_needs_parallel_embedding,
     engine_lengths_consistent,
     engine_matches_quantization,

@@ -35,6 +35,7 @@ from recipe_runner.quant.fp8 import fp8_scale
 from recipe_runner.quant.packing import pack_int32, pack_int4_rows
 from recipe_runner.quant.projection import FOLD, NO_SCALING, Form, GroupScaling, ProjectionQuantizer, Spec
 from recipe_runner.quant.settings import QuantSettings
+from recipe_runner.quant.sq_auto import REPORT_FILE as SQ_REPORT_FILE, is_auto
 from recipe_runner.io.safetensors_writer import Block, SafetensorsStreamWriter, TensorSpec
 
 MAX_SHARD_BYTES = 10 * 10**9  # ModelOpt's shard size (docs/format/hf-quantized-checkpoint.md §1.2)
@@ -302,6 +303,9 @@ def export_checkpoint(source_dir: Path, stats: CalibrationStats | None, settings
                  "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     configs.write_configs(source_dir, out_dir, settings, target, dtype, cfg.num_hidden_layers)
+    if stats is not None and is_auto(settings.smoothquant_alpha):  # the searched α, for users (no consumer reads it)
+        report = json.dumps(stats.alpha_report(), indent=1, sort_keys=True) + "\n"
+        (out_dir / SQ_REPORT_FILE).write_text(report, encoding="utf-8")
     for name in COPIED_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)

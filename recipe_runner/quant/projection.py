@@ -19,6 +19,7 @@ from recipe_runner.quant import fp8, nvfp4, smoothquant as sq
 from recipe_runner.quant.algorithms import AWQ, FP8, NVFP4, WEIGHT_ONLY, Algorithm
 from recipe_runner.quant.reductions import absmax
 from recipe_runner.quant.settings import QuantSettings
+from recipe_runner.quant.sq_auto import is_auto
 from recipe_runner.quant.weight_only import FORMATS, MIN_SCALE, int_codes
 
 if TYPE_CHECKING:
@@ -144,12 +145,14 @@ class ProjectionQuantizer:
     def _factor(self, stats: CalibrationStats, layer: int, projections: Sequence[str],
                 read: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """s: AWQ's searched scales (named by the group's first projection in calibration), or SmoothQuant's
-        s_j = a_j^α / w_j^(1-α) over every weight of the group."""
+        s_j = a_j^α / w_j^(1-α) over every weight of the group, α the recipe's or (auto) the group's searched one."""
+        first = LLAMA.group_of(projections[0]).first  # calibration names an input group by it
         if self.algorithm.family == AWQ:
-            return stats.awq_scales(layer, LLAMA.group_of(projections[0]).first)  # searched per input group
+            return stats.awq_scales(layer, first)  # searched per input group
         colmax = torch.stack([sq.column_absmax(read(p)) for p in projections]).amax(dim=0)
         x = stats.linear(layer, projections[0]).x_absmax
-        return sq.factors_from_column_max(x, colmax, self.settings.smoothquant_alpha)
+        alpha = self.settings.smoothquant_alpha
+        return sq.factors_from_column_max(x, colmax, stats.smoothquant_alpha(layer, first) if is_auto(alpha) else alpha)
 
     def _smoothing(self, stats: CalibrationStats, layer: int, projections: Sequence[str],
                    read: Callable[[str], torch.Tensor], norm: Callable[[], torch.Tensor] | None) -> Smoothing | None:

@@ -12,7 +12,7 @@ class QuantSettings:
     algo: str
     kv_cache: str = "none"
     group_size: int = 128
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: float | str = 0.5  # or "auto": per layer and input group, from calibration (sq_auto.py)
     # fnmatch patterns over TensorRT-LLM module names (trtllm/quant.py, hfexport/exclusion.py)
     exclude_modules: tuple[str, ...] = ("lm_head",)
 

@@ -50,12 +50,19 @@ def _canonical_scalar(value: Any, schema: Mapping) -> Any:
     for member in schema.get("enum", ()):
         if type(member) is not bool and member == value:
             return member
-    kind = schema.get("type")
-    if kind == "number" and isinstance(value, (int, float)):
+    kinds = _types(schema)
+    if "number" in kinds and isinstance(value, (int, float)):
         return float(value)
-    if kind == "integer" and isinstance(value, float) and value.is_integer():
+    if "integer" in kinds and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _types(schema: Mapping) -> set[str]:
+    """The field's one `type` (a list of types, as before, converts nothing) and those of its anyOf branches:
+    a field of several forms (smoothquant_alpha: a number or "auto") keeps the canonical form of its
+    numeric one."""
+    return {k for k in (schema.get("type"), *(b.get("type") for b in schema.get("anyOf", ()))) if isinstance(k, str)}
 
 
 def canonical_json(data: Any) -> str:

@@ -76,7 +76,17 @@ def _value_problem(error: ValidationError, positions: Positions) -> Problem:
         message = f"{error.instance!r} is not allowed; it must be {error.validator_value!r}"
     elif error.validator == "pattern":
         message = f"{error.instance!r} is not a valid value (must match {error.validator_value})"
+    elif error.validator == "anyOf":  # jsonschema says only "not valid under any of the given schemas"
+        message = f"{error.instance!r} is not allowed; it must be " + " or ".join(map(_form, error.validator_value))
     return Problem(positions.value(path), dotted(path), message)
+
+
+def _form(branch: dict) -> str:
+    """One branch of an anyOf, as a message names it: "a number from 0 to 1", "'auto'"."""
+    if "const" in branch:
+        return repr(branch["const"])
+    bounds = f" from {branch['minimum']} to {branch['maximum']}" if {"minimum", "maximum"} <= set(branch) else ""
+    return f"a {branch.get('type', 'value')}{bounds}"
 
 
 def _unknown_key(path: tuple, key: str, allowed: list[str], positions: Positions) -> Problem:

@@ -1,8 +1,11 @@
 """Calibrate stage: activation statistics of the source model over the recipe's calibration set.
 
-Its key holds exactly the calibration fields and the statistics family (not smoothquant_alpha,
-not the mapping), so changing α or tp_size reuses it. The artifact is small: per-channel maxima
-(and means) of every linear's input and output, and AWQ's searched scales.
+Its key holds exactly the calibration fields and the statistics family (not a numeric
+smoothquant_alpha, not the mapping), so changing α or tp_size reuses it. With smoothquant_alpha auto
+the α search runs here, on the activations, and the key holds its settings (`smoothquant_search`:
+the algo whose quantization it measures, the grid, the rows kept; quant/sq_auto.py). The artifact
+is small: per-channel maxima (and means) of every linear's input and output, AWQ's searched scales,
+and the searched α with the error at every grid point.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from recipe_runner.hf.config import read_model_config
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.stages.registry import StageJob
 from recipe_runner.quant.algorithms import AWQ_STATISTICS
+from recipe_runner.quant.sq_auto import AlphaSearch
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,13 @@ class CalibrationSettings:
     statistics: tuple[str, ...] = ()  # families: awq, smoothquant, amax, kv (quant/algorithms.py)
     group_size: int | None = None  # AWQ's search quantizes with this group size
     revision: str | None = None  # the snapshot of a dataset in the local HF cache (None: refs/main)
+    smoothquant_search: AlphaSearch | None = None  # smoothquant_alpha auto: search α per layer and group
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], dataset_path: Path | None) -> CalibrationSettings:
         return cls(params["dataset"], dataset_path, params["text_field"], params["split"], params["num_samples"],
                    params["max_seq_len"], params["seed"], params["batch_size"], tuple(params.get("statistics", ())),
-                   params.get("group_size"), params.get("revision"))
+                   params.get("group_size"), params.get("revision"), _search(params.get("smoothquant_search")))
 
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
@@ -56,7 +61,8 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
                         "with the source model's tokenizer; use a dataset with text")
     batches = make_batches(sequences, settings.batch_size, cfg.vocab_size)
     awq = AWQ_STATISTICS in settings.statistics
-    options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None)
+    options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None,
+                            alpha_search=settings.smoothquant_search)
     stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code, progress=progress)
     # counts only: paths would make equal statistics differ in bytes between machines
     stats.meta = {"samples": len(sequences), "batches": len(batches), "tokens": sum(b.tokens for b in batches),
@@ -64,6 +70,10 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
     if out_dir is not None:
         write_stats(out_dir, stats)
     return stats
+
+
+def _search(params: Mapping[str, Any] | None) -> AlphaSearch | None:
+    return AlphaSearch.from_params(params) if params is not None else None
 
 
 def run_calibrate(job: StageJob) -> None:

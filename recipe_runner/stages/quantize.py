@@ -45,6 +45,7 @@ from recipe_runner.quant.packing import pack_int4_rows
 from recipe_runner.quant.projection import (FLOAT, PREQUANT, Form, GroupScaling, ProjectionQuantizer,
                                             QuantizedProjection)
 from recipe_runner.quant.settings import QuantSettings
+from recipe_runner.quant.sq_auto import is_auto
 from recipe_runner.stages.convert import read_model_facts
 from recipe_runner.stages.manifest import SourceTensor
 from recipe_runner.stages.registry import StageJob
@@ -375,9 +376,10 @@ def quantize_checkpoint(source_dir: Path, stats: CalibrationStats | None, settin
         excluded += job.excluded
         log(f"quantized layer {index + 1}/{cfg.num_hidden_layers}")
     writer.write_index()
-    section = tq.quantization_section(settings)
+    searched = stats.alpha_report() if stats is not None and is_auto(settings.smoothquant_alpha) else None
+    section = tq.quantization_section(settings, searched["smoothquant_val"] if searched else None)
     artifact = QuantizedArtifact(settings.algo, settings.kv_cache, section, layers, dict(writer.tensors),
-                                 tuple(excluded), dtype)
+                                 tuple(excluded), dtype, searched)
     (out_dir / ARTIFACT_FILE).write_text(artifact.to_json(), encoding="utf-8")
     return artifact
 

@@ -62,6 +62,7 @@ class QuantizedArtifact:
     tensors: dict[str, SourceTensor] = field(hash=False)
     excluded: tuple[str, ...] = ()  # TensorRT-LLM modules left unquantized (global layer indices)
     dtype: str = "float16"  # the checkpoint dtype the tensors were made for
+    smoothquant: dict[str, Any] | None = field(default=None, hash=False)  # smoothquant_alpha auto: smoothquant.json
 
     def to_json(self) -> str:
         data = {
@@ -71,6 +72,8 @@ class QuantizedArtifact:
             "layers": {str(i): [r.to_dict() for r in rules] for i, rules in sorted(self.layers.items())},
             "tensors": {n: {"dtype": t.dtype, "shape": list(t.shape)} for n, t in sorted(self.tensors.items())},
         }
+        if self.smoothquant is not None:  # only then: other artifacts keep their bytes
+            data["smoothquant"] = self.smoothquant
         return json.dumps(data, sort_keys=True, indent=1) + "\n"
 
     @classmethod
@@ -81,7 +84,7 @@ class QuantizedArtifact:
         return cls(d["algo"], d["kv_cache"], d["quant_config"],
                    {int(i): tuple(TensorRule.from_dict(r) for r in rules) for i, rules in d["layers"].items()},
                    {n: SourceTensor(t["dtype"], tuple(t["shape"])) for n, t in d["tensors"].items()},
-                   tuple(d["excluded"]), d["dtype"])
+                   tuple(d["excluded"]), d["dtype"], d.get("smoothquant"))
 
 
 def read_artifact(directory: Path) -> QuantizedArtifact:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT, TRTLLM_CHECKPOINT, output_targets
-from recipe_runner.quant.algorithms import ALGORITHMS, needs_calibration, quantizes, statistics_families
+from recipe_runner.quant.algorithms import ALGORITHMS, SMOOTHQUANT, needs_calibration, quantizes, statistics_families
+from recipe_runner.quant.sq_auto import AlphaSearch, is_auto
 from recipe_runner.recipe.model import freeze, thaw
 from recipe_runner.trtllm.releases import FIELD as RELEASE_FIELD, newest
 
@@ -78,6 +79,9 @@ def _calibrate(d: Recipe) -> StageUse | None:
     # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
     params["statistics"] = statistics_families(quant["algo"], quant["kv_cache"])
     params.update(_pick(quant, *ALGORITHMS[quant["algo"]].calibration_params))  # AWQ's search uses group_size
+    if ALGORITHMS[quant["algo"]].family == SMOOTHQUANT and is_auto(quant["smoothquant_alpha"]):
+        # α is searched on the activations: the search's settings (and the algo it measures) are calibration's
+        params["smoothquant_search"] = AlphaSearch(quant["algo"]).params()
     params["trust_remote_code"] = d["source"]["trust_remote_code"]  # the tokenizer may be the model's code
     # the tokenizer turns the calibration texts into the tokens the statistics come from
     return StageUse(("source", "calibration-data", "tokenizer"), params)

@@ -15,13 +15,14 @@ done. On any failure the temp dir is removed and an existing `out_dir` is left u
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import shutil
 import sys
 import tempfile
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
@@ -30,7 +31,8 @@ from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.layered import CheckpointDirs, open_checkpoint
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.stages.convert import read_model_facts
-from recipe_runner.stages.quantized import read_artifact
+from recipe_runner.quant.sq_auto import REPORT_FILE as SQ_REPORT_FILE
+from recipe_runner.stages.quantized import QuantizedArtifact, read_artifact
 from recipe_runner.stages.shard_plan import plan_rank_tensors
 from recipe_runner.store.publish import swap_into_place
 from recipe_runner.stages.manifest import ConvertManifest, RankPlan, SourceTensor, source_tensors_of
@@ -187,12 +189,13 @@ def _source_for(manifest: ConvertManifest, rank: RankPlan) -> dict[str, SourceTe
 
 def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_dir: str | Path, *,
                      workers: int = 1, max_block_bytes: int = DEFAULT_BLOCK_BYTES,
-                     zero_copy: bool = True) -> Path:
+                     zero_copy: bool = True, extra_files: Mapping[str, bytes] | None = None) -> Path:
     """Write config.json + every rank file of `manifest` to `out_dir`, atomically.
 
     `workers > 1` writes ranks in parallel processes; the bytes do not depend on it, nor on
     `max_block_bytes` or `zero_copy` (kernel copies of untransformed byte ranges).
     `source_dir`: the HF source, or (quantize artifact, HF source) for quantized checkpoints.
+    `extra_files`: name -> bytes written beside config.json (smoothquant.json; trtllm-build reads neither).
     """
     source_dir = Path(source_dir) if isinstance(source_dir, (str, Path)) else tuple(Path(d) for d in source_dir)
     out_dir = Path(out_dir).absolute()
@@ -213,6 +216,8 @@ def write_checkpoint(manifest: ConvertManifest, source_dir: CheckpointDirs, out_
     try:
         try:
             (tmp / CONFIG_FILE).write_bytes(config_json_bytes(manifest.config))
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
         except OSError as e:
             raise _disk_error(e, out_dir / CONFIG_FILE, 0) from None
         n_workers = min(workers, manifest.world_size)
@@ -244,4 +249,11 @@ def run_shard(job: "StageJob") -> None:
         dtype = read_model_facts(job.inputs["convert"])["dtype"]
     manifest = plan_rank_tensors(read_model_config(source), reader, mapping=mapping, dtype=dtype, quantized=quantized,
                                  release=release_named(job.params["tensorrt_llm"]))
-    write_checkpoint(manifest, dirs, job.out_dir, workers=job.workers)
+    write_checkpoint(manifest, dirs, job.out_dir, workers=job.workers, extra_files=_reports(quantized))
+
+
+def _reports(quantized: QuantizedArtifact | None) -> dict[str, bytes]:
+    """What a user reads beside config.json: the searched SmoothQuant α (smoothquant_alpha auto)."""
+    if quantized is None or quantized.smoothquant is None:
+        return {}
+    return {SQ_REPORT_FILE: (json.dumps(quantized.smoothquant, indent=1, sort_keys=True) + "\n").encode()}

@@ -21,6 +21,7 @@ import fnmatch
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from recipe_runner.quant.algorithms import AWQ, KV_CACHES, SMOOTHQUANT
+from recipe_runner.quant.sq_auto import is_auto
 from recipe_runner.trtllm.config import quant_config
 
 if TYPE_CHECKING:
@@ -43,8 +44,9 @@ def config_exclude_modules(patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def quantization_section(settings: QuantSettings) -> dict[str, Any]:
-    """config.json `quantization` for a recipe's quantization settings (QuantAlgo names: quant/algorithms.py)."""
+def quantization_section(settings: QuantSettings, searched_alpha: float | None = None) -> dict[str, Any]:
+    """config.json `quantization` for a recipe's quantization settings (QuantAlgo names: quant/algorithms.py);
+    `searched_alpha`: with smoothquant_alpha auto, what smoothquant_val says (sq_auto.mean_alpha)."""
     algorithm = settings.algorithm
     quant_algo = algorithm.trtllm_quant_algo
     fields: dict[str, Any] = {"quant_algo": quant_algo,
@@ -52,7 +54,17 @@ def quantization_section(settings: QuantSettings) -> dict[str, Any]:
     if algorithm.family == AWQ:
         fields.update(group_size=settings.group_size, pre_quant_scale=True, has_zero_point=False)
     if algorithm.family == SMOOTHQUANT:
-        fields["smoothquant_val"] = settings.smoothquant_alpha
+        # One float in QuantConfig (`smoothquant_val: float = 0.5`). In TensorRT-LLM's sources (read at 0.14.0.dev
+        # and 0.17.0.dev) only its own converters read it, when they smooth a Hugging Face model themselves
+        # (models/<family>/convert.py, e.g. llama's quantize(): smooth_llama_model(..., quant_config.smoothquant_val,
+        # ...)); trtllm-build takes the smoothing from the checkpoint's tensors. So for auto it is informational:
+        # the mean searched α, a float as QuantConfig declares, the per-layer α in smoothquant.json beside it.
+        if is_auto(settings.smoothquant_alpha):
+            if searched_alpha is None:
+                raise ValueError("smoothquant_alpha auto needs the searched alpha")
+            fields["smoothquant_val"] = searched_alpha
+        else:
+            fields["smoothquant_val"] = settings.smoothquant_alpha
     if quant_algo is not None:
         fields["exclude_modules"] = config_exclude_modules(settings.exclude_modules)
     return quant_config(**fields)
