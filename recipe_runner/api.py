@@ -6,7 +6,6 @@ from pathlib import Path
 
 from recipe_runner.quant.algorithms import ALGORITHMS, SMOOTHQUANT, SMOOTHQUANT_STATISTICS
 from recipe_runner.quant.sq_auto import AlphaSearch, AlphaSearchResult
-from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
 from recipe_runner.stages.shard_plan import plan_convert
 from recipe_runner.stages.shard import write_checkpoint
 from recipe_runner.trtllm.mapping import ParallelMapping
@@ -55,6 +54,8 @@ def smoothquant_alpha_search(
     α kept and the output error at every grid α (`result.alphas[(layer, "self_attn.q_proj")]`, groups
     named by their first projection; `result.report()` is smoothquant.json). The calibrate stage's own
     code, so a recipe with the same settings chooses the same α."""
+    from recipe_runner.stages.calibrate import CalibrationSettings, calibrate  # transformers: not for convert
+
     if ALGORITHMS[algo].family != SMOOTHQUANT:
         raise ValueError(f"algo {algo} is not SmoothQuant: it has no alpha to search")
     path = Path(calibration_file)

@@ -70,3 +70,80 @@ def test_awq_checkpoint_tensors_reconstruct_the_weights(quant_model, calibration
     for module, group_name in first.items():
         expected = (1.0 / stats.awq_scales(3, group_name)).half()
         assert torch.equal(t[p + module + ".prequant_scaling_factor"], expected)
+
+
+def test_awq_search_off_is_round_to_nearest_with_the_same_group_scales(quant_model, calib_file, tmp_path, hf_tensors):
+    """awq_search false: every scale is 1, so the checkpoint is plain group-wise rounding of W (the
+    baseline AWQ is measured against), in the same W4A16_AWQ form; the statistics say so."""
+    import json
+
+    from recipe_runner.quant.settings import QuantSettings
+    from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
+    from recipe_runner.stages.quantize import quantize_checkpoint
+
+    settings = CalibrationSettings("calib.txt", calib_file, num_samples=4, max_seq_len=16, seed=0, batch_size=4,
+                                   statistics=("awq",), group_size=64, awq_search=False)
+    (tmp_path / "stats").mkdir()
+    stats = calibrate(quant_model, settings, tmp_path / "stats")
+    assert stats.awq and all(r.alpha == 0.0 and len(r.errors) == 1 and torch.equal(r.scales, torch.ones_like(r.scales))
+                             for r in stats.awq.values())
+    assert stats.meta["awq_search"] is False
+    assert json.loads((tmp_path / "stats" / "calibration.json").read_text())["awq_search"] is False
+    (tmp_path / "q").mkdir()
+    quantize_checkpoint(quant_model, stats, QuantSettings("w4a16_awq", group_size=64), "float16", tmp_path / "q")
+    t: dict[str, torch.Tensor] = {}
+    for f in (tmp_path / "q").glob("*.safetensors"):
+        t.update(load_file(f))
+    w = hf_tensors(quant_model)["model.layers.2.mlp.down_proj.weight"].float()
+    scales = awq.group_scales(w, 64)
+    assert torch.equal(t["model.layers.2.mlp.down_proj.weights_scaling_factor"], scales)
+    assert torch.equal(unpack_int4_rows(t["model.layers.2.mlp.down_proj.qweight"]), awq.quantize_groupwise(w, scales, 64))
+    assert torch.all(t["model.layers.2.mlp.proj.prequant_scaling_factor"] == 1)
+
+
+AWQ_RECIPE = """\
+recipe_version: 1
+name: awq
+source:
+  path: {model}
+quantization:
+  algo: {algo}
+  group_size: 64
+{search}  calibration:
+    dataset: {dataset}
+"""
+
+
+def _awq_recipe(tmp_path, model, dataset, *, algo="w4a16_awq", search=None):
+    path = tmp_path / "r.yaml"
+    line = "" if search is None else f"  awq_search: {search}\n"
+    path.write_text(AWQ_RECIPE.format(model=model, dataset=dataset, algo=algo, search=line))
+    return path
+
+
+def test_awq_search_enters_the_calibrate_key_only_when_off(quant_model, calib_file, tmp_path):
+    """Recipes that search keep their keys (no rebuild of AWQ builds from before the field existed)."""
+    from recipe_runner.pipeline.plan import make_plan
+    from recipe_runner.recipe import load_recipe
+
+    def calibrate_params(search):
+        plan = make_plan(load_recipe(_awq_recipe(tmp_path, quant_model, calib_file, search=search)))
+        return dict(next(s for s in plan.stages if s.name == "calibrate").params)
+
+    default, on, off = calibrate_params(None), calibrate_params("true"), calibrate_params("false")
+    assert default == on and "awq_search" not in default
+    assert off == {**default, "awq_search": False}
+
+
+def test_awq_search_off_with_another_algo_is_refused_at_its_line(quant_model, calib_file, tmp_path, monkeypatch):
+    import pytest
+
+    from recipe_runner.errors import RecipeError
+    from recipe_runner.recipe import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(_awq_recipe(tmp_path, quant_model, calib_file, algo="fp8", search="false"))
+    assert [str(p) for p in exc.value.problems] == [
+        "r.yaml:8:15: quantization.awq_search: false turns off AWQ's scale search, but algo fp8 has none; "
+        "use algo w4a16_awq, or remove awq_search"]

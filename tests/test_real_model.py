@@ -257,10 +257,9 @@ def test_a_bug_in_one_layer_of_the_real_model_fails_and_is_located(smollm2_model
     assert result.trace.first_jump == layer and result.trace.worst_layer == layer
     errors = sorted(e.layer_error for e in result.trace.layers)
     assert errors[-1] > 1000 * errors[len(errors) // 2]  # the layer stands out from an exact conversion's noise
-    # On this trained model the logit figures fail too (the swapped head: KL 0.78, top-1 0.82). Its
-    # layer error is only 0.003, under the 0.01 limit: the error is relative to everything the layer
-    # adds, and SmolLM2's massive activations dominate that; gate/up and the rank slices exceed it.
-    assert {"mean_kl", "top1_agreement"} <= {f.figure for f in result.failures}
-    if bug != "qk_head":
-        failure = next(f for f in result.failures if f.figure == "max_layer_error")
-        assert failure.layer == layer and failure.value > 0.01
+    # On this trained model the logit figures fail too (the swapped head: KL 0.78, top-1 0.82), and the
+    # layer error, per position (verify/trace.py), is far over the 0.01 limit: 0.5 for the swapped head,
+    # 5.9 for gate/up, 0.73 for the rank slices; an exact conversion's layers stay under 4e-7.
+    assert {"mean_kl", "top1_agreement", "max_layer_error"} <= {f.figure for f in result.failures}
+    failure = next(f for f in result.failures if f.figure == "max_layer_error")
+    assert failure.layer == layer and failure.value > 0.3

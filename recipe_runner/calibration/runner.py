@@ -34,7 +34,7 @@ from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hf.remote_code import refuse_remote_code
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.models import layout_for
-from recipe_runner.quant.awq import search_scales
+from recipe_runner.quant.awq import DEFAULT_GRID, search_scales
 from recipe_runner.quant.sq_auto import AlphaChoice, AlphaSearch
 from recipe_runner.quant.sq_search import group_errors
 
@@ -48,6 +48,7 @@ class RunnerOptions:
     collect_mean: bool = False  # x_absmean, for AWQ
     awq_group_size: int | None = None  # run the AWQ scale search with this group size
     alpha_search: AlphaSearch | None = None  # run SmoothQuant's α search (smoothquant_alpha auto)
+    awq_grid: int = DEFAULT_GRID  # AWQ's α candidates k / awq_grid; 1: α = 0 only, s = 1 (awq_search false)
     spill_bytes: int = SPILL_BYTES
 
 
@@ -170,7 +171,7 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
             stats.k_rope_absmax[index] = collector.k_rope_absmax
             if options.awq_group_size:
                 progress.note(f"AWQ scale search, layer {index + 1}/{config.num_hidden_layers}")
-                _awq_search(layer, collector, stats, index, options.awq_group_size)
+                _awq_search(layer, collector, stats, index, options.awq_group_size, options.awq_grid)
             if options.alpha_search is not None:
                 progress.note(f"SmoothQuant alpha search, layer {index + 1}/{config.num_hidden_layers}")
                 _alpha_search(layer, collector, stats, index, options.alpha_search)
@@ -182,12 +183,12 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
 
 
 def _awq_search(layer: torch.nn.Module, collector: LayerCollector, stats: CalibrationStats, index: int,
-                group_size: int) -> None:
+                group_size: int, grid: int) -> None:
     with torch.no_grad():
         for group in collector.layout.groups:
             weights = [layer.get_submodule(p).weight for p in group.projections]
             x_mean = stats.linears[(index, group.first)].x_absmean
-            result = search_scales(collector.group_inputs(group.first), weights, x_mean, group_size)
+            result = search_scales(collector.group_inputs(group.first), weights, x_mean, group_size, grid)
             stats.awq[(index, group.first)] = AwqResult(result.alpha, result.scales, list(result.errors))
 
 

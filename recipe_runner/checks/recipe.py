@@ -13,7 +13,7 @@ from recipe_runner.calibration.dataset import looks_like_path
 from recipe_runner.checks.release import release_findings
 from recipe_runner.checks.targets import target_findings
 from recipe_runner.quant import algorithms
-from recipe_runner.quant.algorithms import ALGORITHMS, FP8, KV_CACHES, SMOOTHQUANT
+from recipe_runner.quant.algorithms import ALGORITHMS, AWQ, FP8, KV_CACHES, SMOOTHQUANT
 from recipe_runner.quant.sq_auto import is_auto
 from recipe_runner.trtllm.mapping import ParallelMapping
 
@@ -79,6 +79,14 @@ def smoothquant_auto_needs_smoothquant(recipe: Mapping[str, Any]) -> Iterator[Fi
                                                  f"is not SmoothQuant; use one of {sq}, or remove smoothquant_alpha")
 
 
+def awq_search_off_needs_awq(recipe: Mapping[str, Any]) -> Iterator[Finding]:
+    """awq_search: false turns AWQ's scale search off; no other algo has that search to turn off."""
+    quant = recipe["quantization"]
+    if quant.get("awq_search") is False and ALGORITHMS[quant["algo"]].family != AWQ:
+        yield "quantization.awq_search", (f"false turns off AWQ's scale search, but algo {quant['algo']} has "
+                                          "none; use algo w4a16_awq, or remove awq_search")
+
+
 def embedding_dim_needs_parallel_embedding(recipe: Mapping[str, Any]) -> Iterator[Finding]:
     mapping = ParallelMapping.from_recipe(recipe["mapping"])
     if mapping.embedding_sharding_dim == 1 and not mapping.use_parallel_embedding:
@@ -135,6 +143,7 @@ RULES: tuple[Rule, ...] = (
     calibration_when_needed,
     calibration_revision_is_pinned,
     smoothquant_auto_needs_smoothquant,
+    awq_search_off_needs_awq,
     embedding_dim_needs_parallel_embedding,
     engine_lengths_consistent,
     engine_matches_quantization,

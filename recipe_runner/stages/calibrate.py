@@ -22,6 +22,7 @@ from recipe_runner.hf.config import read_model_config
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.stages.registry import StageJob
 from recipe_runner.quant.algorithms import AWQ_STATISTICS
+from recipe_runner.quant.awq import DEFAULT_GRID
 from recipe_runner.quant.sq_auto import AlphaSearch
 
 
@@ -39,12 +40,14 @@ class CalibrationSettings:
     group_size: int | None = None  # AWQ's search quantizes with this group size
     revision: str | None = None  # the snapshot of a dataset in the local HF cache (None: refs/main)
     smoothquant_search: AlphaSearch | None = None  # smoothquant_alpha auto: search α per layer and group
+    awq_search: bool = True  # False: AWQ's scales all 1 (round-to-nearest with group scales)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], dataset_path: Path | None) -> CalibrationSettings:
         return cls(params["dataset"], dataset_path, params["text_field"], params["split"], params["num_samples"],
                    params["max_seq_len"], params["seed"], params["batch_size"], tuple(params.get("statistics", ())),
-                   params.get("group_size"), params.get("revision"), _search(params.get("smoothquant_search")))
+                   params.get("group_size"), params.get("revision"), _search(params.get("smoothquant_search")),
+                   params.get("awq_search", True))
 
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
@@ -62,11 +65,13 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
     batches = make_batches(sequences, settings.batch_size, cfg.vocab_size)
     awq = AWQ_STATISTICS in settings.statistics
     options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None,
-                            alpha_search=settings.smoothquant_search)
+                            alpha_search=settings.smoothquant_search, awq_grid=DEFAULT_GRID if settings.awq_search else 1)
     stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code, progress=progress)
     # counts only: paths would make equal statistics differ in bytes between machines
     stats.meta = {"samples": len(sequences), "batches": len(batches), "tokens": sum(b.tokens for b in batches),
                   "statistics": list(settings.statistics), "awq_group_size": options.awq_group_size}
+    if not settings.awq_search:  # said only when off: searched statistics keep their bytes
+        stats.meta["awq_search"] = False
     if out_dir is not None:
         write_stats(out_dir, stats)
     return stats

@@ -79,6 +79,8 @@ def _calibrate(d: Recipe) -> StageUse | None:
     # The statistics an algo family collects differ (AWQ: per-group search input; SQ: channel max; FP8/KV: amax)
     params["statistics"] = statistics_families(quant["algo"], quant["kv_cache"])
     params.update(_pick(quant, *ALGORITHMS[quant["algo"]].calibration_params))  # AWQ's search uses group_size
+    if quant.get("awq_search") is False:  # only when off, so the keys of searching recipes stay as they were
+        params["awq_search"] = False
     if ALGORITHMS[quant["algo"]].family == SMOOTHQUANT and is_auto(quant["smoothquant_alpha"]):
         # α is searched on the activations: the search's settings (and the algo it measures) are calibration's
         params["smoothquant_search"] = AlphaSearch(quant["algo"]).params()
@@ -172,7 +174,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("export-hf-compressed-tensors", 3, _export_hf(HF_COMPRESSED_TENSORS),
               "recipe_runner.stages.export_hf:run_export_hf", lambda m, w: 2 * _largest(m) + GiB,
               publishes="hf-compressed-tensors", target=HF_COMPRESSED_TENSORS),
-    StageSpec("verify", 5, _verify, "recipe_runner.stages.verify:run_verify",
+    StageSpec("verify", 6, _verify, "recipe_runner.stages.verify:run_verify",
               lambda m, w: _layer(m) + _largest(m) + GiB, publishes="verify"),
     # trtllm-build's memory is unknown here, so it runs alone under --max-memory
     StageSpec("build-engine", 2, _build_engine, "recipe_runner.stages.engine:run_engine", lambda m, w: 1 << 62,

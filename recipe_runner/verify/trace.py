@@ -3,16 +3,24 @@
 The source and the checkpoint run in lockstep, one decoder layer of each in memory. For each layer
 i, with h the source's hidden states entering it:
 
-  layer_error       ‖ckpt_i(h) − src_i(h)‖ / ‖src_i(h) − h‖: the checkpoint's layer on the *source's*
-                    inputs, against what the source layer adds to the residual stream. It isolates
-                    the layer: a swapped head, gate/up or rank slice in layer 17 shows at 17 alone,
-                    while rounding and quantization noise stay at a level that is flat across layers.
-  cumulative_error  ‖h_ckpt − h_src‖ / ‖h_src‖ after the layer, each model on its own stream: how the
+  layer_error       the checkpoint's layer on the *source's* inputs, ckpt_i(h) − src_i(h), against what
+                    the source layer adds to the residual stream, src_i(h) − h. It isolates the layer: a
+                    swapped head, gate/up or rank slice in layer 17 shows at 17 alone, while rounding and
+                    quantization noise stay at a level that is flat across layers.
+  cumulative_error  h_ckpt − h_src after the layer, each model on its own stream, against h_src: how the
                     errors of all layers so far add up (what the logits finally see).
 
-Norms are over every position of every sequence. `first_jump` names the first layer whose
-layer_error stands out from the model's own level (JUMP_FACTOR × the median over layers, and above
-JUMP_FLOOR): "layer 17's error is 40× the others'" instead of "KL too high".
+Both are per position, then averaged over every position of every sequence (`relative_error`):
+‖error_p‖ / max(‖reference_p‖, median_q ‖reference_q‖). Per position, because trained models have
+massive activations: a few positions (the first token, some delimiters) whose hidden states and
+updates are 100× the others'. Over all positions at once those few would be the whole norm, and a
+swapped head that damages every ordinary position would look like noise (SmolLM2, layer 11: 0.003
+measured that way, 0.5 per position). The median floor keeps a position where the layer happens to
+add almost nothing from dividing noise by nothing.
+
+`first_jump` names the first layer whose layer_error stands out from the model's own level
+(JUMP_FACTOR × the median over layers, and above JUMP_FLOOR): "layer 17's error is 40× the others'"
+instead of "KL too high".
 
 The checkpoint's layers run twice (on their own stream and on the source's), so verify with the
 trace costs 1.5× the two forwards it replaces.
@@ -69,12 +77,17 @@ class LayerTrace:
                 "layers": [e.to_dict() for e in self.layers]}
 
 
-def _norm(tensors: list[torch.Tensor]) -> float:
-    return float(torch.sqrt(sum((t.to(torch.float64) ** 2).sum() for t in tensors)))
+def _position_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """‖x_p‖ of every position of every sequence, in float64: [positions]."""
+    return torch.cat([t.to(torch.float64).reshape(-1, t.shape[-1]).norm(dim=1) for t in tensors])
 
 
-def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return _norm([x - y for x, y in zip(a, b)])
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """mean_p ‖got_p − want_p‖ / max(‖reference_p‖, median_q ‖reference_q‖) over every position."""
+    errors = _position_norms([g - w for g, w in zip(got, want)])
+    scale = _position_norms(reference)
+    floor = max(float(scale.median()), 1e-30)
+    return float((errors / scale.clamp(min=floor)).mean())
 
 
 def run_lockstep(source: LayerwiseModel, checkpoint: LayerwiseModel, sequences: list[list[int]],
@@ -89,9 +102,9 @@ def run_lockstep(source: LayerwiseModel, checkpoint: LayerwiseModel, sequences: 
             out_src = [stepped(source.run_layer(src_layer, h), step) for h in h_src]
             on_src = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_src]
             h_ckpt = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_ckpt]
-            added = _distance(out_src, h_src)  # what the source layer adds to the residual stream
-            errors.append(LayerError(index, _distance(on_src, out_src) / max(added, 1e-30),
-                                     _distance(h_ckpt, out_src) / max(_norm(out_src), 1e-30)))
+            added = [o - h for o, h in zip(out_src, h_src)]  # what the source layer adds to the residual stream
+            errors.append(LayerError(index, relative_error(on_src, out_src, added),
+                                     relative_error(h_ckpt, out_src, out_src)))
             h_src = out_src
             del src_layer, ckpt_layer
         return source.head(h_src), checkpoint.head(h_ckpt), LayerTrace(tuple(errors))
