@@ -9,7 +9,8 @@ Writes the bf16 HF-style source of bench/convert.py (hidden 8192, intermediate 2
 8 KV heads, vocab 128256; --layers layers) plus a tiny tokenizer (recipe_runner.demo) and a
 calibration .txt into a temp dir under /tmp. Then, per algo, each stage runs in its own child
 process (calibrate when the algo needs it, then quantize and shard for --algos, or the export
-stage of the target for --exports), timed, with the child's peak RSS (VmHWM). Targets: peak RSS
+stage of the target for --exports), timed, with the child's peak RSS (VmHWM), its CPU time over its
+wall (cores kept busy) and the 1-minute load average at its end (what else ran). Targets: peak RSS
 under one decoder layer's float32 weights + 2 GiB; quantize + shard (and each export) within 1.3 x
 `cp -r` of the source scaled by (bytes written / source bytes), cp alternated with the jobs (best of
 --repeat before the jobs and after them) and every timing from a `sync` to a `sync`; the calibration
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -80,7 +82,8 @@ else:
     write_checkpoint(manifest, dirs, Path(args["out"]))
 wall = time.perf_counter() - t
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({"wall": wall, "vmhwm": hwm}))
+import os
+print(json.dumps({"wall": wall, "vmhwm": hwm, "cpu": sum(os.times()[:2])}))
 """
 
 
@@ -91,6 +94,7 @@ def run_phase(**args) -> dict:
     subprocess.run(["sync"], check=True)
     stats = json.loads(res.stdout.strip().splitlines()[-1])
     stats["process"] = time.perf_counter() - started
+    stats["load"] = os.getloadavg()[0]  # 1-minute load average at the end: what else was running
     return stats
 
 
@@ -181,8 +185,10 @@ def main() -> None:
                                              stats=stats_dir, alpha=alpha, out=str(out / "export"))
                 print(f"{algo} as {output_target}:")
             for name, s in phases.items():
+                per_layer = f"   {s['wall'] / args.layers:7.2f} s per layer" if name == "calibrate" else ""
                 print(f"  {name:<10} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s)   "
-                      f"peak RSS {s['vmhwm'] / GiB:5.2f} GiB", flush=True)
+                      f"peak RSS {s['vmhwm'] / GiB:5.2f} GiB   CPU {s['cpu'] / s['process']:.2f} cores   "
+                      f"load {s['load']:.1f}{per_layer}", flush=True)
                 peak_all = max(peak_all, s["vmhwm"])
             moved = [n for n in phases if n != "calibrate"]
             results.append((f"{algo} as {output_target}" if output_target != "trtllm-checkpoint"

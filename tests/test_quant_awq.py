@@ -147,3 +147,61 @@ def test_awq_search_off_with_another_algo_is_refused_at_its_line(quant_model, ca
     assert [str(p) for p in exc.value.problems] == [
         "r.yaml:8:15: quantization.awq_search: false turns off AWQ's scale search, but algo fp8 has none; "
         "use algo w4a16_awq, or remove awq_search"]
+
+# ---- the batched search against the straightforward one ---------------------------------------------
+
+def _reference_output_error(x, weight, s, group_size, chunk_elements=1 << 24):
+    """The search's error as first written: per α and weight, row chunks fake-quantized through int8
+    codes, x @ diffᵀ, squared and summed in float64, partials added in row order."""
+    x = x.float()
+    rows = max(1, chunk_elements // max(x.shape[0], weight.shape[1]))
+    total = 0.0
+    for r0 in range(0, weight.shape[0], rows):
+        chunk = weight[r0:r0 + rows].float()
+        out, inp = chunk.shape
+        ws = (chunk * s[None, :]).reshape(out, inp // group_size, group_size)
+        scales = (torch.maximum(ws.amax(dim=2), -ws.amin(dim=2)) / 7).clamp(min=torch.finfo(torch.float32).tiny)
+        codes = (ws / scales[:, :, None]).round_().clamp_(-8, 7).reshape(out, inp).to(torch.int8)
+        deq = (codes.float().reshape(out, inp // group_size, group_size) * scales[:, :, None]).reshape(out, inp)
+        diff = deq / s[None, :] - chunk
+        total += float((x @ diff.T).double().pow(2).sum())
+    return total
+
+
+def _reference_search(x, weights, x_mean, group_size, chunk_elements, grid=20):
+    def cand(alpha):
+        s = x_mean.float().pow(alpha).clamp(min=1e-4)
+        return s / (s.max() * s.min()).sqrt()
+
+    errors = [sum(_reference_output_error(x, w, cand(i / grid), group_size, chunk_elements) for w in weights)
+              for i in range(grid)]
+    best = min(range(grid), key=lambda i: (errors[i], i))
+    return best / grid, cand(best / grid), errors
+
+
+def test_search_is_bit_identical_to_the_straightforward_search(monkeypatch):
+    """Several groups (the block and chunk loops both split rows, with a ragged last chunk, and every
+    weight of the group spans several fake-quantization blocks): α, scales and every grid error equal
+    the reference's exactly, not within a tolerance."""
+    gen = torch.Generator().manual_seed(7)
+    monkeypatch.setattr(awq, "_BLOCK_ELEMENTS", 3 * 256)  # blocks of 3 rows of 256: ragged, many blocks
+    chunk = 1 << 14  # error chunks of 64 rows at 256 tokens: ragged last chunks below
+    monkeypatch.setattr(awq, "_CHUNK_ELEMENTS", chunk)
+    x = torch.randn(256, 256, generator=gen)
+    x[:, 3] *= 40.0
+    x[:, 100:104] *= 8.0
+    groups = [[torch.randn(150, 256, generator=gen) * 0.02, torch.randn(70, 256, generator=gen) * 0.05],
+              [torch.randn(64, 256, generator=gen).half()],  # a half weight: converted per chunk, as before
+              [torch.randn(200, 256, generator=gen) * 0.01, torch.randn(33, 256, generator=gen) * 0.01,
+               torch.randn(130, 256, generator=gen) * 0.1]]
+    chosen = set()
+    for weights in groups:
+        for group_size in (64, 128):
+            alpha, scales, errors = _reference_search(x, weights, x.abs().mean(0), group_size, chunk)
+            result = awq.search_scales(x, weights, x.abs().mean(0), group_size)
+            assert result.errors == tuple(errors) and result.alpha == alpha and torch.equal(result.scales, scales)
+            chosen.add(alpha)
+            s = awq.candidate_scales(x.abs().mean(0), 0.35)
+            for w in weights:  # the single-weight error too
+                assert awq.scaled_output_error(x, w, s, group_size) == _reference_output_error(x, w, s, group_size, chunk)
+    assert len(chosen) > 1  # not one α everywhere
