@@ -148,6 +148,7 @@ def test_awq_search_off_with_another_algo_is_refused_at_its_line(quant_model, ca
         "r.yaml:8:15: quantization.awq_search: false turns off AWQ's scale search, but algo fp8 has none; "
         "use algo w4a16_awq, or remove awq_search"]
 
+
 # ---- the batched search against the straightforward one ---------------------------------------------
 
 def _reference_output_error(x, weight, s, group_size, chunk_elements=1 << 24):
