@@ -21,7 +21,6 @@ wait for all of it: the CPU work and the disk's work would add up instead of ove
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import mmap
 import os
@@ -67,10 +66,10 @@ def hash_range(digest, src: "FileRange") -> None:
 
 
 def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """libc's sync_file_range (Linux), or None where there is none."""
+    """libc's sync_file_range (Linux), or None where there is none. Looked up among the symbols the
+    process has already loaded (CDLL(None)): ctypes.util.find_library would run ldconfig at import."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.sync_file_range
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
@@ -97,7 +96,6 @@ class HashingSink:
         self.digest = hashlib.sha256()
         self.size = 0
         self._write, self._copy = write, copy
-        self._written = self._kicked = 0  # bytes the write thread wrote; of them, handed to writeback
         self._kicked_at = 0  # the file offset writeback was started up to
         self._slots = threading.Semaphore(depth)
         self._queues: list[queue.SimpleQueue] = [queue.SimpleQueue(), queue.SimpleQueue()]
@@ -160,11 +158,10 @@ class HashingSink:
             self._write(self.file, data)
         else:
             self._copy(self.file, data)
-        self._written += data.nbytes if isinstance(data, memoryview) else data.length
-        if self._written - self._kicked >= WRITEBACK_BYTES:
-            end = os.lseek(self.file.fileno(), 0, os.SEEK_CUR)  # the sink appends: the file's end so far
+        end = os.lseek(self.file.fileno(), 0, os.SEEK_CUR)  # the sink appends: the file's end so far
+        if end - self._kicked_at >= WRITEBACK_BYTES:
             start_writeback(self.file.fileno(), self._kicked_at, end - self._kicked_at)
-            self._kicked, self._kicked_at = self._written, end
+            self._kicked_at = end
 
     def _hash_one(self, data: Data) -> None:
         if isinstance(data, memoryview):
