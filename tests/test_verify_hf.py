@@ -63,14 +63,16 @@ def _failures(ckpt: Path, model: Path) -> dict[str, float]:
 
 @pytest.mark.parametrize("target, algo", [("hf-modelopt", "nvfp4"), ("hf-compressed-tensors", "w4a16"),
                                           ("hf-modelopt", "fp8")])
-def test_gate_and_up_codes_swapped_fail_on_kl(exported, quant_model, tmp_path, target, algo):
+def test_gate_and_up_codes_swapped_fail_verify(exported, quant_model, tmp_path, target, algo):
     def swap(t):
         for layer in range(4):
             for suffix in [s.split("gate_proj.")[1] for s in t if s.startswith(f"model.layers.{layer}.mlp.gate_proj.")]:
                 g, u = f"model.layers.{layer}.mlp.gate_proj.{suffix}", f"model.layers.{layer}.mlp.up_proj.{suffix}"
                 t[g], t[u] = t[u], t[g]
     failures = _failures(_damaged(exported(target, algo, "none"), tmp_path / "bad", swap), quant_model)
-    assert "mean_kl" in failures, failures
+    # the quantized KL limits are set from a trained model (tolerances.py); on this tiny model's flat
+    # distributions the swap shows as lost top-1 agreement (0.08 for NVFP4, floor 0.15)
+    assert {"mean_kl", "top1_agreement"} & failures.keys(), failures
 
 
 def test_wrong_nvfp4_global_scale_fails(exported, quant_model, tmp_path):
@@ -79,7 +81,7 @@ def test_wrong_nvfp4_global_scale_fails(exported, quant_model, tmp_path):
             t[name] = t[name] / 8  # every weight 8x too large
     failures = _failures(_damaged(exported("hf-compressed-tensors", "nvfp4", "none"), tmp_path / "bad", scale),
                          quant_model)
-    assert "mean_kl" in failures and "max_abs_logit_error" in failures, failures
+    assert failures["top1_agreement"] == 0.0 and failures["max_layer_error"] > 10, failures
 
 
 def test_missing_scale_names_the_tensor(exported, quant_model, tmp_path, capsys):

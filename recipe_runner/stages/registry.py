@@ -174,7 +174,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("export-hf-compressed-tensors", 3, _export_hf(HF_COMPRESSED_TENSORS),
               "recipe_runner.stages.export_hf:run_export_hf", lambda m, w: 2 * _largest(m) + GiB,
               publishes="hf-compressed-tensors", target=HF_COMPRESSED_TENSORS),
-    StageSpec("verify", 6, _verify, "recipe_runner.stages.verify:run_verify",
+    StageSpec("verify", 7, _verify, "recipe_runner.stages.verify:run_verify",
               lambda m, w: _layer(m) + _largest(m) + GiB, publishes="verify"),
     # trtllm-build's memory is unknown here, so it runs alone under --max-memory
     StageSpec("build-engine", 2, _build_engine, "recipe_runner.stages.engine:run_engine", lambda m, w: 1 << 62,
