@@ -16,6 +16,7 @@ import yaml
 from recipe_runner import __version__
 from recipe_runner.cli_cache import CACHE_HELP, _store, cache_app
 from recipe_runner.cli_verify import demo, verify_command
+from recipe_runner.devices import parse_device
 from recipe_runner.errors import RecipeError, RecipeRunnerError, UserError
 from recipe_runner.store.gc import parse_size
 from recipe_runner.store.lock import read_lock, verify_lock
@@ -31,6 +32,8 @@ app = typer.Typer(
 app.add_typer(cache_app, name="cache")
 app.command("verify")(verify_command)
 app.command("demo")(demo)
+DEVICE_HELP = ("Where calibrate and verify compute: auto (every GPU torch sees, else cpu), cpu, cuda, cuda:N or "
+               "cuda:0,cuda:1 (default: $RECIPE_DEVICE, else cpu). A GPU kind enters those stages' keys.")
 SET_HELP = "Set a recipe variable (overrides `vars:`), e.g. --set models_dir=/data/hf. Repeatable."
 
 
@@ -179,6 +182,7 @@ def plan(
     check: bool = typer.Option(False, "--check", help="Preflight: exit 2 listing everything `build` would refuse "
                                                        "(source, calibration data, tokenizer, trtllm-build, outputs)."),
     force: bool = typer.Option(False, "--force", help="With --check: check the outputs as `build --force` would."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Print the ordered stages `build` would run: inputs, parameters, cache key, cached or why not;
     over several recipes, also the stages they share (built once)."""
@@ -189,7 +193,9 @@ def plan(
 
     _check_format(format)
     store = _store(cache_dir)
-    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=check) for r in _load_all(files, set_)]
+    choice = parse_device(device)
+    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=check, device=choice)
+             for r in _load_all(files, set_)]
     if check:
         checked = preflight(plans, store, force=force)
         if checked.problems:
@@ -234,6 +240,7 @@ def build(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print every stage's full cache key and why it runs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the final summary."),
     format: str = typer.Option("text", "--format", help=JSON_HELP + " Progress lines then go to stderr."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
 ) -> None:
     """Run the plans (skipping cached stages, sharing equal ones), publish each recipe's outputs and recipe.lock."""
     from recipe_runner.pipeline.plan import make_plan
@@ -245,7 +252,9 @@ def build(
     if verbose and quiet:
         raise UserError("--verbose and --quiet: choose one")
     echo = (lambda line: None) if quiet else (lambda line: _log_line(line, err=format == "json"))
-    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=True) for r in _load_all(files, set_)]
+    choice = parse_device(device)
+    plans = [make_plan(r, until=until, skip_verify=no_verify, collect=True, device=choice)
+             for r in _load_all(files, set_)]
     if locked is not None and len(plans) != 1:
         raise UserError("--locked rebuilds one recipe: give a single recipe file (not a matrix)")
     if dry_run:

@@ -25,14 +25,15 @@ def verify_command(
     min_top1_agreement: Optional[float] = typer.Option(None, "--min-top1-agreement", help="Floor, 0..1 (default: per format)."),
     max_layer_error: Optional[float] = typer.Option(None, "--max-layer-error", help="Limit on the worst decoder layer's error on the source's inputs, relative to what the source layer adds (default: per format)."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Write verify.json and verify.md here."),
+    device: Optional[str] = typer.Option(None, "--device", help="Where the layers run: auto, cpu, cuda or cuda:N (default: $RECIPE_DEVICE, else cpu)."),
 ) -> None:
-    """Compare a checkpoint's logits (CPU reference forward) with its source model's. Exit 0 pass, 1 out of tolerance, 2 bad input."""
+    """Compare a checkpoint's logits (reference forward, CPU or --device) with its source model's. Exit 0 pass, 1 out of tolerance, 2 bad input."""
     from recipe_runner.verify.standalone import run_standalone
 
     limits = {"max_abs_logit_error": max_abs_logit_error, "mean_abs_logit_error": mean_abs_logit_error,
               "mean_kl": mean_kl, "min_top1_agreement": min_top1_agreement, "max_layer_error": max_layer_error}
     if not run_standalone(checkpoint, source, prompts=prompt or [], token_ids=token_ids or [], limits=limits,
-                          report_dir=report_dir, echo=typer.echo):
+                          report_dir=report_dir, echo=typer.echo, device=device):
         raise typer.Exit(1)
 
 

@@ -7,15 +7,23 @@ it with hooks recording statistics, and its outputs become the next layer's inpu
 between layers stay in memory up to SPILL_BYTES and are spilled to a temporary directory beyond.
 lm_head and the final norm are never needed.
 
-Everything runs in float32 on CPU, with the eager attention implementation and the model's own
-causal-mask and rotary helpers, so the statistics equal those of a whole-model forward with hooks.
+Everything runs in float32, with the eager attention implementation and the model's own causal-mask
+and rotary helpers, so the statistics equal those of a whole-model forward with hooks. It runs on CPU,
+or on the devices given (`--device`, recipe_runner/devices.py): the layer's weights are moved there,
+each batch runs on devices[b % n] with its hidden states kept there while they fit (else in pinned
+host memory), and every batch's statistics come back to CPU, where they are folded in batch order
+(calibration/stats.py LayerFold), so that any number of devices gives the bytes of one. The AWQ and α
+searches run on the first device. With CUDA, deterministic algorithms only (device_compute.deterministic).
 """
 from __future__ import annotations
 
+import copy
+import queue
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoConfig, masking_utils
@@ -25,9 +33,12 @@ from transformers.models.mistral import modeling_mistral
 from recipe_runner.calibration.stats import (
     AWQ_SEARCH_TOKENS,
     AwqResult,
+    BatchPartials,
     CalibrationStats,
     LayerCollector,
+    LayerFold,
 )
+from recipe_runner.device_compute import default_device, deterministic, host, is_cuda, move
 from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
@@ -127,69 +138,179 @@ def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
 
 def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOptions = RunnerOptions(),
                     log: Log = lambda _: None, *, trust_remote_code: bool = False,
-                    progress: WorkProgress = NO_PROGRESS) -> CalibrationStats:
-    """Statistics of every decoder-layer linear over `batches`, computed one layer at a time;
-    `progress` counts samples × layers done."""
+                    progress: WorkProgress = NO_PROGRESS,
+                    devices: Sequence[torch.device] | None = None) -> CalibrationStats:
+    """Statistics of every decoder-layer linear over `batches`, computed one layer at a time on
+    `devices` (default: CPU; several: batch b runs on devices[b % n]); `progress` counts samples ×
+    layers done. The statistics come back on CPU, the same bytes whatever the devices' count."""
+    devices = list(devices or [torch.device("cpu")])
+    with deterministic(devices):
+        return _calibrate(model_dir, batches, options, log, trust_remote_code, progress, devices)
+
+
+def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, log: Log, trust_remote_code: bool,
+               progress: WorkProgress, devices: list[torch.device]) -> CalibrationStats:
     config = hf_config(model_dir, trust_remote_code=trust_remote_code)
     layer_cls, rotary_cls = _decoder_classes(config)
     reader = SourceCheckpoint(model_dir)
     layout = layout_for(read_model_config(model_dir))
-    rotary = rotary_cls(config=config)
+    rotaries = _replicas(rotary_cls(config=config), devices)
     hidden_size = config.hidden_size
     head_dim = getattr(config, "head_dim", None) or hidden_size // config.num_attention_heads
     total = sum(b.ids.numel() for b in batches) * hidden_size * 4
-    states = HiddenStates(total, options.spill_bytes)
+    resident = _fits_on_devices(total, devices)
+    # hidden states stay where their batch runs while they fit there; else in host memory (spilled beyond)
+    states = HiddenStates(0 if resident else total, options.spill_bytes)
+    home = (lambda t: t) if resident else host
     stats = CalibrationStats()
     stats.alpha_search = options.alpha_search
     quota = -(-_search_tokens(options) // len(batches))
     samples = sum(b.ids.shape[0] for b in batches)
-    total, done = samples * config.num_hidden_layers, 0
+    count = _Count(progress, samples * config.num_hidden_layers)
     try:
         for b, batch in enumerate(batches):
-            states.put(b, embed(reader, layout.embedding.hf, batch.ids))
+            h = embed(reader, layout.embedding.hf, batch.ids)
+            states.put(b, h.to(devices[b % len(devices)]) if resident else h)
         reader.release()
         for index in range(config.num_hidden_layers):
             layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index)
-            collector = LayerCollector(layer, layout, with_mean=options.collect_mean, sample_quota=quota,
-                                       head_dim=head_dim)
+            layers = _replicas(layer, devices)
+            collectors = [LayerCollector(lay, layout, with_mean=options.collect_mean, sample_quota=quota,
+                                         head_dim=head_dim) for lay in layers]
+            runs = [_Replica(d, lay, rot, col) for d, lay, rot, col in zip(devices, layers, rotaries, collectors)]
+            fold = LayerFold(layout, options.collect_mean)
             with torch.no_grad():
-                for b, batch in enumerate(batches):
-                    collector.mask = batch.mask
-                    h = states.get(b)
-                    positions = torch.arange(h.shape[1]).unsqueeze(0)
-                    cos_sin = rotary(h, positions)
-                    collector.rope = cos_sin  # K after RoPE = what the attention interface receives
-                    out = layer(h, attention_mask=_causal_mask(config, h, positions), position_ids=positions,
-                                position_embeddings=cos_sin)
-                    states.put(b, out[0] if isinstance(out, tuple) else out)
-                    done += batch.ids.shape[0]
-                    progress.update(done, total, "samples×layers")
-            for proj, s in collector.close().items():
+                _run_batches(config, runs, batches, states, home, fold, count)
+            for collector in collectors:
+                collector.close()
+            for proj, s in fold.result().items():
                 stats.linears[(index, proj)] = s
-            if collector.k_rope_absmax is None:
+            if fold.k_rope_absmax is None:
                 raise RuntimeError("k_proj saw no calibration tokens")
-            stats.k_rope_absmax[index] = collector.k_rope_absmax
+            stats.k_rope_absmax[index] = fold.k_rope_absmax
+            first = runs[0]  # the searches run on the first device, on the rows gathered there in batch order
             if options.awq_group_size:
                 progress.note(f"AWQ scale search, layer {index + 1}/{config.num_hidden_layers}")
-                _awq_search(layer, collector, stats, index, options.awq_group_size, options.awq_grid)
+                _awq_search(first.layer, fold, stats, index, options.awq_group_size, options.awq_grid, first.device)
             if options.alpha_search is not None:
                 progress.note(f"SmoothQuant alpha search, layer {index + 1}/{config.num_hidden_layers}")
-                _alpha_search(layer, collector, stats, index, options.alpha_search)
-            del layer, collector
+                _alpha_search(first.layer, fold, stats, index, options.alpha_search, first.device)
+            del layer, layers, collectors, runs, fold
             log(f"calibrated layer {index + 1}/{config.num_hidden_layers}")
     finally:
         states.close()
     return stats
 
 
-def _awq_search(layer: torch.nn.Module, collector: LayerCollector, stats: CalibrationStats, index: int,
-                group_size: int, grid: int) -> None:
-    with torch.no_grad():
-        for group in collector.layout.groups:
+@dataclass
+class _Replica:
+    """One device's copy of the layer being calibrated, with its rotary embedding and hooks."""
+
+    device: torch.device
+    layer: torch.nn.Module
+    rotary: torch.nn.Module
+    collector: LayerCollector
+
+
+class _Count:
+    """samples × layers done, for `progress` (updated from the driving thread only)."""
+
+    def __init__(self, progress: WorkProgress, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def add(self, samples: int) -> None:
+        self.done += samples
+        self.progress.update(self.done, self.total, "samples×layers")
+
+
+def _replicas(module: torch.nn.Module, devices: list[torch.device]) -> list[torch.nn.Module]:
+    """`module` on each device: itself on the first (moved there), independent copies on the others
+    (each replica carries its own hooks)."""
+    copies = [copy.deepcopy(module).to(d) for d in devices[1:]]
+    return [module.to(devices[0]), *copies]
+
+
+def _fits_on_devices(total_bytes: int, devices: list[torch.device]) -> bool:
+    """Whether each CUDA device can keep its share of the hidden states (half its free memory at most:
+    the layer, its activations and the searches need the rest). On CPU the host's own limit applies."""
+    if not is_cuda(devices):
+        return False
+    share = -(-total_bytes // len(devices))
+    return all(share <= torch.cuda.mem_get_info(d)[0] // 2 for d in devices)
+
+
+def _run_batch(config, run: _Replica, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, BatchPartials]:
+    """One batch through the replica's layer on its device: its output and statistics, both still there."""
+    device = run.device
+    run.collector.mask = batch.mask.to(device)
+    h = h.to(device, non_blocking=True)
+    positions = torch.arange(h.shape[1], device=device).unsqueeze(0)
+    cos_sin = run.rotary(h, positions)
+    run.collector.rope = cos_sin  # K after RoPE = what the attention interface receives
+    out = run.layer(h, attention_mask=_causal_mask(config, h, positions), position_ids=positions,
+                    position_embeddings=cos_sin)
+    return (out[0] if isinstance(out, tuple) else out), run.collector.take()
+
+
+def _threaded(devices: list[torch.device]) -> bool:
+    """One thread per device only for several CUDA devices: CPU "devices" share the same cores."""
+    return len(devices) > 1 and is_cuda(devices)
+
+
+def _run_batches(config, runs: list[_Replica], batches: list[Batch], states: HiddenStates,
+                 home: Callable[[torch.Tensor], torch.Tensor], fold: LayerFold, count: _Count) -> None:
+    """Every batch through the layer, batch b on runs[b % n], folding the statistics in batch order.
+    On CPU (however many "devices") the batches run one after the other, in order; on several CUDA
+    devices one thread per device runs its share, and the driver folds each batch's partials once
+    every earlier batch's are folded."""
+    cpu, searching = torch.device("cpu"), runs[0].device
+
+    def one(b: int) -> BatchPartials:
+        run = runs[b % len(runs)]
+        out, partials = _run_batch(config, run, batches[b], states.get(b))
+        states.put(b, home(out))
+        return partials.to(cpu, searching)
+
+    if not _threaded([r.device for r in runs]):
+        for b in range(len(batches)):
+            fold.add(one(b))
+            count.add(batches[b].ids.shape[0])
+        return
+    finished: queue.Queue = queue.Queue()
+
+    def share(i: int) -> None:
+        try:
+            with torch.no_grad():  # grad mode is per thread
+                for b in range(i, len(batches), len(runs)):
+                    finished.put((b, one(b)))
+        except BaseException as exc:  # handed to the driver, which re-raises it
+            finished.put((-1, exc))
+
+    threads = [threading.Thread(target=share, args=(i,), daemon=True) for i in range(len(runs))]
+    for t in threads:
+        t.start()
+    pending: dict[int, BatchPartials] = {}
+    for b in range(len(batches)):  # fold in batch order, whichever device finished first
+        while b not in pending:
+            got, partials = finished.get()
+            if got < 0:
+                raise partials
+            pending[got] = partials
+        fold.add(pending.pop(b))
+        count.add(batches[b].ids.shape[0])
+    for t in threads:
+        t.join()
+
+
+def _awq_search(layer: torch.nn.Module, fold: LayerFold, stats: CalibrationStats, index: int,
+                group_size: int, grid: int, device: torch.device) -> None:
+    """On `device`, where `layer` and the kept rows are; the scales come back to CPU."""
+    with torch.no_grad(), default_device(device):
+        for group in fold.layout.groups:
             weights = [layer.get_submodule(p).weight for p in group.projections]
-            x_mean = stats.linears[(index, group.first)].x_absmean
-            result = search_scales(collector.group_inputs(group.first), weights, x_mean, group_size, grid)
-            stats.awq[(index, group.first)] = AwqResult(result.alpha, result.scales, list(result.errors))
+            x_mean = stats.linears[(index, group.first)].x_absmean.to(device)
+            result = search_scales(fold.group_inputs(group.first), weights, x_mean, group_size, grid)
+            stats.awq[(index, group.first)] = AwqResult(result.alpha, result.scales.cpu(), list(result.errors))
 
 
 def _search_tokens(options: RunnerOptions) -> int:
@@ -199,11 +320,13 @@ def _search_tokens(options: RunnerOptions) -> int:
     return options.alpha_search.tokens if options.alpha_search is not None else 0
 
 
-def _alpha_search(layer: torch.nn.Module, collector: LayerCollector, stats: CalibrationStats, index: int,
-                  search: AlphaSearch) -> None:
-    """Per input group, the α of the grid whose W8A8 output is closest to the float output (quant/sq_search.py)."""
-    with torch.no_grad():
-        for group in collector.layout.groups:
+def _alpha_search(layer: torch.nn.Module, fold: LayerFold, stats: CalibrationStats, index: int,
+                  search: AlphaSearch, device: torch.device) -> None:
+    """Per input group, the α of the grid whose W8A8 output is closest to the float output (quant/sq_search.py),
+    on `device`: the layer's statistics are copied there (on CPU: the same objects)."""
+    here = CalibrationStats(linears={k: move(s, device) for k, s in stats.linears.items() if k[0] == index})
+    with torch.no_grad(), default_device(device):
+        for group in fold.layout.groups:
             weights = {p: layer.get_submodule(p).weight for p in group.projections}
-            errors = group_errors(stats, index, group.projections, weights, collector.group_inputs(group.first), search)
+            errors = group_errors(here, index, group.projections, weights, fold.group_inputs(group.first), search)
             stats.alphas[(index, group.first)] = AlphaChoice.pick(search.grid, errors)

@@ -95,6 +95,47 @@ class CalibrationStats:
 
 
 # ---- collecting -----------------------------------------------------------------------------------
+#
+# A layer's statistics are gathered per batch (BatchPartials, computed wherever the batch ran) and
+# folded in batch order on CPU (LayerFold), so that the result is the same whichever device ran which
+# batch: maxima are order-independent; the float64 sums behind x_absmean are one per-batch partial
+# each, added in batch order exactly as the one-device loop always added them; the rows kept for the
+# searches are concatenated in batch order.
+
+@dataclass
+class LinearPartial:
+    """One batch's statistics of one linear (real tokens only)."""
+
+    x_absmax: torch.Tensor  # float32 [in]
+    y_absmax: torch.Tensor  # float32 [out]
+    x_abssum: torch.Tensor | None  # float64 [in], with_mean only
+    tokens: int
+
+    def to(self, device: torch.device) -> LinearPartial:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LinearPartial(move(self.x_absmax), move(self.y_absmax), move(self.x_abssum), self.tokens)
+
+
+def linear_partial(x: torch.Tensor, y: torch.Tensor, with_mean: bool) -> LinearPartial:
+    xa, ya = x.abs().float(), y.abs().float()
+    return LinearPartial(xa.amax(dim=0), ya.amax(dim=0), xa.double().sum(dim=0) if with_mean else None, x.shape[0])
+
+
+@dataclass
+class BatchPartials:
+    """What one batch contributes to one layer's statistics."""
+
+    linears: dict[str, LinearPartial] = field(default_factory=dict)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # input rows kept, by group's first projection
+    k_rope_absmax: torch.Tensor | None = None
+
+    def to(self, device: torch.device, samples_device: torch.device) -> BatchPartials:
+        """The statistics on `device` (CPU, where they are folded), the kept rows on `samples_device` (where
+        the searches run)."""
+        k = None if self.k_rope_absmax is None else self.k_rope_absmax.to(device)
+        return BatchPartials({p: s.to(device) for p, s in self.linears.items()},
+                             {p: t.to(samples_device) for p, t in self.samples.items()}, k)
+
 
 class _Accumulator:
     def __init__(self, with_mean: bool):
@@ -104,21 +145,43 @@ class _Accumulator:
         self.with_mean = with_mean
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        xa, ya = x.abs().float(), y.abs().float()
-        xmax, ymax = xa.amax(dim=0), ya.amax(dim=0)
-        self.x_absmax = xmax if self.x_absmax is None else torch.maximum(self.x_absmax, xmax)
-        self.y_absmax = ymax if self.y_absmax is None else torch.maximum(self.y_absmax, ymax)
-        if self.with_mean:
-            s = xa.double().sum(dim=0)
-            self.x_abssum = s if self.x_abssum is None else self.x_abssum + s
-        self.tokens += x.shape[0]
+    def fold(self, p: LinearPartial) -> None:
+        self.x_absmax = p.x_absmax if self.x_absmax is None else torch.maximum(self.x_absmax, p.x_absmax)
+        self.y_absmax = p.y_absmax if self.y_absmax is None else torch.maximum(self.y_absmax, p.y_absmax)
+        if self.with_mean and p.x_abssum is not None:
+            self.x_abssum = p.x_abssum if self.x_abssum is None else self.x_abssum + p.x_abssum
+        self.tokens += p.tokens
 
     def result(self) -> LinearStats:
         if self.x_absmax is None or self.y_absmax is None:
             raise RuntimeError("a linear saw no calibration tokens")
         mean = (self.x_abssum / self.tokens).float() if self.with_mean and self.x_abssum is not None else None
         return LinearStats(self.x_absmax, self.y_absmax, mean)
+
+
+class LayerFold:
+    """One layer's statistics, folded from BatchPartials given in batch order."""
+
+    def __init__(self, layout: ModelLayout, with_mean: bool):
+        self.layout = layout
+        self.acc = {p: _Accumulator(with_mean) for p in layout.projection_names}
+        self.samples: dict[str, list[torch.Tensor]] = {g.first: [] for g in layout.groups}
+        self.k_rope_absmax: torch.Tensor | None = None
+
+    def add(self, batch: BatchPartials) -> None:
+        for projection, partial in batch.linears.items():
+            self.acc[projection].fold(partial)
+        for first, rows in batch.samples.items():
+            self.samples[first].append(rows)
+        m = batch.k_rope_absmax
+        if m is not None:
+            self.k_rope_absmax = m if self.k_rope_absmax is None else torch.maximum(self.k_rope_absmax, m)
+
+    def result(self) -> dict[str, LinearStats]:
+        return {p: a.result() for p, a in self.acc.items()}
+
+    def group_inputs(self, first_projection: str) -> torch.Tensor:
+        return torch.cat(self.samples[first_projection])
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -136,23 +199,24 @@ def keys_after_rope(k_proj_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 class LayerCollector:
-    """Forward hooks on one decoder layer's linears (the layout's projections); `mask` selects the
-    real tokens of the batch being run. With `sample_quota`, also keeps evenly spaced input rows per
-    input group for a search (AWQ's scales, SmoothQuant's α). With `head_dim`, also records max |K
-    after RoPE| over the real tokens, from the key projection's output and the batch's rotary tables
-    `rope` = (cos, sin), set per batch like `mask`."""
+    """Forward hooks on one decoder layer's linears (the layout's projections), recording one batch's
+    BatchPartials (`take` after each batch); `mask` selects the real tokens of the batch being run.
+    With `sample_quota`, also keeps evenly spaced input rows per input group for a search (AWQ's
+    scales, SmoothQuant's α). With `head_dim`, also records max |K after RoPE| over the real tokens,
+    from the key projection's output and the batch's rotary tables `rope` = (cos, sin), set per batch
+    like `mask`. Everything stays on the device the layer runs on."""
 
     def __init__(self, layer: torch.nn.Module, layout: ModelLayout, *, with_mean: bool, sample_quota: int = 0,
                  head_dim: int | None = None):
         self.layout = layout
         self.mask: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.acc = {p: _Accumulator(with_mean) for p in layout.projection_names}
+        self.with_mean = with_mean
         self.sample_quota = sample_quota
-        self.samples: dict[str, list[torch.Tensor]] = {g.first: [] for g in layout.groups}
+        self.groups = {g.first for g in layout.groups}
         self.head_dim = head_dim
-        self.k_rope_absmax: torch.Tensor | None = None
-        self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in self.acc]
+        self._batch = BatchPartials()
+        self._handles = [layer.get_submodule(p).register_forward_hook(self._hook(p)) for p in layout.projection_names]
         if head_dim is not None:
             self._handles.append(layer.get_submodule(layout.key).register_forward_hook(self._k_rope_hook))
 
@@ -160,28 +224,28 @@ class LayerCollector:
         assert self.mask is not None and self.rope is not None and self.head_dim is not None
         cos, sin = self.rope
         k = keys_after_rope(output.float(), cos.float(), sin.float(), self.head_dim)[self.mask]
-        m = k.abs().amax()
-        self.k_rope_absmax = m if self.k_rope_absmax is None else torch.maximum(self.k_rope_absmax, m)
+        self._batch.k_rope_absmax = k.abs().amax()
 
     def _hook(self, projection: str):
         def hook(module, inputs, output) -> None:
             assert self.mask is not None
             x = inputs[0][self.mask]
             y = output[self.mask]
-            self.acc[projection].add(x, y)
-            if self.sample_quota and projection in self.samples:
+            self._batch.linears[projection] = linear_partial(x, y, self.with_mean)
+            if self.sample_quota and projection in self.groups:
                 k = min(self.sample_quota, x.shape[0])
-                rows = (torch.arange(k) * x.shape[0]) // k  # evenly spaced, distinct
-                self.samples[projection].append(x[rows].float().clone())
+                rows = (torch.arange(k, device=x.device) * x.shape[0]) // k  # evenly spaced, distinct
+                self._batch.samples[projection] = x[rows].float().clone()
         return hook
 
-    def close(self) -> dict[str, LinearStats]:
+    def take(self) -> BatchPartials:
+        """The batch just run's partials (and a fresh record for the next batch)."""
+        batch, self._batch = self._batch, BatchPartials()
+        return batch
+
+    def close(self) -> None:
         for h in self._handles:
             h.remove()
-        return {p: a.result() for p, a in self.acc.items()}
-
-    def group_inputs(self, first_projection: str) -> torch.Tensor:
-        return torch.cat(self.samples[first_projection])
 
 
 # ---- on disk --------------------------------------------------------------------------------------

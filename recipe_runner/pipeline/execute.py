@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Callable
 
 from recipe_runner.calibration.dataset import CALIBRATION, PERPLEXITY, locate_dataset
+from recipe_runner.devices import CPU
 from recipe_runner.hf.files import tokenizer_problem
 from recipe_runner.hf.sources import source_problem
 from recipe_runner.checks.release import release_findings
@@ -32,7 +33,7 @@ from recipe_runner.pipeline.usage import measure
 from recipe_runner.store.ownership import check_cache_location, check_output_location
 from recipe_runner.store.publish import Generation, OutputDir
 from recipe_runner.pipeline.resolve import DATASET_INPUTS, ResolvedPlan, resolve, write_record
-from recipe_runner.stages.registry import PUBLISHED, StageJob, stage_executor
+from recipe_runner.stages.registry import DEVICE_STAGES, PUBLISHED, StageJob, stage_executor
 from recipe_runner.trtllm.releases import FIELD, recorded_names, release_of_version, releases
 from recipe_runner.trtllm.toolchain import Toolchain, require_toolchain
 from recipe_runner.verify.report import JSON_NAME, MARKDOWN_NAME, name_recipe
@@ -221,7 +222,8 @@ def stage_job(resolved: ResolvedPlan, name: str, entries: dict[str, Entry], out_
                     MappingProxyType(dict(material["inputs"])), out_dir, workers,
                     resolved.toolchain if name == "build-engine" else None,
                     # beside the payload (its cache temp dir), where the build's progress display reads it
-                    WorkProgress(out_dir.parent / PROGRESS_NAME))
+                    WorkProgress(out_dir.parent / PROGRESS_NAME),
+                    resolved.plan.device.names if name in DEVICE_STAGES else ("cpu",))
 
 
 def input_path(resolved: ResolvedPlan, name: str, entries: dict[str, Entry]) -> Path:
@@ -317,7 +319,9 @@ def make_lock(resolved: ResolvedPlan, outputs: dict) -> LockFile:
         recipe_path=str(recipe.path),
         recipe_sha256=recipe.canonical_hash(),
         tools={**tool_versions(), **_toolchain_versions(resolved)},
-        stages=[{"name": s.stage.name, "key": s.key.digest} for s in resolved.statuses],
+        stages=[{"name": s.stage.name, "key": s.key.digest,
+                 **({"device": s.stage.params["device"]} if "device" in s.stage.params else {})}
+                for s in resolved.statuses],
         outputs=outputs,
         **lock_inputs(resolved),
     )
@@ -361,9 +365,22 @@ def lock_input_problems(resolved: ResolvedPlan, locked: LockFile) -> list[str]:
 def check_lock_inputs(resolved: ResolvedPlan, locked: LockFile) -> None:
     """A locked rebuild needs the same recipe and the same input bytes (source, tokenizer, calibration
     files; the calibration snapshot) as the lock records."""
-    problems = lock_input_problems(resolved, locked)
+    problems = device_problems(resolved, locked) + lock_input_problems(resolved, locked)
     if problems:
         raise UserError("cannot rebuild from the lock file:\n  " + "\n  ".join(problems))
+
+
+def device_problems(resolved: ResolvedPlan, locked: LockFile) -> list[str]:
+    """A stage the lock ran on another kind of device than this build: its key (and bytes) cannot match."""
+    here = {s.stage.name: s.stage.params.get("device", CPU) for s in resolved.statuses}
+    problems = []
+    for stage in (s for s in locked.stages if s["name"] in here):
+        want, have = stage.get("device", CPU), here[stage["name"]]
+        if want != have:
+            remedy = f"--device {want.split('/')[0]}" if want != CPU else "--device cpu"
+            problems.append(f"{stage['name']}: the lock's key was made on {want}, this build runs on {have} "
+                            f"(results differ between device kinds); build with {remedy} or re-lock")
+    return problems
 
 
 def recheck_inputs(recipe: Recipe, store: CacheStore) -> Callable[[LockFile], list[str]]:

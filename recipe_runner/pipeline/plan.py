@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from recipe_runner.checks import model_findings
+from recipe_runner.devices import CPU_CHOICE, DeviceChoice
 from recipe_runner.errors import Problem, RecipeError, UserError
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.remote_code import TRUST_FIELD, auto_maps, describe
@@ -16,7 +17,7 @@ from recipe_runner.recipe.model import thaw
 from recipe_runner.hfexport.targets import target_notes
 from recipe_runner.hf.sources import SourceLocation, locate_source, source_field
 # `build --until` takes a stage name or an alias (`checkpoint` = everything up to the rank files)
-from recipe_runner.stages.registry import STAGES, UNTIL_ALIASES
+from recipe_runner.stages.registry import DEVICE_STAGES, STAGES, UNTIL_ALIASES
 
 
 
@@ -40,6 +41,7 @@ class Plan:
     model_checked: bool  # the source config.json was read and the model-dependent rules ran
     notes: tuple[str, ...] = field(default=())
     problems: tuple[Problem, ...] = ()  # what those rules found, kept (make_plan(collect=True)) for the preflight
+    device: DeviceChoice = CPU_CHOICE  # where calibrate and verify compute (its kind is in their keys unless cpu)
 
     def stage(self, name: str) -> Stage | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -55,19 +57,24 @@ class Plan:
             "model_checked": self.model_checked,
             "stages": [s.to_dict() for s in self.stages],
             "notes": list(self.notes),
+            **({} if self.device.is_cpu else {"device": {"kind": self.device.kind, "devices": list(self.device.names)}}),
         }
 
 
-def recipe_stages(recipe: Recipe) -> list[Stage]:
-    """Every stage the recipe uses, in registry order, before --until/--no-verify cuts."""
+def recipe_stages(recipe: Recipe, device: DeviceChoice = CPU_CHOICE) -> list[Stage]:
+    """Every stage the recipe uses, in registry order, before --until/--no-verify cuts. The stages that
+    compute on `device` get its kind in their params unless it is cpu (CPU keys stay as they were)."""
     uses = ((name, spec.uses(recipe.data)) for name, spec in STAGES.items())
-    return [Stage(name, use.inputs, use.params, use.after) for name, use in uses if use is not None]
+    return [Stage(name, use.inputs, {**use.params, **(device.key_param() if name in DEVICE_STAGES else {})},
+                  use.after) for name, use in uses if use is not None]
 
 
-def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False, collect: bool = False) -> Plan:
-    """The stages to run for `recipe`; raises RecipeError when the source model contradicts it (with
-    `collect`, keeps those problems in the plan instead, for pipeline.preflight to report with the rest)."""
-    stages = recipe_stages(recipe)
+def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = False, collect: bool = False,
+              device: DeviceChoice = CPU_CHOICE) -> Plan:
+    """The stages to run for `recipe` on `device` (recipe_runner/devices.py parse_device); raises RecipeError
+    when the source model contradicts it (with `collect`, keeps those problems in the plan instead, for
+    pipeline.preflight to report with the rest)."""
+    stages = recipe_stages(recipe, device)
     if skip_verify:
         stages = [s for s in stages if s.name != "verify"]
     if until is not None:
@@ -89,7 +96,7 @@ def make_plan(recipe: Recipe, *, until: str | None = None, skip_verify: bool = F
     else:
         notes.append(f"source model not available here ({source.missing_reason or 'no config.json'}); "
                      "the checks that need its config.json run at build time")
-    return Plan(recipe, source, tuple(stages), model_checked, tuple(notes), tuple(problems))
+    return Plan(recipe, source, tuple(stages), model_checked, tuple(notes), tuple(problems), device)
 
 
 def as_problems(error: UserError, recipe: Recipe, *fields: str) -> list[Problem]:

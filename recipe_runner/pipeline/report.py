@@ -6,8 +6,11 @@ import textwrap
 from typing import Any
 
 from recipe_runner.errors import Problem
+from recipe_runner.hf.config import read_model_config
+from recipe_runner.pipeline.progress import format_size
 from recipe_runner.pipeline.plan import Plan
 from recipe_runner.pipeline.resolve import ResolvedPlan
+from recipe_runner.stages.registry import calibration_device_bytes
 
 
 def _value(value: Any) -> str:
@@ -37,6 +40,7 @@ def format_plan(plan: Plan, resolved: ResolvedPlan | None = None) -> str:
         f"  source  {plan.source.description}"
         + ("" if plan.source.directory else f"  [not available: {plan.source.missing_reason}]"),
         f"  output  {recipe.resolve_path('output.dir')}",
+        f"  device  {_device_line(plan, resolved)}",
         "",
     ]
     width = max(len(s.name) for s in plan.stages)
@@ -51,6 +55,18 @@ def format_plan(plan: Plan, resolved: ResolvedPlan | None = None) -> str:
     for note in plan.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _device_line(plan: Plan, resolved: ResolvedPlan | None) -> str:
+    """Where calibrate and verify compute and, for calibrate, its peak on each device (model known)."""
+    device = plan.device
+    line = device.kind + ("" if device.is_cpu else f" ({', '.join(device.names)})")
+    calibrate = plan.stage("calibrate")
+    if calibrate is not None and resolved is not None:
+        peak = calibration_device_bytes(read_model_config(resolved.source_dir), calibrate.params, len(device.names))
+        line += (f"; calibrate peaks at ~{format_size(peak)} per device (one decoder layer in float32 + "
+                 "the calibration activations)")
+    return line
 
 
 def plan_json(plan: Plan, resolved: ResolvedPlan | None = None) -> dict:

@@ -7,6 +7,7 @@ inline (in this process, one job at a time), a local process pool, or Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import sys
@@ -25,7 +26,8 @@ from recipe_runner.store.lock import LockFile
 from recipe_runner.pipeline.plan import Plan, make_plan
 from recipe_runner.pipeline.progress import Progress
 from recipe_runner.pipeline.resolve import ResolvedPlan, resolve
-from recipe_runner.stages.registry import STAGES
+from recipe_runner.devices import parse_device
+from recipe_runner.stages.registry import DEVICE_STAGES, STAGES
 from recipe_runner.trtllm.mapping import ParallelMapping
 from recipe_runner.trtllm.toolchain import require_toolchain
 
@@ -95,6 +97,7 @@ class StageTask:
     key: str
     workers: int
     whose: str = ""  # the recipes it is for, in log lines of builds of several recipes
+    device: str = "cpu"  # the --device spec the plan was made with (recipe_runner/devices.py)
 
 
 def _worker_echo(line: str) -> None:
@@ -111,7 +114,8 @@ def run_stage_task(task: StageTask) -> dict:
         recipe = load_recipes(task.recipe_path, task.variables)[task.variant or 0]
         store = CacheStore(task.cache_root)
         toolchain = require_toolchain() if task.stage == "build-engine" else None
-        plan = for_installed_release(make_plan(recipe), toolchain) if toolchain else make_plan(recipe)
+        plan = make_plan(recipe, device=parse_device(task.device))
+        plan = for_installed_release(plan, toolchain) if toolchain else plan
         resolved = resolve(plan, store, toolchain=toolchain)
         if resolved.status(task.stage).key.digest != task.key:
             raise UserError(f"{task.stage}: its inputs changed while the build ran (a source file or recipe was "
@@ -179,10 +183,21 @@ class RayExecutor:
         self.remote = ray.remote(run_stage_task)
 
     def start(self, resolved, stage, entries, store, workers, task: StageTask) -> Future:
-        return self.remote.remote(task).future()
+        gpus = ray_gpus(resolved, stage)
+        if not gpus:
+            return self.remote.remote(task).future()
+        # Ray shows the task only the GPUs it was given (CUDA_VISIBLE_DEVICES): there they are cuda:0..n-1
+        task = dataclasses.replace(task, device=",".join(f"cuda:{i}" for i in range(gpus)))
+        return self.remote.options(num_gpus=gpus).remote(task).future()
 
     def close(self) -> None:
         pass
+
+
+def ray_gpus(resolved: ResolvedPlan, stage: str) -> int:
+    """The GPUs a Ray task of `stage` asks for: one per device of a CUDA plan's computing stage, else 0."""
+    device = resolved.plan.device
+    return len(device.names) if device.is_cuda and stage in DEVICE_STAGES else 0
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -256,7 +271,7 @@ def _workers(plan: ResolvedPlan, workers: int | None) -> int:
 def _task(report: BuildReport, job: Job, store: CacheStore, workers: int) -> StageTask:
     recipe = report.plans[job.users[0]].plan.recipe
     return StageTask(str(recipe.path), dict(recipe.variables), recipe.variant, os.getcwd(), str(store.root),
-                     job.stage, job.key, workers, report.whose(job))
+                     job.stage, job.key, workers, report.whose(job), report.plans[job.users[0]].plan.device.spec)
 
 
 def _drive(report: BuildReport, entries: list[dict[str, Entry]], store: CacheStore, executor, workers: int | None,

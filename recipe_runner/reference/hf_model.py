@@ -77,9 +77,9 @@ class HFLayerwiseModel(LayerwiseLogits):
         """[T, H] through the transformers decoder layer (which takes a batch: [1, T, H])."""
         h = h.unsqueeze(0)
         T = h.shape[1]
-        positions = torch.arange(T).unsqueeze(0)
-        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
-        position_embeddings = self.rotary(h, positions)
+        positions = torch.arange(T, device=h.device).unsqueeze(0)
+        mask = torch.full((T, T), float("-inf"), device=h.device).triu(1)[None, None]
+        position_embeddings = self.rotary.to(h.device)(h, positions)  # verify's --device: where h is
         out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings)
         return (out[0] if isinstance(out, tuple) else out)[0]
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
 
 from recipe_runner.calibration.dataset import locate_dataset, read_texts, sample_texts
 from recipe_runner.calibration.runner import RunnerOptions, run_calibration
@@ -52,8 +54,9 @@ class CalibrationSettings:
 
 def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | None = None,
               log: Callable[[str], None] = lambda _: None, *, trust_remote_code: bool = False,
-              progress: WorkProgress = NO_PROGRESS) -> CalibrationStats:
-    """Statistics of `source_dir` over the calibration set; written to `out_dir` when given."""
+              progress: WorkProgress = NO_PROGRESS, devices: Sequence[str] = ("cpu",)) -> CalibrationStats:
+    """Statistics of `source_dir` over the calibration set, computed on `devices` ("cpu", "cuda:0", ...;
+    several share the batches); written to `out_dir` when given."""
     cfg = read_model_config(source_dir)
     files = locate_dataset(settings.dataset, settings.dataset_path, settings.split, settings.revision)
     tokenizer = load_tokenizer(source_dir, trust_remote_code=trust_remote_code)
@@ -66,7 +69,8 @@ def calibrate(source_dir: Path, settings: CalibrationSettings, out_dir: Path | N
     awq = AWQ_STATISTICS in settings.statistics
     options = RunnerOptions(collect_mean=awq, awq_group_size=(settings.group_size or 128) if awq else None,
                             alpha_search=settings.smoothquant_search, awq_grid=DEFAULT_GRID if settings.awq_search else 1)
-    stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code, progress=progress)
+    stats = run_calibration(source_dir, batches, options, log, trust_remote_code=trust_remote_code, progress=progress,
+                            devices=[torch.device(d) for d in devices])
     # counts only: paths would make equal statistics differ in bytes between machines
     stats.meta = {"samples": len(sequences), "batches": len(batches), "tokens": sum(b.tokens for b in batches),
                   "statistics": list(settings.statistics), "awq_group_size": options.awq_group_size}
@@ -84,4 +88,5 @@ def _search(params: Mapping[str, Any] | None) -> AlphaSearch | None:
 def run_calibrate(job: StageJob) -> None:
     """Build executor: the stage's own params (exactly what its key holds) drive it."""
     calibrate(job.inputs["source"], CalibrationSettings.from_params(job.params, job.inputs["calibration-data"]),
-              job.out_dir, trust_remote_code=job.params["trust_remote_code"], progress=job.progress)
+              job.out_dir, trust_remote_code=job.params["trust_remote_code"], progress=job.progress,
+              devices=job.devices)

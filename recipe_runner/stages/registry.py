@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 GiB = 1 << 30
 
 
+def calibration_device_bytes(m: "ModelConfig", params: Mapping[str, Any], devices: int) -> int:
+    """The calibrate stage's peak on each device, roughly: one decoder layer in float32 plus that device's
+    share of the calibration activations (every sample's hidden states, at most max_seq_len tokens each)."""
+    tokens = params["num_samples"] * params["max_seq_len"]
+    return _layer(m) + -(-tokens // max(devices, 1)) * m.hidden_size * 4
+
+
 def _largest(m: "ModelConfig") -> int:  # the largest tensor in float32, the worst case while converting
     return max(m.vocab_size * m.hidden_size, m.intermediate_size * m.hidden_size) * 4
 
@@ -181,6 +188,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
               publishes="engine", until_alias="engine"),
 )}
 
+DEVICE_STAGES = ("calibrate", "verify")  # the stages that compute on --device (recipe_runner/devices.py)
 PUBLISHED = {name: spec.publishes for name, spec in STAGES.items() if spec.publishes}
 VERIFIED_STAGES = tuple(name for name, spec in STAGES.items() if spec.target)
 UNTIL_ALIASES = {spec.until_alias: name for name, spec in STAGES.items() if spec.until_alias}
@@ -200,6 +208,7 @@ class StageJob:
     workers: int = 1  # threads and processes; never changes the bytes
     toolchain: "Toolchain | None" = None  # build-engine only: its versions are in the key's tools
     progress: WorkProgress = NO_PROGRESS  # where a long computation reports its count; never in the bytes
+    devices: tuple[str, ...] = ("cpu",)  # calibrate, verify: where they compute ("cuda:0", ...); the kind is in params
 
     @staticmethod
     def frozen_params(params: Mapping[str, Any]) -> Mapping[str, Any]:

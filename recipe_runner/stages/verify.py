@@ -1,4 +1,4 @@
-"""Verify stage: prove every checkpoint the recipe writes numerically, on CPU, before any engine is
+"""Verify stage: prove every checkpoint the recipe writes numerically, on CPU (or --device), before any engine is
 built: the shard stage's TensorRT-LLM checkpoint and each HF export (hf-modelopt,
 hf-compressed-tensors), in stages/registry.py order (VERIFIED_STAGES).
 
@@ -37,7 +37,8 @@ def run_verify(job: "StageJob") -> None:
                                    token_ids=[list(ids) for ids in spec["token_ids"]],
                                    tolerances=thaw(spec.get("tolerances") or {}), tolerances_from="recipe",
                                    trust_remote_code=spec["trust_remote_code"], perplexity_inputs=windows,
-                                   progress=job.progress.part_of(i, len(checked)))
+                                   progress=job.progress.part_of(i, len(checked)),
+                                   device=job.devices[0])  # one sequence at a time: the first device
         # No recipe identity here: recipes that share this key share these bytes. Publishing
         # names the recipe (execute.recipe_reports).
         context = ReportContext(checkpoint_key=job.input_keys[stage])

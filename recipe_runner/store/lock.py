@@ -43,7 +43,7 @@ class LockFile:
     recipe_sha256: str  # the recipe's canonical hash
     tools: dict[str, str] = field(default_factory=dict)
     sources: Digests = field(default_factory=dict)
-    stages: list[dict[str, str]] = field(default_factory=list)  # [{"name", "key"}] in run order
+    stages: list[dict[str, str]] = field(default_factory=list)  # [{"name", "key"(, "device")}] in run order
     outputs: Digests = field(default_factory=dict)
     tokenizer: Digests | None = None  # the source's tokenizer files, when a stage reads them
     calibration: Calibration | None = None  # when a stage reads calibration data
@@ -55,7 +55,8 @@ class LockFile:
             "recipe": {"name": self.recipe_name, "path": self.recipe_path, "sha256": self.recipe_sha256},
             "tools": {str(k): str(v) for k, v in self.tools.items()},
             "sources": _digests(self.sources),
-            "stages": [{"name": s["name"], "key": s["key"]} for s in self.stages],
+            # "device": the kind a computing stage ran on, only when not cpu (pipeline/execute.make_lock)
+            "stages": [{k: s[k] for k in ("name", "key", "device") if k in s} for s in self.stages],
             "outputs": _digests(self.outputs),
         }
         if self.tokenizer is not None:

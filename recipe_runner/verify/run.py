@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import torch
+
 from recipe_runner.errors import UserError
 from recipe_runner.hf.config import ModelConfig
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
@@ -72,12 +74,13 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
                       token_ids: Sequence[Sequence[int]] = (), tolerances: Mapping[str, float] | None = None,
                       tolerances_from: str = "given", trust_remote_code: bool = False,
                       perplexity_inputs: Sequence[VerifyInput] = (),
-                      progress: WorkProgress = NO_PROGRESS) -> VerifyResult:
+                      progress: WorkProgress = NO_PROGRESS, device: str = "cpu") -> VerifyResult:
     """Compare `ckpt_dir` (any TensorRT-LLM LLaMA checkpoint, or a quantized HF checkpoint in the
     hf-modelopt / hf-compressed-tensors formats this project writes) with the HF model in `source_dir`.
 
     `perplexity_inputs` (verify/inputs.perplexity_windows) are held-out windows: inputs like the others,
-    and the text both models' perplexity is measured on. `progress` counts the layer runs of the lockstep forward (verify/trace.py).
+    and the text both models' perplexity is measured on. `progress` counts the layer runs of the lockstep forward (verify/trace.py),
+    whose decoder layers run on `device` ("cpu", "cuda:0"; logits and figures come back to CPU).
     Raises UserError for bad inputs, CheckpointError (StageFailed) for a checkpoint whose layout
     trtllm-build would reject; a checkpoint out of tolerance is a result with failures.
     """
@@ -108,7 +111,7 @@ def verify_checkpoint(ckpt_dir: str | Path, source_dir: str | Path, *, prompts: 
         done[0] += 1
         progress.update(min(done[0], total), total, "layers×inputs")
 
-    expected, got, trace = run_lockstep(hf_model, reference, sequences, step)
+    expected, got, trace = run_lockstep(hf_model, reference, sequences, step, torch.device(device))
     figures = compare(expected, got, sequences)
     per_input = tuple(compare([e], [g], [s]) for e, g, s in zip(expected, got, sequences))
     held_out = len(perplexity_inputs)  # the windows come last

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from recipe_runner.demo import demo_prompts
+from recipe_runner.devices import parse_device
 from recipe_runner.errors import UserError
 from recipe_runner.hf.remote_code import TRUST_FIELD, refuse_remote_code
 from recipe_runner.verify.inputs import parse_token_ids, require_tokenizer
@@ -24,12 +25,13 @@ def check_limits(limits: Mapping[str, float | None]) -> dict[str, float]:
 
 def run_standalone(checkpoint: Path, source: Path, *, prompts: Sequence[str], token_ids: Sequence[str],
                    limits: Mapping[str, float | None], report_dir: Path | None,
-                   echo: Callable[[str], None]) -> bool:
+                   echo: Callable[[str], None], device: str | None = None) -> bool:
     """Verify, print the figures, write the report if asked; True when every figure is in tolerance.
 
     Without prompts or token ids it runs the built-in default prompts (the demo recipe's
     verify.prompts) and says so. Bad arguments and a source without the tokenizer that text prompts
-    need fail here, before torch or any model is loaded.
+    need fail here, before torch or any model is loaded. `device`: a --device spec (recipe_runner/devices.py;
+    None: $RECIPE_DEVICE, else cpu); the layers run on its first device.
     """
     # before anything loads: verify has no recipe to allow a model's own code, so it never runs it
     refuse_remote_code(source, False, remedy=f"`recipe verify` never runs a model's own code; to use it, build "
@@ -47,13 +49,15 @@ def run_standalone(checkpoint: Path, source: Path, *, prompts: Sequence[str], to
         echo(f"no --prompt or --token-ids given: verifying on the {len(prompts)} built-in default prompts "
              f"(the demo recipe's verify.prompts): {', '.join(repr(p) for p in prompts)}")
 
+    choice = parse_device(device)  # imports torch only for a CUDA spec
     # torch: loaded only now, so that bad arguments and a missing tokenizer fail before it
     from recipe_runner.verify.report import ReportContext, format_summary, write_report
     from recipe_runner.verify.run import verify_checkpoint
 
     result = verify_checkpoint(checkpoint, source, prompts=prompts, token_ids=ids,
-                               tolerances=tolerances, tolerances_from="command line")
-    echo(f"verify {checkpoint} against {source}: {format_summary(result)}")
+                               tolerances=tolerances, tolerances_from="command line", device=choice.names[0])
+    where = "" if choice.is_cpu else f" on {choice.kind} ({choice.names[0]})"
+    echo(f"verify {checkpoint} against {source}{where}: {format_summary(result)}")
     if report_dir is not None:
         context = ReportContext(checkpoint_path=str(checkpoint), source_path=str(source))
         json_path, md_path = write_report(report_dir, result, context)

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from recipe_runner.device_compute import default_device, deterministic, move
 from recipe_runner.reference.layerwise import LayerwiseModel, stepped
 from recipe_runner.verify.metrics import round_figure
 
@@ -91,21 +92,29 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor], reference:
 
 
 def run_lockstep(source: LayerwiseModel, checkpoint: LayerwiseModel, sequences: list[list[int]],
-                 step: Callable[[], None] = lambda: None) -> tuple[list[torch.Tensor], list[torch.Tensor], LayerTrace]:
+                 step: Callable[[], None] = lambda: None, device: torch.device | None = None,
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], LayerTrace]:
     """(source logits, checkpoint logits, trace); `step()` after each of the 3 × layers × sequences
-    layer runs."""
+    layer runs. The decoder layers run on `device` (default CPU): each layer's tensors and the hidden
+    states are moved there; the embeddings and the heads are computed on CPU, so the logits are CPU
+    float32 whatever the device."""
+    device = device or torch.device("cpu")
     errors = []
-    with torch.no_grad():
-        h_src, h_ckpt = source.embed(sequences), checkpoint.embed(sequences)
+    with torch.no_grad(), deterministic([device]):
+        h_src = [h.to(device) for h in source.embed(sequences)]
+        h_ckpt = [h.to(device) for h in checkpoint.embed(sequences)]
         for index in range(source.num_layers):
-            src_layer, ckpt_layer = source.load_layer(index), checkpoint.load_layer(index)
-            out_src = [stepped(source.run_layer(src_layer, h), step) for h in h_src]
-            on_src = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_src]
-            h_ckpt = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_ckpt]
-            added = [o - h for o, h in zip(out_src, h_src)]  # what the source layer adds to the residual stream
-            errors.append(LayerError(index, relative_error(on_src, out_src, added),
-                                     relative_error(h_ckpt, out_src, out_src)))
+            src_layer, ckpt_layer = move(source.load_layer(index), device), move(checkpoint.load_layer(index), device)
+            with default_device(device):
+                out_src = [stepped(source.run_layer(src_layer, h), step) for h in h_src]
+                on_src = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_src]
+                h_ckpt = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_ckpt]
+                added = [o - h for o, h in zip(out_src, h_src)]  # what the source layer adds to the residual stream
+                errors.append(LayerError(index, relative_error(on_src, out_src, added),
+                                         relative_error(h_ckpt, out_src, out_src)))
             h_src = out_src
             del src_layer, ckpt_layer
-        return source.head(h_src), checkpoint.head(h_ckpt), LayerTrace(tuple(errors))
+        cpu = torch.device("cpu")
+        return (source.head([h.to(cpu) for h in h_src]), checkpoint.head([h.to(cpu) for h in h_ckpt]),
+                LayerTrace(tuple(errors)))
 
