@@ -3,13 +3,17 @@ verify with the default tolerances, held-out perplexity included, and AWQ beats 
 
 One DAG of recipes (one convert, a calibration per statistics family, a quantize or export and a
 verify per format): every weight family once, the TensorRT-LLM checkpoint at tp 3, the HF formats at
-tp 1 (the exports are unsharded). Calibration is smaller than bench/quality.py's (16 samples of at most
-128 tokens; held out: one window of 256 tokens) to keep the tier near a minute; bench/quality.py
-measures every algo and target with the README's settings.
+tp 1 (the exports are unsharded), with the calibration and held-out settings the defaults were measured
+with (bench/quality.py, README: 64 samples of 512 tokens, 512 held-out tokens).
+
+An opt-in tier, not in the default run: on 2 CPU cores it takes about half an hour (a run with 16
+samples of 128 tokens took 28 min under load), far over the suite's budget. Run it with
+RECIPE_REAL_MODEL_FORMATS=1 python -m pytest -q tests/test_real_model_formats.py.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,8 @@ from recipe_runner.real_models import pydoc_text_split
 from recipe_runner.recipe import load_recipe
 from recipe_runner.store.cache import CacheStore
 
+pytestmark = pytest.mark.skipif(not os.environ.get("RECIPE_REAL_MODEL_FORMATS"),
+                                reason="opt-in tier (~30 min): set RECIPE_REAL_MODEL_FORMATS=1")
 GROUP = 64  # 128 does not divide the 576 / 3 = 192 row-parallel inputs at tp 3
 # name: (tp, quantization, targets): one checkpoint per format family, at tp 3 where the rank files
 # can be split 3 ways, the HF formats at tp 1; bench/quality.py covers every algo x target
@@ -39,7 +45,7 @@ VARIANTS = {
 
 def _recipe(name: str, model: Path, calib: Path, held_out: Path, tp: int, quantization: dict,
             targets: list[str], out: Path) -> dict:
-    calibration = {"dataset": str(calib), "num_samples": 16, "max_seq_len": 128, "seed": 0, "batch_size": 4}
+    calibration = {"dataset": str(calib), "num_samples": 64, "max_seq_len": 512, "seed": 0}
     if quantization["algo"] in ("w8a16", "w4a16"):  # weight-only: nothing to calibrate
         calibration = None
     return {"recipe_version": 1, "name": f"smollm2-{name}", "source": {"path": str(model), "dtype": "bfloat16"},
@@ -47,7 +53,7 @@ def _recipe(name: str, model: Path, calib: Path, held_out: Path, tp: int, quanti
             "quantization": {**quantization, **({"calibration": calibration} if calibration else {})},
             "output": {"dir": str(out / name), "targets": targets},
             "verify": {"prompts": ["The capital of France is"],
-                       "perplexity": {"dataset": str(held_out), "num_tokens": 256, "seq_len": 256}}}
+                       "perplexity": {"dataset": str(held_out), "num_tokens": 512, "seq_len": 512}}}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +91,7 @@ def test_every_format_passes_verify_with_the_default_tolerances(format_reports):
             assert set(report["tolerance_sources"].values()) == {report["tolerance_sources"]["mean_kl"]}
             assert report["tolerance_sources"]["mean_kl"].startswith("default for ")
             ppl = report["perplexity"]
-            assert ppl["windows"] == 1 and ppl["tokens"] == 255
+            assert ppl["windows"] == 1 and ppl["tokens"] == 511
             assert 1.0 <= ppl["perplexity_ratio"] * 1.002  # no format beats its source by more than noise
 
 
