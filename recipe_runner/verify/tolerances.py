@@ -64,8 +64,8 @@ DEFAULTS: dict[str, Tolerances] = {
     # tiny 0.031 / 0.0052 / 2.1e-5 / 0.97 / layer 0.0104; SmolLM2 1.99 / 0.19 / 0.0032 / 0.959 / 0.026 / 1.0018
     "W8A16": Tolerances(4.0, 0.3, 0.005, 0.85, 0.05, 1.03),
     # tiny 0.55 / 0.094 / 7.3e-3 / 0.59 / layer 0.18 (hf-compressed-tensors per channel, quant_model:
-    # 0.85 / 0.15 / 0.018 / 0.30); SmolLM2 24.3 / 3.21 / 0.754 / 0.562 / 0.415 / 1.769
-    "W4A16": Tolerances(50.0, 4.8, 1.2, 0.15, 0.65, 2.2),
+    # 0.85 / 0.15 / 0.018 / 0.30); SmolLM2 24.3 / 3.58 / 0.754 / 0.562 / 0.415 / 1.863 (rank file at tp 1)
+    "W4A16": Tolerances(50.0, 5.4, 1.2, 0.15, 0.65, 2.3),
     # tiny, group 16 and 64: 0.67 / 0.11 / 9.7e-3 / 0.49 / layer 0.16 (HF exports, group 64: 0.99 / 0.15 /
     # 0.018 / 0.24); SmolLM2 at group 64, round-to-nearest (awq_search: false, the same quant_algo) the
     # worst: 21.3 / 3.76 / 0.54 / 0.616 / 0.31 / 1.375 (with the search: 1.165-1.276)
@@ -74,10 +74,10 @@ DEFAULTS: dict[str, Tolerances] = {
     # plugin per token and per tensor) 0.27 / 0.033 / 9.2e-4 / 0.78 / layer 0.09; SmolLM2 at α 0.5, the
     # worst hf-compressed-tensors per channel (it smooths only q/k/v and gate/up): 32.6 / 3.40 / 0.733 /
     # 0.531 / 0.79 (per tensor, layer 11) / 1.875; rank files: 26.6 / 1.65 / 0.343 / 0.675 / 0.79 / 1.382
-    "W8A8_SQ": Tolerances(65.0, 5.1, 1.1, 0.4, 1.2, 2.35),
-    # dynamic per-token activation scales. SmolLM2 (hf-compressed-tensors the worst): 8.38 / 0.36 / 0.0171 /
-    # 0.924 / 0.067 / 1.0185; rank files 3.72 / 0.276 / 0.0090 / 0.956 / 0.05 / 1.003
-    "W8A8_SQ_PER_TOKEN": Tolerances(17.0, 0.55, 0.03, 0.5, 0.3, 1.03),
+    "W8A8_SQ": Tolerances(66.0, 5.2, 1.1, 0.4, 1.2, 2.35),
+    # dynamic per-token activation scales. SmolLM2: hf-compressed-tensors 8.38 / 0.36 / 0.0171 / 0.924 / 0.067 /
+    # 1.0185; rank files (α 0.5 and auto, tp 1 and 3) up to 11.2 / 0.416 / 0.0188 / 0.937 / 0.127 / 1.003
+    "W8A8_SQ_PER_TOKEN": Tolerances(23.0, 0.63, 0.03, 0.5, 0.3, 1.03),
     # tiny 0.32 / 0.047 / 1.9e-3 / 0.73 / layer 0.155 (tp 2; 0.07 at tp 1); SmolLM2 12.5 / 0.615 / 0.0379 /
     # 0.918 / 0.089 / 1.027
     "FP8": Tolerances(25.0, 0.95, 0.06, 0.5, 0.4, 1.05),
@@ -91,10 +91,10 @@ DEFAULTS: dict[str, Tolerances] = {
 # tiny: INT8 0.031 / 0.0036 / 1.0e-5 / 1.0 / layer 0.0093; FP8 0.080 / 0.0098 / 8.0e-5 / 1.0 / layer 0.026,
 # and on the quant_model test model (the KV-only hf-modelopt export, 37 tokens) 0.10 / 0.016 / 2.1e-4 / 0.84:
 # its flatter distributions flip top-1 where KL barely moves, hence the wide FP8 top-1 allowance.
-# SmolLM2, KV cache alone: INT8 7.02 / 0.331 / 0.0194 / 0.946 / 0.084 / 0.988; FP8 8.43 / 0.274 / 0.0101 /
-# 0.938 / 0.054 / 1.018 (FP8 weights + FP8 KV: 7.77 / 0.668 / 0.0388 / 0.895 / 0.098 / 1.013)
+# SmolLM2, KV cache alone (tp 1 and 3): INT8 7.02 / 0.334 / 0.0199 / 0.935 / 0.084 / 0.990; FP8 8.43 / 0.280 /
+# 0.0101 / 0.939 / 0.054 / 1.019 (FP8 weights + FP8 KV: 7.77 / 0.668 / 0.0388 / 0.895 / 0.098 / 1.032)
 KV_ALLOWANCE: dict[str, Tolerances] = {
-    "INT8": Tolerances(14.0, 0.49, 0.03, 0.13, 0.12, 0.02),
+    "INT8": Tolerances(14.0, 0.5, 0.03, 0.15, 0.12, 0.02),
     "FP8": Tolerances(17.0, 0.41, 0.016, 0.25, 0.08, 0.02),
 }
 
