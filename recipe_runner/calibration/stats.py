@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from recipe_runner.device_compute import move
 from recipe_runner.errors import UserError
 from recipe_runner.io.safetensors_writer import write_safetensors
 from recipe_runner.models.layout import ModelLayout
@@ -111,10 +112,6 @@ class LinearPartial:
     x_abssum: torch.Tensor | None  # float64 [in], with_mean only
     tokens: int
 
-    def to(self, device: torch.device) -> LinearPartial:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return LinearPartial(move(self.x_absmax), move(self.y_absmax), move(self.x_abssum), self.tokens)
-
 
 def linear_partial(x: torch.Tensor, y: torch.Tensor, with_mean: bool) -> LinearPartial:
     xa, ya = x.abs().float(), y.abs().float()
@@ -132,9 +129,8 @@ class BatchPartials:
     def to(self, device: torch.device, samples_device: torch.device) -> BatchPartials:
         """The statistics on `device` (CPU, where they are folded), the kept rows on `samples_device` (where
         the searches run)."""
-        k = None if self.k_rope_absmax is None else self.k_rope_absmax.to(device)
-        return BatchPartials({p: s.to(device) for p, s in self.linears.items()},
-                             {p: t.to(samples_device) for p, t in self.samples.items()}, k)
+        return BatchPartials(move(self.linears, device), move(self.samples, samples_device),
+                             move(self.k_rope_absmax, device))
 
 
 class _Accumulator:

@@ -377,7 +377,7 @@ def device_problems(resolved: ResolvedPlan, locked: LockFile) -> list[str]:
     for stage in (s for s in locked.stages if s["name"] in here):
         want, have = stage.get("device", CPU), here[stage["name"]]
         if want != have:
-            remedy = f"--device {want.split('/')[0]}" if want != CPU else "--device cpu"
+            remedy = f"--device {want.split('/')[0]}"  # cuda/<model> -> cuda; cpu -> cpu
             problems.append(f"{stage['name']}: the lock's key was made on {want}, this build runs on {have} "
                             f"(results differ between device kinds); build with {remedy} or re-lock")
     return problems
