@@ -4,6 +4,7 @@ Llama-3.1-70B shapes.
     python bench/quantize.py [--layers 1] [--tp 2] [--samples 16] [--seq-len 128]
                              [--algos w8a16,w8a8_sq_per_channel_per_token]
                              [--exports hf-modelopt:nvfp4,hf-compressed-tensors:w4a16_awq] [--alpha auto]
+                             [--device cpu|cuda|cuda:N]
 
 Writes the bf16 HF-style source of bench/convert.py (hidden 8192, intermediate 28672, 64 heads,
 8 KV heads, vocab 128256; --layers layers) plus a tiny tokenizer (recipe_runner.demo) and a
@@ -16,7 +17,8 @@ under one decoder layer's float32 weights + 2 GiB; quantize + shard (and each ex
 --repeat before the jobs and after them) and every timing from a `sync` to a `sync`; the calibration
 (a forward pass over the samples, no bytes to move) is reported beside, not counted. `--alpha auto`
 runs SmoothQuant's α search in the calibrate phase of the SmoothQuant algos (smoothquant_alpha: auto).
-Removes everything.
+`--device cuda` calibrates on the GPU (as `recipe build --device cuda`) and adds the device's peak
+allocated memory to the calibrate line. Removes everything.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ if args["phase"] == "calibrate":
     settings = CalibrationSettings("calib.txt", Path(args["calib"]), num_samples=args["samples"],
                                    max_seq_len=args["seq_len"], batch_size=args["batch"], statistics=tuple(family),
                                    group_size=128, smoothquant_search=search)
-    calibrate(src, settings, Path(args["out"]))
+    calibrate(src, settings, Path(args["out"]), devices=(args["device"],))
 elif args["phase"] == "quantize":
     from recipe_runner.calibration.stats import read_stats
     from recipe_runner.quant.settings import QuantSettings
@@ -83,7 +85,9 @@ else:
 wall = time.perf_counter() - t
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 import os
-print(json.dumps({"wall": wall, "vmhwm": hwm, "cpu": sum(os.times()[:2])}))
+import torch
+device_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+print(json.dumps({"wall": wall, "vmhwm": hwm, "cpu": sum(os.times()[:2]), "device_peak": device_peak}))
 """
 
 
@@ -137,6 +141,7 @@ def main() -> None:
                     help="target:algo pairs for the Hugging Face targets (export stage)")
     ap.add_argument("--alpha", default="0.5", help="smoothquant_alpha of the SmoothQuant algos: a number or auto")
     ap.add_argument("--tmp", default="/tmp")
+    ap.add_argument("--device", default="cpu", help="where calibration computes: cpu, cuda, cuda:N")
     ap.add_argument("--repeat", type=int, default=2, help="cp runs; the best one counts")
     args = ap.parse_args()
     alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
@@ -153,7 +158,7 @@ def main() -> None:
         (root / "calib.txt").write_text(calibration_text(args.samples))
         print(f"source: {size / GiB:.2f} GiB bf16, {args.layers} layer(s) of Llama-3.1-70B shape, "
               f"generated in {time.perf_counter() - t:.1f} s; calibration: {args.samples} samples x <= "
-              f"{args.seq_len} tokens, batch {args.batch}")
+              f"{args.seq_len} tokens, batch {args.batch}; calibration on {args.device}")
         target = layer_fp32_bytes() + 2 * GiB
         cp_walls = [cp_time(src, root) for _ in range(args.repeat)]
         print(f"cp -r of the source: {', '.join(f'{w:.2f}' for w in cp_walls)} s", flush=True)
@@ -170,7 +175,7 @@ def main() -> None:
                 (out / "stats").mkdir()
                 phases["calibrate"] = run_phase(phase="calibrate", algo=algo, src=str(src), calib=str(root / "calib.txt"),
                                                 samples=args.samples, seq_len=args.seq_len, batch=args.batch,
-                                                alpha=alpha, out=str(out / "stats"))
+                                                alpha=alpha, out=str(out / "stats"), device=args.device)
                 stats_dir = str(out / "stats")
             if output_target == "trtllm-checkpoint":
                 (out / "quant").mkdir()
@@ -186,6 +191,8 @@ def main() -> None:
                 print(f"{algo} as {output_target}:")
             for name, s in phases.items():
                 per_layer = f"   {s['wall'] / args.layers:7.2f} s per layer" if name == "calibrate" else ""
+                if s.get("device_peak"):
+                    per_layer += f"   {args.device} peak {s['device_peak'] / GiB:.2f} GiB"
                 print(f"  {name:<10} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s)   "
                       f"peak RSS {s['vmhwm'] / GiB:5.2f} GiB   CPU {s['cpu'] / s['process']:.2f} cores   "
                       f"load {s['load']:.1f}{per_layer}", flush=True)

@@ -50,9 +50,10 @@ def smoothquant_alpha_search(
     trust_remote_code: bool = False,
 ) -> AlphaSearchResult:
     """What `smoothquant_alpha: auto` chooses for `model_dir` over a local calibration file (.txt, .jsonl,
-    .json; the recipe's quantization.calibration fields by the same names): per layer and input group the
-    α kept and the output error at every grid α (`result.alphas[(layer, "self_attn.q_proj")]`, groups
-    named by their first projection; `result.report()` is smoothquant.json). The calibrate stage's own
+    .json; the recipe's quantization.calibration fields by the same names): per layer and input group its own
+    choice and the output error at every grid α (`result.alphas[(layer, "self_attn.q_proj")]`, groups named
+    by their first projection), each candidate's next-token loss (`result.selection`), the α kept
+    (`result.kept()`); `result.report()` is smoothquant.json. The calibrate stage's own
     code, so a recipe with the same settings chooses the same α."""
     from recipe_runner.stages.calibrate import CalibrationSettings, calibrate  # transformers: not for convert
 
@@ -62,5 +63,4 @@ def smoothquant_alpha_search(
     settings = CalibrationSettings(path.name, path, text_field, "train", num_samples, max_seq_len, seed, batch_size,
                                    statistics=(SMOOTHQUANT_STATISTICS,), smoothquant_search=AlphaSearch(algo))
     stats = calibrate(Path(model_dir), settings, trust_remote_code=trust_remote_code)
-    assert stats.alpha_search is not None
-    return AlphaSearchResult(stats.alpha_search, dict(stats.alphas))
+    return stats.alpha_result()

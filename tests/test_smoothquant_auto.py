@@ -1,5 +1,6 @@
-"""smoothquant_alpha: auto: the recipe rules, the calibrate key, the search's choice (minimal by construction
-and recomputed independently), determinism, and a verified build."""
+"""smoothquant_alpha: auto: the recipe rules, the calibrate key, the search's two steps (each group's choice
+and the candidate kept by the next-token loss: minimal by construction and recomputed independently),
+determinism, and a verified build."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from recipe_runner.errors import RecipeError
 from recipe_runner.pipeline.build import run_build
 from recipe_runner.pipeline.plan import make_plan
 from recipe_runner.quant import smoothquant as sq
-from recipe_runner.quant.sq_auto import GRID, REPORT_FILE, AlphaSearch, mean_alpha
+from recipe_runner.quant.sq_auto import GRID, PER_LAYER, REPORT_FILE, AlphaSearch, mean_alpha
 from recipe_runner.recipe import load_recipe
 from recipe_runner.store.cache import CacheStore
 from tests.dequantize import dequantize_int8
@@ -105,7 +106,8 @@ def test_the_calibrate_key_holds_the_search_only_with_auto(quant_model, calib_fi
     auto = _params(tmp_path, quant_model, calib_file)
     assert half["calibrate"] == other["calibrate"] and "smoothquant_search" not in half["calibrate"]
     assert half["quantize"] != other["quantize"]
-    assert auto["calibrate"]["smoothquant_search"] == {"algo": ALGO, "grid": list(GRID), "tokens": 1024}
+    assert auto["calibrate"]["smoothquant_search"] == {"algo": ALGO, "grid": list(GRID), "tokens": 1024,
+                                                     "select_tokens": 2048}
     assert {k: v for k, v in auto["calibrate"].items() if k != "smoothquant_search"} == half["calibrate"]
     assert auto["quantize"]["smoothquant_alpha"] == "auto"
     # the error is measured with the algo's own quantization, so another algo searches anew
@@ -220,6 +222,73 @@ def test_the_errors_recomputed_independently_for_one_layer(auto_stats, quant_mod
         assert recorded.alpha == GRID[min(range(len(GRID)), key=lambda i: errors[i])], group
 
 
+def test_the_kept_candidate_has_the_smallest_loss(auto_stats):
+    stats, _ = auto_stats
+    selection = stats.alpha_selection
+    losses = dict(selection.losses)
+    assert list(losses) == [PER_LAYER, *GRID] and selection.tokens > 0
+    assert all(2.0 < loss < 20.0 for loss in losses.values())  # a random 4-layer model: near log(vocab)
+    assert losses[selection.chosen] == min(losses.values())
+    assert len(set(losses.values())) > 10  # the candidates really differ
+    for (layer, group), choice in stats.alphas.items():
+        kept = stats.smoothquant_alpha(layer, group)
+        assert kept == (choice.alpha if selection.chosen == PER_LAYER else selection.chosen)
+
+
+def _whole_model_loss(model, batches, quantize_layer) -> float:
+    """Mean next-token loss of a whole-model HF forward, each decoder layer's projections swapped by
+    `quantize_layer(index, layer)` (a context manager), over the real tokens of `batches`."""
+    from contextlib import ExitStack
+
+    total, count = 0.0, 0
+    with torch.no_grad(), ExitStack() as stack:
+        for index, layer in enumerate(model.model.layers):
+            stack.enter_context(quantize_layer(index, layer))
+        for batch in batches:
+            logp = torch.log_softmax(model(batch.ids).logits.double(), dim=-1)
+            valid = batch.mask[:, :-1] & batch.mask[:, 1:]
+            nll = -logp[:, :-1].gather(-1, batch.ids[:, 1:, None])[..., 0]
+            total += float(nll[valid].sum())
+            count += int(valid.sum())
+    return total / count
+
+
+def test_the_candidate_losses_recomputed_by_a_whole_model_forward(auto_stats, quant_model, calib_file):
+    """Each candidate's loss from the layer-by-layer lockstep equals a whole-model HF forward (float64
+    log-softmax over all logits) with the same fake-quantized projections, on the same tokens; and the
+    fake-quantized projection is the SmoothQuant formula written out here."""
+    import transformers
+
+    from recipe_runner.calibration.alpha_select import FakeQuantLinear, fake_quantized, selection_batches
+    from recipe_runner.calibration.dataset import locate_dataset, read_texts, sample_texts
+    from recipe_runner.calibration.tokens import load_tokenizer, make_batches, tokenize
+    from recipe_runner.models.llama import LLAMA
+
+    stats, _ = auto_stats
+    settings = _auto_settings(calib_file)
+    files = locate_dataset(settings.dataset, settings.dataset_path, settings.split, None)
+    texts = sample_texts(read_texts(files, settings.text_field), settings.num_samples, settings.seed)
+    batches = make_batches(tokenize(load_tokenizer(quant_model), texts, settings.max_seq_len), settings.batch_size, 1001)
+    chosen = selection_batches(batches, AlphaSearch(ALGO).select_tokens)
+    assert sum(b.tokens for b in chosen) == stats.alpha_selection.tokens + sum(int(b.mask[:, 0].sum()) for b in chosen)
+    model = transformers.LlamaForCausalLM.from_pretrained(quant_model, dtype=torch.float32, attn_implementation="eager")
+    losses = dict(stats.alpha_selection.losses)
+    search = AlphaSearch(ALGO)
+    for candidate in (PER_LAYER, 0.0, 0.5, 1.0):
+        got = _whole_model_loss(model, chosen, lambda i, lay: fake_quantized(lay, LLAMA, stats, i, search, candidate))
+        assert got == pytest.approx(losses[candidate], rel=1e-5, abs=0), candidate
+    layer = model.model.layers[2]
+    x = torch.randn(5, layer.self_attn.o_proj.in_features)
+    w = layer.self_attn.o_proj.weight.detach()
+    s = sq.smoothing_factors(stats.linear(2, "self_attn.o_proj").x_absmax, [w], 0.5)
+    want = _per_token_int8(x / s) @ dequantize_int8(sq.quantize_int8_per_channel(w * s)).T
+    with fake_quantized(layer, LLAMA, stats, 2, search, 0.5):
+        fake = layer.self_attn.o_proj
+        assert isinstance(fake, FakeQuantLinear)
+        torch.testing.assert_close(fake(x), want, rtol=1e-5, atol=1e-5)
+    assert type(layer.self_attn.o_proj) is torch.nn.Linear  # the float projection is back
+
+
 def test_two_searches_give_identical_bytes(auto_stats, quant_model, calib_file, tmp_path):
     from recipe_runner.stages.calibrate import calibrate
 
@@ -249,7 +318,7 @@ def test_quantize_uses_each_layers_alpha(auto_stats, quant_model, tmp_path, hf_t
         colmax = hf[f"model.layers.{layer}.self_attn.o_proj.weight"].float().abs().amax(0)
         want = sq.factors_from_column_max(stats.linear(layer, "self_attn.o_proj").x_absmax, colmax, alpha)
         assert torch.equal(tensors[f"model.layers.{layer}.attention.dense.smoother"], want)
-    assert artifact.quant_config["smoothquant_val"] == mean_alpha(stats.alphas)
+    assert artifact.quant_config["smoothquant_val"] == mean_alpha(stats.alphas, stats.alpha_selection)
     assert artifact.smoothquant == stats.alpha_report()
 
 
@@ -273,5 +342,21 @@ def test_a_recipe_with_auto_builds_and_passes_verify(quant_model, calib_file, tm
     for entry in report["layers"]:
         assert sorted(entry["groups"]) == sorted(GROUPS)
         for g in entry["groups"].values():
-            assert g["alpha"] in GRID and g["error"] <= g["error_at_default_alpha"] and g["error"] == min(g["errors"])
+            assert g["group_alpha"] in GRID and g["group_error"] == min(g["errors"])
+            assert g["group_error"] <= g["error_at_default_alpha"] and g["error"] == g["errors"][GRID.index(g["alpha"])]
+            assert g["alpha"] == (g["group_alpha"] if report["selection"]["chosen"] == PER_LAYER
+                                  else report["selection"]["chosen"])
+    losses = {c["alpha"]: c["loss"] for c in report["selection"]["candidates"]}
+    assert list(losses) == [PER_LAYER, *GRID] and report["selection"]["tokens"] > 0
+    assert losses[report["selection"]["chosen"]] == min(losses.values())
     assert json.loads((result.output_dir / "hf-compressed-tensors" / REPORT_FILE).read_text()) == report
+
+
+def test_the_api_search_is_the_calibrate_stages(auto_stats, quant_model, calib_file):
+    from recipe_runner.api import smoothquant_alpha_search
+
+    stats, _ = auto_stats
+    result = smoothquant_alpha_search(quant_model, calib_file, algo=ALGO, num_samples=12, max_seq_len=24, batch_size=4)
+    assert result.selection == stats.alpha_selection and dict(result.alphas) == stats.alphas
+    assert result.kept() == {key: stats.smoothquant_alpha(*key) for key in stats.alphas}
+    assert result.report() == stats.alpha_report()

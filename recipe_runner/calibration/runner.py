@@ -1,11 +1,11 @@
 """Layer-by-layer calibration: peak memory ≈ one decoder layer (float32) + one batch of activations.
 
 The batches are embedded once (only the embedding rows they use are read, block by block), then
-each decoder layer is built from the config on the meta device, its weights read lazily from the
-source checkpoint (SourceCheckpoint, one tensor at a time) and assigned, every batch is run through
+each decoder layer is built from the config on the meta device (calibration/layers.py), its weights
+read lazily from the source checkpoint (SourceCheckpoint, one tensor at a time) and assigned, every batch is run through
 it with hooks recording statistics, and its outputs become the next layer's inputs. Hidden states
 between layers stay in memory up to SPILL_BYTES and are spilled to a temporary directory beyond.
-lm_head and the final norm are never needed.
+lm_head and the final norm are needed only by smoothquant_alpha auto's second step.
 
 Everything runs in float32, with the eager attention implementation and the model's own causal-mask
 and rotary helpers, so the statistics equal those of a whole-model forward with hooks. It runs on CPU,
@@ -13,7 +13,10 @@ or on the devices given (`--device`, recipe_runner/devices.py): the layer's weig
 each batch runs on devices[b % n] with its hidden states kept there while they fit (else in pinned
 host memory), and every batch's statistics come back to CPU, where they are folded in batch order
 (calibration/stats.py LayerFold), so that any number of devices gives the bytes of one. The AWQ and α
-searches run on the first device. With CUDA, deterministic algorithms only (device_compute.deterministic).
+searches run on the first device, and so do the α candidates' hidden states (calibration/alpha_select.py),
+which advance through each layer once its statistics are complete; after the last layer the final norm
+and the LM head (read in blocks) score them. With CUDA, deterministic algorithms only
+(device_compute.deterministic).
 """
 from __future__ import annotations
 
@@ -26,10 +29,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from transformers import AutoConfig, masking_utils
-from transformers.models.llama import modeling_llama
-from transformers.models.mistral import modeling_mistral
 
+from recipe_runner.calibration.alpha_select import advance_candidates, candidate_streams, select
+from recipe_runner.calibration.layers import build_layer, decoder_classes, embed, hf_config, layer_forward
 from recipe_runner.calibration.stats import (
     AWQ_SEARCH_TOKENS,
     AwqResult,
@@ -42,7 +44,6 @@ from recipe_runner.device_compute import default_device, deterministic, host, is
 from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
-from recipe_runner.hf.remote_code import refuse_remote_code
 from recipe_runner.io.work_progress import NO_PROGRESS, WorkProgress
 from recipe_runner.models import layout_for
 from recipe_runner.quant.awq import DEFAULT_GRID, search_scales
@@ -50,7 +51,6 @@ from recipe_runner.quant.sq_auto import AlphaChoice, AlphaSearch
 from recipe_runner.quant.sq_search import group_errors
 
 SPILL_BYTES = 1 << 30
-EMBED_BLOCK_BYTES = 64 << 20
 Log = Callable[[str], None]
 
 
@@ -61,50 +61,6 @@ class RunnerOptions:
     alpha_search: AlphaSearch | None = None  # run SmoothQuant's α search (smoothquant_alpha auto)
     awq_grid: int = DEFAULT_GRID  # AWQ's α candidates k / awq_grid; 1: α = 0 only, s = 1 (awq_search false)
     spill_bytes: int = SPILL_BYTES
-
-
-def hf_config(model_dir: Path, *, trust_remote_code: bool = False):
-    """The transformers config of the source, set up for an eager float32 CPU forward; custom config
-    code (auto_map) runs only with `trust_remote_code`, passed explicitly (None would ask on stdin)."""
-    refuse_remote_code(model_dir, trust_remote_code)
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
-    config._attn_implementation = "eager"
-    return config
-
-
-def _decoder_classes(config):
-    if config.model_type == "mistral":
-        return modeling_mistral.MistralDecoderLayer, modeling_mistral.MistralRotaryEmbedding
-    return modeling_llama.LlamaDecoderLayer, modeling_llama.LlamaRotaryEmbedding
-
-
-def embed(reader: SourceCheckpoint, table: str, ids: torch.Tensor,
-          max_block_bytes: int = EMBED_BLOCK_BYTES) -> torch.Tensor:
-    """float32 embeddings of `ids` [B, T], reading only the row blocks of the embedding `table` that hold them."""
-    vocab, hidden = reader.shape(table)
-    rows_per_block = max(1, max_block_bytes // (hidden * 4))
-    wanted = torch.unique(ids)
-    out = torch.empty((*ids.shape, hidden), dtype=torch.float32)
-    for r0 in range(0, vocab, rows_per_block):
-        r1 = min(vocab, r0 + rows_per_block)
-        in_block = wanted[(wanted >= r0) & (wanted < r1)]
-        if not in_block.numel():
-            continue
-        block = reader.read(table, 0, r0, r1).float()
-        hit = (ids >= r0) & (ids < r1)
-        out[hit] = block[ids[hit] - r0]
-    return out
-
-
-def build_layer(config, layer_cls, reader: SourceCheckpoint, prefix: str, index: int) -> torch.nn.Module:
-    """Decoder layer `index` with its weights (below `prefix`) read from the source in float32 (no double
-    allocation: the module is created on the meta device and the loaded tensors are assigned)."""
-    with torch.device("meta"):
-        layer = layer_cls(config, index)
-    state = {name: reader.read(prefix + name).float() for name, _ in layer.named_parameters()}
-    reader.release()
-    layer.load_state_dict(state, assign=True, strict=True)
-    return layer.eval()
 
 
 class HiddenStates:
@@ -130,12 +86,6 @@ class HiddenStates:
             self._tmp.cleanup()
 
 
-def _causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
-    make = (masking_utils.create_sliding_window_causal_mask if getattr(config, "sliding_window", None)
-            else masking_utils.create_causal_mask)
-    return make(config, hidden, None, None, positions)
-
-
 def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOptions = RunnerOptions(),
                     log: Log = lambda _: None, *, trust_remote_code: bool = False,
                     progress: WorkProgress = NO_PROGRESS,
@@ -151,7 +101,7 @@ def run_calibration(model_dir: Path, batches: list[Batch], options: RunnerOption
 def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, log: Log, trust_remote_code: bool,
                progress: WorkProgress, devices: list[torch.device]) -> CalibrationStats:
     config = hf_config(model_dir, trust_remote_code=trust_remote_code)
-    layer_cls, rotary_cls = _decoder_classes(config)
+    layer_cls, rotary_cls = decoder_classes(config)
     reader = SourceCheckpoint(model_dir)
     layout = layout_for(read_model_config(model_dir))
     rotaries = _replicas(rotary_cls(config=config), devices)
@@ -171,6 +121,7 @@ def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, lo
         for b, batch in enumerate(batches):
             h = embed(reader, layout.embedding.hf, batch.ids)
             states.put(b, h.to(devices[b % len(devices)]) if resident else h)
+        candidates = candidate_streams(reader, layout, batches, options.alpha_search, devices[0])
         reader.release()
         for index in range(config.num_hidden_layers):
             layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index)
@@ -195,8 +146,14 @@ def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, lo
             if options.alpha_search is not None:
                 progress.note(f"SmoothQuant alpha search, layer {index + 1}/{config.num_hidden_layers}")
                 _alpha_search(first.layer, fold, stats, index, options.alpha_search, first.device)
+                progress.note(f"SmoothQuant alpha candidates, layer {index + 1}/{config.num_hidden_layers}")
+                advance_candidates(config, first.layer, first.rotary, layout, stats, index, candidates)
             del layer, layers, collectors, runs, fold
             log(f"calibrated layer {index + 1}/{config.num_hidden_layers}")
+        if candidates is not None:
+            stats.alpha_selection = select(config, reader, layout, candidates, devices[0])
+            log(f"SmoothQuant alpha: kept {stats.alpha_selection.chosen} (next-token loss over "
+                f"{stats.alpha_selection.tokens} calibration tokens)")
     finally:
         states.close()
     return stats
@@ -241,15 +198,9 @@ def _fits_on_devices(total_bytes: int, devices: list[torch.device]) -> bool:
 
 def _run_batch(config, run: _Replica, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, BatchPartials]:
     """One batch through the replica's layer on its device: its output and statistics, both still there."""
-    device = run.device
-    run.collector.mask = batch.mask.to(device)
-    h = h.to(device, non_blocking=True)
-    positions = torch.arange(h.shape[1], device=device).unsqueeze(0)
-    cos_sin = run.rotary(h, positions)
-    run.collector.rope = cos_sin  # K after RoPE = what the attention interface receives
-    out = run.layer(h, attention_mask=_causal_mask(config, h, positions), position_ids=positions,
-                    position_embeddings=cos_sin)
-    return (out[0] if isinstance(out, tuple) else out), run.collector.take()
+    run.collector.mask = batch.mask.to(run.device)
+    out = layer_forward(config, run.layer, run.rotary, h.to(run.device, non_blocking=True), run.collector)
+    return out, run.collector.take()
 
 
 def _threaded(devices: list[torch.device]) -> bool:

@@ -7,8 +7,9 @@ Per linear (HF module names, e.g. model.layers.3.self_attn.q_proj) over all real
   x_absmean [in]  mean |input| per input channel  (AWQ's x̄; collected for the awq family only)
 Per AWQ group (linears sharing an input, named by the first; the model layout's input groups):
   the searched scales s [in].
-Per SmoothQuant input group, with smoothquant_alpha auto (quant/sq_auto.py): the α kept and the
-  output error at every grid α, in calibration.json ("smoothquant"; absent otherwise).
+Per SmoothQuant input group, with smoothquant_alpha auto (quant/sq_auto.py): the group's own choice of α
+  and the output error at every grid α, and for the model each candidate's next-token loss (the
+  second step, which decides the α kept), in calibration.json ("smoothquant"; absent otherwise).
 Per layer: k_rope_absmax [] = max |K after RoPE| over real tokens (the key states the attention
   sees; FP8 KV k_scale of the Hugging Face targets). Stored as layers.<i>.self_attn.k_rope_absmax;
   artifacts written before it existed simply lack it (readers raise "rebuild" only when it is needed).
@@ -26,7 +27,7 @@ from recipe_runner.device_compute import move
 from recipe_runner.errors import UserError
 from recipe_runner.io.safetensors_writer import write_safetensors
 from recipe_runner.models.layout import ModelLayout
-from recipe_runner.quant.sq_auto import AlphaChoice, AlphaSearch, alpha_report
+from recipe_runner.quant.sq_auto import AlphaChoice, AlphaSearch, AlphaSearchResult, AlphaSelection
 
 STATS_FILE = "statistics.safetensors"
 META_FILE = "calibration.json"
@@ -58,6 +59,7 @@ class CalibrationStats:
     k_rope_absmax: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> scalar max |K after RoPE|
     alpha_search: AlphaSearch | None = None  # smoothquant_alpha auto: the search run, and its choices
     alphas: dict[tuple[int, str], AlphaChoice] = field(default_factory=dict)  # key: (layer, first projection)
+    alpha_selection: AlphaSelection | None = None  # the search's second step: per-layer or one α (sq_auto.py)
 
     def linear(self, layer: int, projection: str) -> LinearStats:
         try:
@@ -74,18 +76,23 @@ class CalibrationStats:
                             "an older version); rebuild the calibrate stage") from None
 
     def smoothquant_alpha(self, layer: int, projection: str) -> float:
-        try:
-            return self.alphas[(layer, projection)].alpha
-        except KeyError:
+        """The α `smoothquant_alpha: auto` keeps for this layer's input group (named by its first projection)."""
+        choice = self.alphas.get((layer, projection))
+        if choice is None or self.alpha_selection is None:
             raise UserError(f"the calibration statistics have no searched SmoothQuant alpha for layer {layer} "
-                            f"{projection} (smoothquant_alpha auto); rebuild the calibrate stage") from None
+                            f"{projection} (smoothquant_alpha auto); rebuild the calibrate stage")
+        return self.alpha_selection.kept(choice.alpha)
+
+    def alpha_result(self) -> AlphaSearchResult:
+        """The α search's outcome (quant/sq_auto.py; `.report()` is smoothquant.json)."""
+        if self.alpha_search is None or not self.alphas or self.alpha_selection is None:
+            raise UserError("the calibration statistics hold no SmoothQuant alpha search (smoothquant_alpha auto); "
+                            "rebuild the calibrate stage")
+        return AlphaSearchResult(self.alpha_search, dict(self.alphas), self.alpha_selection)
 
     def alpha_report(self) -> dict:
         """The searched α as smoothquant.json holds them (quant/sq_auto.py)."""
-        if self.alpha_search is None or not self.alphas:
-            raise UserError("the calibration statistics hold no SmoothQuant alpha search (smoothquant_alpha auto); "
-                            "rebuild the calibrate stage")
-        return alpha_report(self.alpha_search, self.alphas)
+        return self.alpha_result().report()
 
     def awq_scales(self, layer: int, projection: str) -> torch.Tensor:
         try:
@@ -263,7 +270,7 @@ def write_stats(out_dir: Path, stats: CalibrationStats) -> None:
     write_safetensors(out_dir / STATS_FILE, tensors)
     meta = {"format": FORMAT, **stats.meta, "awq": awq_meta}
     if stats.alpha_search is not None:  # only then: the artifact of a numeric α stays as it was
-        meta[SQ_META] = _alphas_meta(stats.alpha_search, stats.alphas)
+        meta[SQ_META] = _alphas_meta(stats.alpha_search, stats.alphas, stats.alpha_selection)
     (out_dir / META_FILE).write_text(json.dumps(meta, sort_keys=True, indent=1) + "\n", encoding="utf-8")
 
 
@@ -274,7 +281,7 @@ def read_stats(stats_dir: Path) -> CalibrationStats:
     tensors = load_file(str(stats_dir / STATS_FILE))
     stats = CalibrationStats(meta={k: v for k, v in meta.items() if k not in ("awq", SQ_META)})
     if SQ_META in meta:
-        stats.alpha_search, stats.alphas = _alphas_from_meta(meta[SQ_META])
+        stats.alpha_search, stats.alphas, stats.alpha_selection = _alphas_from_meta(meta[SQ_META])
     for name, t in tensors.items():
         _, layer, rest = name.split(".", 2)
         proj, kind = rest.rsplit(".", 1)
@@ -290,15 +297,18 @@ def read_stats(stats_dir: Path) -> CalibrationStats:
     return stats
 
 
-def _alphas_meta(search: AlphaSearch, alphas: dict[tuple[int, str], AlphaChoice]) -> dict:
+def _alphas_meta(search: AlphaSearch, alphas: dict[tuple[int, str], AlphaChoice],
+                 selection: AlphaSelection | None) -> dict:
+    if selection is None:
+        raise RuntimeError("the SmoothQuant alpha search ran without its second step")
     groups = {f"{layer}.{proj}": {"alpha": c.alpha, "errors": list(c.errors)}
               for (layer, proj), c in sorted(alphas.items())}
-    return {"search": search.params(), "groups": groups}
+    return {"search": search.params(), "groups": groups, "selection": selection.to_json()}
 
 
-def _alphas_from_meta(meta: dict) -> tuple[AlphaSearch, dict[tuple[int, str], AlphaChoice]]:
+def _alphas_from_meta(meta: dict) -> tuple[AlphaSearch, dict[tuple[int, str], AlphaChoice], AlphaSelection]:
     alphas = {}
     for name, info in meta["groups"].items():
         layer, proj = name.split(".", 1)
         alphas[(int(layer), proj)] = AlphaChoice(info["alpha"], tuple(info["errors"]))
-    return AlphaSearch.from_params(meta["search"]), alphas
+    return AlphaSearch.from_params(meta["search"]), alphas, AlphaSelection.from_json(meta["selection"])

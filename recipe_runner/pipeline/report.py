@@ -64,8 +64,9 @@ def _device_line(plan: Plan, resolved: ResolvedPlan | None) -> str:
     calibrate = plan.stage("calibrate")
     if calibrate is not None and resolved is not None:
         peak = calibration_device_bytes(read_model_config(resolved.source_dir), calibrate.params, len(device.names))
+        search = ", + the alpha candidates' activations" if "smoothquant_search" in calibrate.params else ""
         line += (f"; calibrate peaks at ~{format_size(peak)} per device (one decoder layer in float32 + "
-                 "the calibration activations)")
+                 f"the calibration activations{search})")
     return line
 
 

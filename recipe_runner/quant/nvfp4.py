@@ -54,7 +54,8 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
-    mag = E2M1_VALUES[(codes & 7).long()]
+    """float32 values of uint8 codes 0..15 (bit 3 = sign), on the codes' device."""
+    mag = E2M1_VALUES.to(codes.device)[(codes & 7).long()]
     return torch.where((codes & 8) != 0, -mag, mag)
 
 

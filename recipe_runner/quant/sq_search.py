@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 SEARCH_FORM = Form(FLOAT)  # s in float32, every group smoothed (no norm folding: same product)
 
 
-def _quantizer(algo: str, alpha: float) -> ProjectionQuantizer:
+def search_quantizer(algo: str, alpha: float) -> ProjectionQuantizer:
     return ProjectionQuantizer(QuantSettings(algo, smoothquant_alpha=alpha), SEARCH_FORM, torch.float32)
 
 
@@ -52,11 +52,15 @@ def squared_error(x_q: torch.Tensor, quantizer: ProjectionQuantizer, weight: tor
     the whole weight, quantized as one chunk."""
     total = 0.0
     for rows in _chunks(quantizer, weight):
-        q = quantizer.quantize(weight[rows].float().clone(), scaling)  # smooths its copy in place
-        dequantized = q.codes.float().mul_(q.weight_scale.reshape(-1, 1))
-        del q
+        dequantized = dequantized_weight(quantizer, weight[rows], scaling)
         total += float((x_q @ dequantized.T).sub_(reference[:, rows]).double().square().sum())
     return total
+
+
+def dequantized_weight(quantizer: ProjectionQuantizer, weight: torch.Tensor, scaling: GroupScaling) -> torch.Tensor:
+    """Q(W·diag(s)) in float32, for rows of a weight (all of them with a per-tensor scale); `weight` is not changed."""
+    q = quantizer.quantize(weight.float().clone(), scaling)  # smooths its copy in place
+    return q.codes.float().mul_(q.weight_scale.reshape(-1, 1))
 
 
 def _chunks(quantizer: ProjectionQuantizer, weight: torch.Tensor) -> list[slice]:
@@ -74,7 +78,7 @@ def group_errors(stats: CalibrationStats, layer: int, projections: Sequence[str]
     reference = {p: x @ weights[p].float().T for p in projections}
     errors = []
     for alpha in search.grid:
-        quantizer = _quantizer(search.algo, alpha)
+        quantizer = search_quantizer(search.algo, alpha)
         scaling = quantizer.scale_group(stats, layer, projections, lambda p: weights[p].float())
         x_q = quantized_input(x, scaling, dynamic)
         errors.append(sum(squared_error(x_q, quantizer, weights[p], scaling, reference[p]) for p in projections))

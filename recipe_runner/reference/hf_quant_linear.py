@@ -30,8 +30,6 @@ from recipe_runner.reference import numerics as nx
 from recipe_runner.reference.hf_quant_format import HF_COMPRESSED_TENSORS, NVFP4_BLOCK, HFCheckpointError, HFQuantFormat
 from recipe_runner.reference.linear import RankLinear
 
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
 
 # ---- dequantization -----------------------------------------------------------------------------
 
@@ -54,9 +52,7 @@ def unpack_int32_words(words: torch.Tensor, bits: int, in_features: int) -> torc
 
 def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [out, in/2], element 2j low nibble → E2M1 values [out, in] float32."""
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1).long()
-    mag = E2M1[codes & 7]
-    return torch.where((codes & 8) != 0, -mag, mag)
+    return nvfp4.e2m1_values(torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(packed.shape[0], -1))
 
 
 def fake_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,8 @@ def _fp8(t: _Tensors, module: str, weight: torch.Tensor, bias) -> RankLinear:
     a_scale = t.need(f"{module}.activation_scaling_factor", "FP8").to(torch.float32).reshape(-1)
     if w_scale.numel() != 1 or a_scale.numel() != 1:
         raise t.fail(module, "FP8 scales must be per-tensor ([1])")
-    return RankLinear(weight.to(torch.float32) * w_scale, bias, None, lambda x: nx.fake_fp8(x, a_scale))
+    a = a_scale.reshape(())  # 0-dim: usable with hidden states on any device (--device)
+    return RankLinear(weight.to(torch.float32) * w_scale, bias, None, lambda x: nx.fake_fp8(x, a))
 
 
 def _awq(cfg: CheckpointConfig, t: _Tensors, module: str, weight: torch.Tensor, bias) -> RankLinear:
@@ -175,7 +176,8 @@ def _sq_modelopt(t: _Tensors, module: str, weight: torch.Tensor, bias) -> RankLi
     if w_scale.shape[0] != weight.shape[0] or pre.numel() != weight.shape[1] or a_scale.numel() != 1:
         raise t.fail(module, f"scale shapes {list(w_scale.shape)}, {list(a_scale.shape)}, {list(pre.shape)} do not fit "
                      f"weight {list(weight.shape)} (expected [out], [1], [in])")
-    return RankLinear(weight.to(torch.float32) * w_scale, bias, pre, lambda x: nx.fake_int8(x, a_scale))
+    a = a_scale.reshape(())  # 0-dim: usable with hidden states on any device (--device)
+    return RankLinear(weight.to(torch.float32) * w_scale, bias, pre, lambda x: nx.fake_int8(x, a))
 
 
 def _sq_plugin(cfg: CheckpointConfig, t: _Tensors, module: str, weight: torch.Tensor, bias) -> RankLinear:

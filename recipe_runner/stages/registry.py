@@ -31,9 +31,16 @@ GiB = 1 << 30
 
 def calibration_device_bytes(m: "ModelConfig", params: Mapping[str, Any], devices: int) -> int:
     """The calibrate stage's peak on each device, roughly: one decoder layer in float32 plus that device's
-    share of the calibration activations (every sample's hidden states, at most max_seq_len tokens each)."""
+    share of the calibration activations (every sample's hidden states, at most max_seq_len tokens each);
+    with smoothquant_alpha auto, on the first device also every α candidate's hidden states for the
+    selection tokens and the layer's fake-quantized copy (calibration/alpha_select.py)."""
     tokens = params["num_samples"] * params["max_seq_len"]
-    return _layer(m) + -(-tokens // max(devices, 1)) * m.hidden_size * 4
+    peak = _layer(m) + -(-tokens // max(devices, 1)) * m.hidden_size * 4
+    search = params.get("smoothquant_search")
+    if search is not None:
+        candidates = len(AlphaSearch.from_params(search).candidates())
+        peak += candidates * search["select_tokens"] * m.hidden_size * 4 + _layer(m)
+    return peak
 
 
 def _largest(m: "ModelConfig") -> int:  # the largest tensor in float32, the worst case while converting
