@@ -24,7 +24,7 @@ import torch
 from recipe_runner.calibration.layers import build_layer, decoder_classes, embed, hf_config, layer_forward
 from recipe_runner.calibration.stats import CalibrationStats
 from recipe_runner.calibration.tokens import Batch
-from recipe_runner.device_compute import default_device, deterministic, move
+from recipe_runner.device_compute import default_device, deterministic
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.models import layout_for
@@ -34,7 +34,6 @@ from recipe_runner.quant.sq_auto import PER_LAYER, AlphaSearch, AlphaSelection, 
 from recipe_runner.quant.sq_search import dequantized_weight, quantized_input, search_quantizer
 from recipe_runner.reference.model import rms_norm
 
-LayerForward = Callable[[torch.Tensor], torch.Tensor]  # one batch's hidden states through the current layer
 LOGIT_ELEMENTS = 1 << 24  # one LM-head block's logits for one candidate: 64 MiB of float32
 
 
@@ -110,14 +109,20 @@ class CandidateStreams:
         self.search, self.batches = search, batches
         self.states: dict[Candidate, list[torch.Tensor]] = {c: list(embedded) for c in search.candidates()}
 
+    @classmethod
+    def embedded(cls, reader: SourceCheckpoint, layout: ModelLayout, search: AlphaSearch, batches: list[Batch],
+                 device: torch.device) -> CandidateStreams:
+        """Every candidate starting from the embeddings of `batches`, on `device`."""
+        return cls(search, batches, [embed(reader, layout.embedding.hf, b.ids).to(device) for b in batches])
+
     def advance(self, layer: torch.nn.Module, layout: ModelLayout, stats: CalibrationStats, index: int,
-                forward: Callable[[torch.nn.Module, Batch, torch.Tensor], torch.Tensor]) -> None:
+                forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Every candidate's states through decoder layer `index`, fake-quantized at the candidate's α;
-        `forward(layer, batch, h)` runs one batch through a layer."""
+        `forward(h)` runs one batch's states through `layer`."""
         with torch.no_grad():
             for candidate, states in self.states.items():
                 with fake_quantized(layer, layout, stats, index, self.search, candidate):
-                    self.states[candidate] = [forward(layer, b, h) for b, h in zip(self.batches, states)]
+                    self.states[candidate] = [forward(h) for h in states]
 
     def select(self, norm: torch.Tensor, eps: float, vocab: int,
                head_rows: Callable[[int, int], torch.Tensor]) -> AlphaSelection:
@@ -152,8 +157,7 @@ def candidate_streams(reader: SourceCheckpoint, layout, batches: list[Batch], se
     """The α search's second step starts from the embeddings of its selection batches (on the first device)."""
     if search is None:
         return None
-    chosen = selection_batches(batches, search.select_tokens)
-    return CandidateStreams(search, chosen, [embed(reader, layout.embedding.hf, b.ids).to(device) for b in chosen])
+    return CandidateStreams.embedded(reader, layout, search, selection_batches(batches, search.select_tokens), device)
 
 
 def advance_candidates(config, layer: torch.nn.Module, rotary: torch.nn.Module, layout, stats: CalibrationStats,
@@ -161,10 +165,9 @@ def advance_candidates(config, layer: torch.nn.Module, rotary: torch.nn.Module, 
     """Every candidate's states through layer `index`, on the layer's device (the layer's statistics are
     copied there, as for the α search)."""
     device = next(layer.parameters()).device
-    here = CalibrationStats(linears={k: move(s, device) for k, s in stats.linears.items() if k[0] == index},
-                            alphas={k: c for k, c in stats.alphas.items() if k[0] == index})
+    here = stats.layer_on(index, device)
     with default_device(device):
-        candidates.advance(layer, layout, here, index, lambda lay, _, h: layer_forward(config, lay, rotary, h))
+        candidates.advance(layer, layout, here, index, lambda h: layer_forward(config, layer, rotary, h))
 
 
 def select(config, reader: SourceCheckpoint, layout, candidates: CandidateStreams,
@@ -192,8 +195,7 @@ def candidate_losses(model_dir: Path, batches: list[Batch], stats: CalibrationSt
     reader = SourceCheckpoint(model_dir)
     layout = layout_for(read_model_config(model_dir))
     rotary = rotary_cls(config=config).to(device)
-    streams = CandidateStreams(stats.alpha_search, batches,
-                               [embed(reader, layout.embedding.hf, b.ids).to(device) for b in batches])
+    streams = CandidateStreams.embedded(reader, layout, stats.alpha_search, batches, device)
     with deterministic([device]):
         for index in range(config.num_hidden_layers):
             layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index).to(device)

@@ -5,6 +5,7 @@ causal-mask and rotary helpers (what calibration/runner.py and calibration/alpha
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, masking_utils
@@ -13,6 +14,9 @@ from transformers.models.mistral import modeling_mistral
 
 from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.hf.remote_code import refuse_remote_code
+
+if TYPE_CHECKING:
+    from recipe_runner.calibration.stats import LayerCollector
 
 EMBED_BLOCK_BYTES = 64 << 20
 
@@ -68,7 +72,7 @@ def causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
 
 
 def layer_forward(config, layer: torch.nn.Module, rotary: torch.nn.Module, h: torch.Tensor,
-             collector=None) -> torch.Tensor:
+                  collector: LayerCollector | None = None) -> torch.Tensor:
     """Hidden states `h` [B, T, hidden] (right-padded) through one decoder layer, on their device."""
     positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
     cos_sin = rotary(h, positions)

@@ -40,7 +40,7 @@ from recipe_runner.calibration.stats import (
     LayerCollector,
     LayerFold,
 )
-from recipe_runner.device_compute import default_device, deterministic, host, is_cuda, move
+from recipe_runner.device_compute import default_device, deterministic, host, is_cuda
 from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
@@ -275,7 +275,7 @@ def _alpha_search(layer: torch.nn.Module, fold: LayerFold, stats: CalibrationSta
                   search: AlphaSearch, device: torch.device) -> None:
     """Per input group, the α of the grid whose W8A8 output is closest to the float output (quant/sq_search.py),
     on `device`: the layer's statistics are copied there (on CPU: the same objects)."""
-    here = CalibrationStats(linears={k: move(s, device) for k, s in stats.linears.items() if k[0] == index})
+    here = stats.layer_on(index, device)
     with torch.no_grad(), default_device(device):
         for group in fold.layout.groups:
             weights = {p: layer.get_submodule(p).weight for p in group.projections}

@@ -83,6 +83,12 @@ class CalibrationStats:
                             f"{projection} (smoothquant_alpha auto); rebuild the calibrate stage")
         return self.alpha_selection.kept(choice.alpha)
 
+    def layer_on(self, layer: int, device: torch.device) -> CalibrationStats:
+        """Layer `layer`'s linear statistics copied to `device` (on CPU: the same objects), with its
+        searched α, for the searches that run there."""
+        return CalibrationStats(linears={k: move(s, device) for k, s in self.linears.items() if k[0] == layer},
+                                alphas={k: c for k, c in self.alphas.items() if k[0] == layer})
+
     def alpha_result(self) -> AlphaSearchResult:
         """The α search's outcome (quant/sq_auto.py; `.report()` is smoothquant.json)."""
         if self.alpha_search is None or not self.alphas or self.alpha_selection is None:
