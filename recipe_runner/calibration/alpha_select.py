@@ -142,10 +142,11 @@ class CandidateStreams:
                 r1 = min(vocab, r0 + step)
                 block = head_rows(r0, r1)
                 here = (targets >= r0) & (targets < r1)
+                columns = targets[here] - r0  # the same for every candidate
                 for c, x in rows.items():
                     logits = x @ block.T
                     lse[c] = torch.logaddexp(lse[c], torch.logsumexp(logits, dim=1))
-                    picked[c][here] = logits[here, targets[here] - r0]
+                    picked[c][here] = logits[here, columns]
         losses = tuple((c, float((lse[c] - picked[c]).double().sum()) / targets.numel()) for c in rows)
         return AlphaSelection(targets.numel(), losses)
 
