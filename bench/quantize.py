@@ -8,9 +8,9 @@ Llama-3.1-70B shapes.
 
 Writes the bf16 HF-style source of bench/convert.py (hidden 8192, intermediate 28672, 64 heads,
 8 KV heads, vocab 128256; --layers layers) plus a tiny tokenizer (recipe_runner.demo) and a
-calibration .txt into a temp dir under /tmp. Then, per algo, each stage runs in its own child
-process (calibrate when the algo needs it, then quantize and shard for --algos, or the export
-stage of the target for --exports), timed, with the child's peak RSS (VmHWM), its CPU time over its
+calibration .txt into a temp dir under /tmp. Then, per algo, child processes run the stages:
+calibrate when the algo needs it, then quantize and shard in one process (as `recipe build` runs them:
+torch is imported once) for --algos, or the export stage of the target for --exports; each is timed, with the child's peak RSS (VmHWM), its CPU time over its
 wall (cores kept busy) and the 1-minute load average at its end (what else ran). Targets: peak RSS
 under one decoder layer's float32 weights + 2 GiB; quantize + shard (and each export) within 1.3 x
 `cp -r` of the source scaled by (bytes written / source bytes), cp alternated with the jobs (best of
@@ -43,51 +43,56 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 args = json.loads(sys.argv[1])
-t = time.perf_counter()
 src = Path(args["src"])
-if args["phase"] == "calibrate":
-    from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
-    family = (["awq"] if args["algo"] == "w4a16_awq" else ["amax"] if args["algo"] in ("fp8", "nvfp4")
-              else ["smoothquant"])
-    from recipe_runner.quant.sq_auto import AlphaSearch, is_auto
-    search = AlphaSearch(args["algo"]) if is_auto(args["alpha"]) and family == ["smoothquant"] else None
-    settings = CalibrationSettings("calib.txt", Path(args["calib"]), num_samples=args["samples"],
-                                   max_seq_len=args["seq_len"], batch_size=args["batch"], statistics=tuple(family),
-                                   group_size=128, smoothquant_search=search)
-    calibrate(src, settings, Path(args["out"]), devices=(args["device"],))
-elif args["phase"] == "quantize":
-    from recipe_runner.calibration.stats import read_stats
-    from recipe_runner.quant.settings import QuantSettings
-    from recipe_runner.stages.quantize import quantize_checkpoint
-    stats = read_stats(Path(args["stats"])) if args["stats"] else None
-    alpha = args["alpha"] if args["algo"].startswith("w8a8_sq") else 0.5
-    quantize_checkpoint(src, stats, QuantSettings(args["algo"], smoothquant_alpha=alpha), "bfloat16", Path(args["out"]))
-elif args["phase"] == "export":
-    from recipe_runner.calibration.stats import read_stats
-    from recipe_runner.hfexport.export import export_checkpoint
-    from recipe_runner.quant.settings import QuantSettings
-    stats = read_stats(Path(args["stats"])) if args["stats"] else None
-    alpha = args["alpha"] if args["algo"].startswith("w8a8_sq") else 0.5
-    export_checkpoint(src, stats, QuantSettings(args["algo"], smoothquant_alpha=alpha), args["target"], "bfloat16",
-                      Path(args["out"]))
-else:
-    from recipe_runner.hf.config import read_model_config
-    from recipe_runner.hf.layered import open_checkpoint
-    from recipe_runner.stages.shard_plan import plan_rank_tensors
-    from recipe_runner.stages.quantized import read_artifact
-    from recipe_runner.stages.shard import write_checkpoint
-    from recipe_runner.trtllm.mapping import ParallelMapping
-    dirs = (Path(args["quant"]), src)
-    manifest = plan_rank_tensors(read_model_config(src), open_checkpoint(dirs), mapping=ParallelMapping(args["tp"]),
-                            dtype="bfloat16",
-                            quantized=read_artifact(Path(args["quant"])))
-    write_checkpoint(manifest, dirs, Path(args["out"]))
-wall = time.perf_counter() - t
+stats_dir = Path(args["stats"]) if args.get("stats") else None
+alpha = args["alpha"] if args["algo"].startswith("w8a8_sq") else 0.5
+walls = {}
+started = time.perf_counter()
+for phase in args["phases"]:  # in one process, as `recipe build` runs them: torch imported once
+    t = time.perf_counter()
+    if phase == "calibrate":
+        from recipe_runner.stages.calibrate import CalibrationSettings, calibrate
+        from recipe_runner.quant.sq_auto import AlphaSearch, is_auto
+        family = (["awq"] if args["algo"] == "w4a16_awq" else ["amax"] if args["algo"] in ("fp8", "nvfp4")
+                  else ["smoothquant"])
+        search = AlphaSearch(args["algo"]) if is_auto(args["alpha"]) and family == ["smoothquant"] else None
+        settings = CalibrationSettings("calib.txt", Path(args["calib"]), num_samples=args["samples"],
+                                       max_seq_len=args["seq_len"], batch_size=args["batch"], statistics=tuple(family),
+                                       group_size=128, smoothquant_search=search)
+        calibrate(src, settings, stats_dir, devices=(args["device"],))
+    elif phase == "quantize":
+        from recipe_runner.calibration.stats import read_stats
+        from recipe_runner.quant.settings import QuantSettings
+        from recipe_runner.stages.quantize import quantize_checkpoint
+        stats = read_stats(stats_dir) if stats_dir else None
+        quantize_checkpoint(src, stats, QuantSettings(args["algo"], smoothquant_alpha=alpha), "bfloat16",
+                            Path(args["quant"]))
+    elif phase == "shard":
+        from recipe_runner.hf.config import read_model_config
+        from recipe_runner.hf.layered import open_checkpoint
+        from recipe_runner.stages.shard_plan import plan_rank_tensors
+        from recipe_runner.stages.quantized import read_artifact
+        from recipe_runner.stages.shard import write_checkpoint
+        from recipe_runner.trtllm.mapping import ParallelMapping
+        dirs = (Path(args["quant"]), src)
+        manifest = plan_rank_tensors(read_model_config(src), open_checkpoint(dirs), mapping=ParallelMapping(args["tp"]),
+                                     dtype="bfloat16", quantized=read_artifact(Path(args["quant"])))
+        write_checkpoint(manifest, dirs, Path(args["ckpt"]))
+    else:
+        from recipe_runner.calibration.stats import read_stats
+        from recipe_runner.hfexport.export import export_checkpoint
+        from recipe_runner.quant.settings import QuantSettings
+        stats = read_stats(stats_dir) if stats_dir else None
+        export_checkpoint(src, stats, QuantSettings(args["algo"], smoothquant_alpha=alpha), args["target"], "bfloat16",
+                          Path(args["export"]))
+    walls[phase] = time.perf_counter() - t
+wall = time.perf_counter() - started
 hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 import os
 import torch
 device_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-print(json.dumps({"wall": wall, "vmhwm": hwm, "cpu": sum(os.times()[:2]), "device_peak": device_peak}))
+print(json.dumps({"wall": wall, "walls": walls, "vmhwm": hwm, "cpu": sum(os.times()[:2]),
+                  "device_peak": device_peak}))
 """
 
 
@@ -170,31 +175,29 @@ def main() -> None:
             out = root / f"{output_target}-{algo}"
             out.mkdir()
             phases = {}
-            stats_dir = ""
+            common = {"algo": algo, "src": str(src), "alpha": alpha, "stats": "", "device": args.device}
             if algo in CALIBRATED:
                 (out / "stats").mkdir()
-                phases["calibrate"] = run_phase(phase="calibrate", algo=algo, src=str(src), calib=str(root / "calib.txt"),
-                                                samples=args.samples, seq_len=args.seq_len, batch=args.batch,
-                                                alpha=alpha, out=str(out / "stats"), device=args.device)
-                stats_dir = str(out / "stats")
+                common["stats"] = str(out / "stats")
+                phases["calibrate"] = run_phase(phases=["calibrate"], calib=str(root / "calib.txt"), samples=args.samples,
+                                                seq_len=args.seq_len, batch=args.batch, **common)
             if output_target == "trtllm-checkpoint":
                 (out / "quant").mkdir()
-                phases["quantize"] = run_phase(phase="quantize", algo=algo, src=str(src), stats=stats_dir,
-                                               alpha=alpha, out=str(out / "quant"))
-                phases["shard"] = run_phase(phase="shard", src=str(src), quant=str(out / "quant"), tp=args.tp,
-                                            out=str(out / "ckpt"))
+                phases["quantize + shard"] = run_phase(phases=["quantize", "shard"], quant=str(out / "quant"), tp=args.tp,
+                                                       ckpt=str(out / "ckpt"), **common)
                 print(f"{algo} (tp={args.tp}):")
             else:
                 (out / "export").mkdir()
-                phases["export"] = run_phase(phase="export", algo=algo, target=output_target, src=str(src),
-                                             stats=stats_dir, alpha=alpha, out=str(out / "export"))
+                phases["export"] = run_phase(phases=["export"], target=output_target, export=str(out / "export"),
+                                             **common)
                 print(f"{algo} as {output_target}:")
             for name, s in phases.items():
                 per_layer = f"   {s['wall'] / args.layers:7.2f} s per layer" if name == "calibrate" else ""
                 if s.get("device_peak"):
                     per_layer += f"   {args.device} peak {s['device_peak'] / GiB:.2f} GiB"
-                print(f"  {name:<10} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s)   "
-                      f"peak RSS {s['vmhwm'] / GiB:5.2f} GiB   CPU {s['cpu'] / s['process']:.2f} cores   "
+                inside = ", ".join(f"{k} {v:.2f} s" for k, v in s["walls"].items()) if len(s["walls"]) > 1 else ""
+                print(f"  {name:<16} wall {s['wall']:7.2f} s (process {s['process']:6.2f} s{'; ' + inside if inside else ''})"
+                      f"   peak RSS {s['vmhwm'] / GiB:5.2f} GiB   CPU {s['cpu'] / s['process']:.2f} cores   "
                       f"load {s['load']:.1f}{per_layer}", flush=True)
                 peak_all = max(peak_all, s["vmhwm"])
             moved = [n for n in phases if n != "calibrate"]
