@@ -1,5 +1,6 @@
 """The torch side of `--device` (recipe_runner/devices.py chooses): deterministic CUDA settings for a
-run, the default device of factory calls, tensors and layers moved between host and device.
+run, the default device of factory calls, tensors and layers moved between host and device, and the
+next layer read from disk while a device runs this one (ReadAhead).
 
 On CPU every helper is the identity (no copy, no mode pushed), so CPU results keep their bytes.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import torch
 
 CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_DETERMINISTIC = ":4096:8"  # what torch.use_deterministic_algorithms asks of cuBLAS >= 10.2
+T = TypeVar("T")
 
 
 def is_cuda(devices: Sequence[torch.device]) -> bool:
@@ -72,3 +75,44 @@ def move(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: move(v, device) for k, v in obj.items()}
     return obj
+
+
+class ReadAhead(Generic[T]):
+    """Items 0..count-1 of `load` (a decoder layer's tensors, read from disk), each taken once in order.
+    Enabled, `take(i)` starts loading item i+1 in one background thread ("read-ahead") before it returns
+    item i, so the disk reads the next layer while a device runs this one; the host then holds two
+    layers' tensors at most. Disabled, `take(i)` loads item i in the calling thread (CPU: the reads and
+    the forward share the same cores, and one layer in memory stays the peak).
+
+    `load` runs in the read-ahead thread: it must not share mutable state with the caller's work (give
+    it its own SourceCheckpoint). A failed load raises from the `take` of its item. The result of `load`
+    is the same whether it runs ahead or not, so the bytes computed from it are too."""
+
+    def __init__(self, load: Callable[[int], T], count: int, enabled: bool):
+        self._load, self._count = load, count
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead") if enabled else None
+        self._next: tuple[int, Future[T]] | None = None
+
+    def take(self, index: int) -> T:
+        if self._pool is None:
+            return self._load(index)
+        if self._next is not None and self._next[0] == index:
+            future = self._next[1]
+        else:
+            future = self._pool.submit(self._load, index)
+        self._next = (index + 1, self._pool.submit(self._load, index + 1)) if index + 1 < self._count else None
+        return future.result()
+
+    def close(self) -> None:
+        """Stop: an item loading ahead is awaited (its error, if any, dropped) and freed."""
+        if self._pool is not None:
+            if self._next is not None:
+                self._next[1].cancel()
+                self._next = None
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ReadAhead[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

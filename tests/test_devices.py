@@ -5,6 +5,7 @@ unchanged, and a Ray task of a CUDA stage asking for its GPUs. No GPU here: the 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,6 +131,64 @@ def test_threaded_reduction_folds_in_batch_order(quant_model, calib_file, tmp_pa
     assert _artifact(_calibrate(quant_model, calib_file, tmp_path / "two", ("cpu", "cpu"), **kwargs)) == one
 
 
+# ---- read-ahead ------------------------------------------------------------------------------------
+
+def test_read_ahead_loads_the_next_item_in_its_thread_and_raises_at_take():
+    from recipe_runner.device_compute import ReadAhead
+
+    loaded: list[tuple[int, str]] = []
+    started_one = threading.Event()
+
+    def load(i: int) -> int:
+        loaded.append((i, threading.current_thread().name))
+        if i == 1:
+            started_one.set()
+        if i == 2:
+            raise OSError("disk gone at 2")
+        return i * 10
+
+    with ReadAhead(load, 4, enabled=True) as ahead:
+        assert ahead.take(0) == 0
+        assert started_one.wait(10)  # item 1 loads before anyone takes it
+        assert ahead.take(1) == 10
+        with pytest.raises(OSError, match="disk gone at 2"):
+            ahead.take(2)
+    # item 3 was queued behind 2 and cancelled or loaded by close; every load ran in the read-ahead thread
+    assert [i for i, _ in loaded][:3] == [0, 1, 2] and len(loaded) <= 4
+    assert all(t.startswith("read-ahead") for _, t in loaded)
+    here: list[int] = []
+    plain = ReadAhead(lambda i: here.append(i) or threading.current_thread().name, 3, enabled=False)
+    assert [plain.take(i) for i in range(3)] == [threading.current_thread().name] * 3 and here == [0, 1, 2]
+    plain.close()
+
+
+@pytest.mark.parametrize("family", ["awq", "smoothquant-auto"])
+def test_calibration_reading_ahead_gives_the_same_bytes(quant_model, calib_file, tmp_path, monkeypatch, family):
+    """The CUDA default (the next layer read by a thread while this one runs), forced on CPU."""
+    import functools
+
+    from recipe_runner.calibration import runner
+    from recipe_runner.quant.sq_auto import AlphaSearch
+    from recipe_runner.stages import calibrate as calibrate_stage
+
+    kwargs = ({"statistics": ("awq", "kv"), "group_size": 64} if family == "awq" else
+              {"statistics": ("smoothquant",), "smoothquant_search": AlphaSearch("w8a8_sq_per_channel_per_token")})
+    plain = _artifact(_calibrate(quant_model, calib_file, tmp_path / "plain", ("cpu",), **kwargs))
+    loads: list[tuple[int, str]] = []
+    real = runner.layer_tensors
+
+    def recorded(config, layer_cls, reader, prefix, index):
+        loads.append((index, threading.current_thread().name))
+        return real(config, layer_cls, reader, prefix, index)
+
+    monkeypatch.setattr(runner, "layer_tensors", recorded)
+    monkeypatch.setattr(calibrate_stage, "RunnerOptions", functools.partial(runner.RunnerOptions, read_ahead=True))
+    ahead = _artifact(_calibrate(quant_model, calib_file, tmp_path / "ahead", ("cpu", "cpu"), **kwargs))
+    assert ahead == plain
+    layers = json.loads((quant_model / "config.json").read_text())["num_hidden_layers"]
+    assert [i for i, _ in loads] == list(range(layers)) and all(t.startswith("read-ahead") for _, t in loads)
+
+
 # ---- keys, plan, lock ------------------------------------------------------------------------------
 
 RECIPE = """\
@@ -241,11 +300,13 @@ def test_verify_on_cpu_gives_todays_logits(quant_model, tmp_path):
     ckpt = convert(quant_model, tmp_path / "ckpt", tp_size=2, dtype="float32")
     sequences = [[1, 2, 3, 4, 5], [7, 8, 9]]
     source, reference = HFLayerwiseModel(quant_model), ReferenceModel(ckpt)
-    expected, got, _ = run_lockstep(source, reference, sequences, device=torch.device("cpu"))
+    expected, got, trace = run_lockstep(source, reference, sequences, device=torch.device("cpu"))
     # the plain layer loop (reference/layerwise.forward_logits), which knows nothing of devices
     for mine, plain in ((expected, source.logits(sequences)), (got, reference.logits(sequences))):
         assert all(torch.equal(a, b) and a.device.type == "cpu" and a.dtype == torch.float32
                    for a, b in zip(mine, plain))
+    ahead = run_lockstep(source, reference, sequences, device=torch.device("cpu"), read_ahead=True)
+    assert all(torch.equal(a, b) for a, b in zip(ahead[0] + ahead[1], expected + got)) and ahead[2] == trace
     default = verify_checkpoint(ckpt, quant_model, token_ids=sequences)
     on_cpu = verify_checkpoint(ckpt, quant_model, token_ids=sequences, device="cpu")
     assert default.figures == on_cpu.figures and default.trace == on_cpu.trace and on_cpu.passed

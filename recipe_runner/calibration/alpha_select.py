@@ -199,6 +199,6 @@ def candidate_losses(model_dir: Path, batches: list[Batch], stats: CalibrationSt
     streams = CandidateStreams.embedded(reader, layout, stats.alpha_search, batches, device)
     with deterministic([device]):
         for index in range(config.num_hidden_layers):
-            layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index).to(device)
+            layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index, device)
             advance_candidates(config, layer, rotary, layout, stats, index, streams)
         return select(config, reader, layout, streams, device)

@@ -54,15 +54,33 @@ def embed(reader: SourceCheckpoint, table: str, ids: torch.Tensor,
     return out
 
 
-def build_layer(config, layer_cls, reader: SourceCheckpoint, prefix: str, index: int) -> torch.nn.Module:
-    """Decoder layer `index` with its weights (below `prefix`) read from the source in float32 (no double
-    allocation: the module is created on the meta device and the loaded tensors are assigned)."""
+def layer_tensors(config, layer_cls, reader: SourceCheckpoint, prefix: str, index: int) -> dict[str, torch.Tensor]:
+    """Decoder layer `index`'s parameters (below `prefix`) as the source stores them (its dtype, host
+    memory): what the read-ahead thread loads while a device runs the previous layer (device_compute.ReadAhead)."""
+    with torch.device("meta"):
+        names = [name for name, _ in layer_cls(config, index).named_parameters()]
+    state = {name: reader.read(prefix + name) for name in names}
+    reader.release()
+    return state
+
+
+def assemble_layer(config, layer_cls, state: dict[str, torch.Tensor], index: int,
+                   device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """Decoder layer `index` with `state`'s tensors in float32 on `device` (copied there in the source dtype,
+    half the bytes of float32 for a bf16 source, then cast). `state` is consumed: each source tensor is
+    dropped once cast, so host memory peaks at the float32 layer, not at it plus the source's copy; the
+    module is created on the meta device and the tensors are assigned (no double allocation)."""
     with torch.device("meta"):
         layer = layer_cls(config, index)
-    state = {name: reader.read(prefix + name).float() for name, _ in layer.named_parameters()}
-    reader.release()
-    layer.load_state_dict(state, assign=True, strict=True)
+    floats = {name: state.pop(name).to(device).float() for name in list(state)}
+    layer.load_state_dict(floats, assign=True, strict=True)
     return layer.eval()
+
+
+def build_layer(config, layer_cls, reader: SourceCheckpoint, prefix: str, index: int,
+                device: torch.device = torch.device("cpu")) -> torch.nn.Module:
+    """Decoder layer `index` read from the source, in float32 on `device`."""
+    return assemble_layer(config, layer_cls, layer_tensors(config, layer_cls, reader, prefix, index), index, device)
 
 
 def causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):

@@ -3,7 +3,9 @@
 The batches are embedded once (only the embedding rows they use are read, block by block), then
 each decoder layer is built from the config on the meta device (calibration/layers.py), its weights
 read lazily from the source checkpoint (SourceCheckpoint, one tensor at a time) and assigned, every batch is run through
-it with hooks recording statistics, and its outputs become the next layer's inputs. Hidden states
+it with hooks recording statistics, and its outputs become the next layer's inputs. On CUDA the next
+layer's tensors are read from disk (in the source dtype, by a thread with its own reader:
+device_compute.ReadAhead) while the devices run this one, so the host holds two layers there at most. Hidden states
 between layers stay in memory up to SPILL_BYTES and are spilled to a temporary directory beyond.
 lm_head and the final norm are needed only by smoothquant_alpha auto's second step.
 
@@ -31,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from recipe_runner.calibration.alpha_select import advance_candidates, candidate_streams, select
-from recipe_runner.calibration.layers import build_layer, decoder_classes, embed, hf_config, layer_forward
+from recipe_runner.calibration.layers import assemble_layer, decoder_classes, embed, hf_config, layer_forward, layer_tensors
 from recipe_runner.calibration.stats import (
     AWQ_SEARCH_TOKENS,
     AwqResult,
@@ -40,7 +42,7 @@ from recipe_runner.calibration.stats import (
     LayerCollector,
     LayerFold,
 )
-from recipe_runner.device_compute import default_device, deterministic, host, is_cuda
+from recipe_runner.device_compute import ReadAhead, default_device, deterministic, host, is_cuda
 from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
@@ -61,6 +63,7 @@ class RunnerOptions:
     alpha_search: AlphaSearch | None = None  # run SmoothQuant's α search (smoothquant_alpha auto)
     awq_grid: int = DEFAULT_GRID  # AWQ's α candidates k / awq_grid; 1: α = 0 only, s = 1 (awq_search false)
     spill_bytes: int = SPILL_BYTES
+    read_ahead: bool | None = None  # read layer i+1 while layer i runs (device_compute.ReadAhead); None: on CUDA
 
 
 class HiddenStates:
@@ -117,6 +120,7 @@ def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, lo
     quota = -(-_search_tokens(options) // len(batches))
     samples = sum(b.ids.shape[0] for b in batches)
     count = _Count(progress, samples * config.num_hidden_layers)
+    layers_ahead = _layer_loader(model_dir, config, layer_cls, layout, reader, options, devices)
     try:
         for b, batch in enumerate(batches):
             h = embed(reader, layout.embedding.hf, batch.ids)
@@ -124,7 +128,7 @@ def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, lo
         candidates = candidate_streams(reader, layout, batches, options.alpha_search, devices[0])
         reader.release()
         for index in range(config.num_hidden_layers):
-            layer = build_layer(config, layer_cls, reader, layout.hf_layer_tensor(index, ""), index)
+            layer = assemble_layer(config, layer_cls, layers_ahead.take(index), index, devices[0])
             layers = _replicas(layer, devices)
             collectors = [LayerCollector(lay, layout, with_mean=options.collect_mean, sample_quota=quota,
                                          head_dim=head_dim) for lay in layers]
@@ -156,7 +160,21 @@ def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, lo
                 f"{stats.alpha_selection.tokens} calibration tokens)")
     finally:
         states.close()
+        layers_ahead.close()
     return stats
+
+
+def _layer_loader(model_dir: Path, config, layer_cls, layout, reader: SourceCheckpoint, options: RunnerOptions,
+                  devices: list[torch.device]) -> ReadAhead[dict[str, torch.Tensor]]:
+    """Each decoder layer's source tensors, in order: read ahead in a thread with its own reader (on CUDA
+    by default: there the disk and the device work at once; on CPU both would share the same cores)."""
+    ahead = is_cuda(devices) if options.read_ahead is None else options.read_ahead
+    source = SourceCheckpoint(model_dir) if ahead else reader
+
+    def load(index: int) -> dict[str, torch.Tensor]:
+        return layer_tensors(config, layer_cls, source, layout.hf_layer_tensor(index, ""), index)
+
+    return ReadAhead(load, config.num_hidden_layers, ahead)
 
 
 @dataclass

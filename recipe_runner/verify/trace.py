@@ -1,6 +1,7 @@
 """The layer-by-layer error trace: where in the model a checkpoint departs from its source.
 
-The source and the checkpoint run in lockstep, one decoder layer of each in memory. For each layer
+The source and the checkpoint run in lockstep, one decoder layer of each in memory (two on CUDA, where
+the next layer of both is read while the device runs this one). For each layer
 i, with h the source's hidden states entering it:
 
   layer_error       the checkpoint's layer on the *source's* inputs, ckpt_i(h) − src_i(h), against what
@@ -29,11 +30,11 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from recipe_runner.device_compute import default_device, deterministic, move
+from recipe_runner.device_compute import ReadAhead, default_device, deterministic, move
 from recipe_runner.reference.layerwise import LayerwiseModel, stepped
 from recipe_runner.verify.metrics import round_figure
 
@@ -93,18 +94,24 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor], reference:
 
 def run_lockstep(source: LayerwiseModel, checkpoint: LayerwiseModel, sequences: list[list[int]],
                  step: Callable[[], None] = lambda: None, device: torch.device | None = None,
-                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], LayerTrace]:
+                 read_ahead: bool | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], LayerTrace]:
     """(source logits, checkpoint logits, trace); `step()` after each of the 3 × layers × sequences
     layer runs. The decoder layers run on `device` (default CPU): each layer's tensors and the hidden
     states are moved there; the embeddings and the heads are computed on CPU, so the logits are CPU
-    float32 whatever the device."""
+    float32 whatever the device. With `read_ahead` (default: on CUDA) both models' next layer is loaded
+    in a background thread while this one runs (device_compute.ReadAhead; the same tensors either way)."""
     device = device or torch.device("cpu")
+    ahead = device.type == "cuda" if read_ahead is None else read_ahead
     errors = []
-    with torch.no_grad(), deterministic([device]):
+
+    def load(index: int) -> tuple[Any, Any]:
+        return source.load_layer(index), checkpoint.load_layer(index)
+
+    with torch.no_grad(), deterministic([device]), ReadAhead(load, source.num_layers, ahead) as layers:
         h_src = [h.to(device) for h in source.embed(sequences)]
         h_ckpt = [h.to(device) for h in checkpoint.embed(sequences)]
         for index in range(source.num_layers):
-            src_layer, ckpt_layer = move(source.load_layer(index), device), move(checkpoint.load_layer(index), device)
+            src_layer, ckpt_layer = move(layers.take(index), device)
             with default_device(device):
                 out_src = [stepped(source.run_layer(src_layer, h), step) for h in h_src]
                 on_src = [stepped(checkpoint.run_layer(ckpt_layer, h), step) for h in h_src]
