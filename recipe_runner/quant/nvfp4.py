@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from recipe_runner.quant.chunks import map_row_chunks
+from recipe_runner.quant.chunks import map_row_chunks, scratch
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -96,7 +96,7 @@ def _table(device: torch.device) -> torch.Tensor:
 
 def e2m1_codes(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 codes 0..15 (bit 3 = sign) of float32 `x`, saturated at ±6, ties to the even code: exactly
-    _e2m1_rounding's, by one lookup in a 4 KiB table (about 5 x faster than its chain of where/round).
+    _e2m1_rounding's, by one lookup in a 4 KiB table (about 4 x less CPU than its chain of where/round).
     `out`: a contiguous uint8 tensor with as many elements as x to write them into (in x's order).
     float64 goes through _e2m1_rounding (a float32 cast could move a value onto a tie); the other float
     types are exact in float32."""
@@ -104,12 +104,12 @@ def e2m1_codes(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
         codes = _e2m1_rounding(x)
         return codes if out is None else out.copy_(codes)
     bits = x.float().contiguous().view(torch.int32).reshape(-1)
-    idx = bits & 0x7FFFFFFF
-    below = idx - 1
+    idx = torch.bitwise_and(bits, 0x7FFFFFFF, out=scratch("e2m1_idx", bits.shape, torch.int32, x.device))
+    below = torch.sub(idx, 1, out=scratch("e2m1_below", bits.shape, torch.int32, x.device))
     idx >>= _BUCKET_SHIFT
     below >>= _BUCKET_SHIFT
     idx += below
-    below = bits >> 31  # -1 for a set sign bit, else 0
+    torch.bitwise_right_shift(bits, 31, out=below)  # -1 for a set sign bit, else 0
     below &= _SIGN_OFFSET
     below |= 1
     idx += below
@@ -131,8 +131,13 @@ def quantize(weight: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> t
     _check_blocks(inp)
     denom = scales.float() * ws2.float()
     codes = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
-    map_row_chunks(lambda rows: e2m1_codes(_blocks(weight[rows]) / denom[rows, :, None], out=codes[rows]), out, inp,
-                   weight.device)
+
+    def chunk(rows: slice) -> None:
+        blocks = _blocks(weight[rows])
+        q = torch.div(blocks, denom[rows, :, None], out=scratch("nvfp4_q", blocks.shape, torch.float32, weight.device))
+        e2m1_codes(q, out=codes[rows])
+
+    map_row_chunks(chunk, out, inp, weight.device)
     return codes
 
 
