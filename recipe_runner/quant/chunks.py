@@ -53,9 +53,9 @@ def cores() -> int:
 
 def map_row_chunks(fn: Callable[[slice], None], rows: int, cols: int, device: torch.device | str | None = None
                    ) -> None:
-    """fn(s) for every s of row_slices(rows, cols, CODE_ELEMENTS), on the pool (one thread per core). The
-    first exception (in row order) propagates once every started chunk has finished; the others are not
-    started. Runs in the calling thread, one chunk after another, for a tensor on a non-CPU `device`
+    """fn(s) for every s of row_slices(rows, cols, CODE_ELEMENTS), on the pool (one thread per core). After
+    an exception the chunks not yet started are cancelled, and once every started one has finished the
+    first exception in row order among them propagates. Runs in the calling thread, one chunk after another, for a tensor on a non-CPU `device`
     (with CHUNK_ELEMENTS chunks: the GPU parallelizes each one), for a call made by fn itself (a pool
     thread waiting on the pool could deadlock it), on one core, and when there is only one chunk."""
     if device is not None and torch.device(device).type != "cpu":
