@@ -213,6 +213,7 @@ def test_row_chunking_and_dtype_cast_leave_the_bytes_unchanged(quant_model, cali
     (tmp_path / "a").mkdir()
     export_checkpoint(quant_model, stats, settings, target, "bfloat16", tmp_path / "a")
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 1000)  # 7 rows of 128 inputs, 3 of 256
+    monkeypatch.setattr(chunks, "CODE_ELEMENTS", 600)  # the pool's chunks: 4 rows of 128 inputs, 2 of 256
     (tmp_path / "b").mkdir()
     export_checkpoint(quant_model, stats, settings, target, "bfloat16", tmp_path / "b")
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -14,6 +14,7 @@ with no copy in between, unmapped as soon as the view is dropped.
 from __future__ import annotations
 
 import mmap
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,9 @@ class SourceCheckpoint:
                                    "a Hugging Face model directory")
         self.format, self._infos = self._discover()
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        # rows are read from several threads at once (quant/chunks.py map_row_chunks): the .bin cache is
+        # swapped under this lock; safetensors reads and maps open their own file per call
+        self._bin_lock = threading.Lock()
         self.files: list[Path] = sorted({i.file for i in self._infos.values()})
 
     # -- discovery ---------------------------------------------------------------------------
@@ -185,9 +189,11 @@ class SourceCheckpoint:
                     return view.clone(memory_format=torch.contiguous_format)
             except OSError as e:
                 raise SourceModelError(f"{info.file}: cannot read '{name}': {e}") from None
-        if self._bin_cache is None or self._bin_cache[0] != info.file:
-            self._bin_cache = (info.file, _torch_load(info.file))
-        return self._bin_cache[1][name][index].clone(memory_format=torch.contiguous_format)
+        with self._bin_lock:
+            if self._bin_cache is None or self._bin_cache[0] != info.file:
+                self._bin_cache = (info.file, _torch_load(info.file))
+            state = self._bin_cache[1]
+        return state[name][index].clone(memory_format=torch.contiguous_format)
 
     def row_range(self, name: str, start: int, stop: int) -> FileRange | None:
         """The bytes of rows [start, stop) (dim 0) as one file range, or None when the format
@@ -218,4 +224,5 @@ class SourceCheckpoint:
 
     def release(self) -> None:
         """Drop cached memory maps (.bin sources), so pages read so far stop counting as ours."""
-        self._bin_cache = None
+        with self._bin_lock:
+            self._bin_cache = None

@@ -30,7 +30,7 @@ from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
 from recipe_runner.models.llama import LLAMA
 from recipe_runner.quant import nvfp4
 from recipe_runner.quant.algorithms import KV_CACHES
-from recipe_runner.quant.chunks import row_slices
+from recipe_runner.quant.chunks import map_row_chunks, row_slices
 from recipe_runner.quant.fp8 import fp8_scale
 from recipe_runner.quant.packing import pack_int32, pack_int4_rows
 from recipe_runner.quant.projection import FOLD, NO_SCALING, Form, GroupScaling, ProjectionQuantizer, Spec
@@ -113,12 +113,16 @@ class LayerExport:
 
     def weight(self, projection: str, cast: bool = True) -> torch.Tensor:
         """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is
-        false; read in row chunks, so only the float32 result is as big as the weight."""
+        false; read in row chunks (on every core, quant/chunks.py), so only the float32 result is as big
+        as the weight."""
         name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
         rows, cols = self.reader.shape(name)
         w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
-        for chunk in row_slices(rows, cols):  # cast straight from the mapped source, no copy in between
+
+        def rows_of(chunk: slice) -> None:  # cast straight from the mapped source, no copy in between
             w[chunk] = self.reader.rows(name, chunk.start, chunk.stop).to(self.dtype)
+
+        map_row_chunks(rows_of, rows, cols)
         self.reader.release()
         return w
 
@@ -249,8 +253,15 @@ def _source_blocks(reader: SourceCheckpoint, name: str, dtype: torch.dtype) -> I
     if len(shape) < 2:
         yield reader.read(name).to(dtype)
         return
-    for chunk in row_slices(rows, math.prod(shape[1:])):  # cast from the mapped source, no copy in between
-        yield reader.rows(name, chunk.start, chunk.stop).to(dtype)
+    cols = math.prod(shape[1:])
+    for block in row_slices(rows, cols):  # blocks of CHUNK_ELEMENTS, each cast on every core
+        out = torch.empty((block.stop - block.start, *shape[1:]), dtype=dtype)
+
+        def cast(chunk: slice) -> None:  # from the mapped source, no copy in between; copy_ casts as .to does
+            out[chunk].copy_(reader.rows(name, block.start + chunk.start, block.start + chunk.stop))
+
+        map_row_chunks(cast, out.shape[0], cols)
+        yield out
     reader.release()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from recipe_runner.quant.chunks import row_slices
+from recipe_runner.quant.chunks import map_row_chunks, scratch
 
 E4M3_MAX = 448.0
 MIN_AMAX = torch.finfo(torch.float32).tiny
@@ -22,13 +22,17 @@ def fp8_scale(amax: float | torch.Tensor) -> torch.Tensor:
 
 def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn codes (round to nearest even, saturated at ±448). A matrix goes row chunk by row
-    chunk through one reused float32 buffer (no float32 copy of the whole weight)."""
+    chunk (quant/chunks.py, on every core) through one reused float32 buffer per thread (no float32 copy
+    of the whole weight)."""
     s = scale.float().reshape(())
     if weight.dim() != 2:
         return (weight.float() / s).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn)
-    buffer = torch.empty(0)
-    for rows in row_slices(*weight.shape):
-        chunk = weight[rows].float()
-        codes[rows].copy_(torch.div(chunk, s, out=buffer.resize_(chunk.shape)).clamp_(-E4M3_MAX, E4M3_MAX))
+    codes = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+
+    def chunk(rows: slice) -> None:
+        part = weight[rows].float()
+        q = torch.div(part, s, out=scratch("fp8", part.shape, torch.float32, weight.device))
+        codes[rows].copy_(q.clamp_(-E4M3_MAX, E4M3_MAX))
+
+    map_row_chunks(chunk, *weight.shape, weight.device)
     return codes

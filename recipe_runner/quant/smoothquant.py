@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from recipe_runner.quant.chunks import map_row_chunks
 from recipe_runner.quant.reductions import absmax
 
 INT8_MAX = 127.0
@@ -35,16 +36,27 @@ def smoothing_factors(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor],
 
 def column_absmax(weight: torch.Tensor) -> torch.Tensor:
     """float32 max |W[:, j]| per input channel; lets callers combine several weights one at a time. Taken
-    in the weight's own float dtype (abs and max are exact in any: no float32 copy), by halving the rows
-    with elementwise maxima, which stream through memory (a reduction down the columns does not)."""
-    rows = weight.abs() if weight.is_floating_point() else weight.float().abs()
-    while rows.shape[0] > 1:
-        half = rows.shape[0] // 2
-        top = torch.maximum(rows[:half], rows[half:2 * half])
-        if rows.shape[0] % 2:
-            top[0] = torch.maximum(top[0], rows[2 * half])
-        rows = top
-    return rows[0].float()
+    in the weight's own float dtype (abs and max are exact in any: no float32 copy) per row chunk, on
+    every core (quant/chunks.py), by halving the chunk's rows with elementwise maxima, which stream
+    through memory (a reduction down the columns does not); the chunks' maxima are then combined, and
+    max is exact and order independent, so chunking and threads leave the bytes unchanged."""
+    rows, cols = weight.shape
+    if rows == 0:
+        raise ValueError("column_absmax of a weight without rows")
+    partial: dict[int, torch.Tensor] = {}
+
+    def chunk(s: slice) -> None:
+        part = weight[s].abs() if weight.is_floating_point() else weight[s].float().abs()
+        while part.shape[0] > 1:
+            half = part.shape[0] // 2
+            top = torch.maximum(part[:half], part[half:2 * half])
+            if part.shape[0] % 2:
+                top[0] = torch.maximum(top[0], part[2 * half])
+            part = top
+        partial[s.start] = part[0]
+
+    map_row_chunks(chunk, rows, cols, weight.device)
+    return torch.stack([partial[start] for start in sorted(partial)]).amax(dim=0).float()
 
 
 def factors_from_column_max(act_absmax: torch.Tensor, weight_colmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recipe_runner.quant.chunks import row_slices
+from recipe_runner.quant.chunks import map_row_chunks, scratch
 from recipe_runner.quant.reductions import absmax
 
 # Smallest scale used for an all-zero channel (its codes are then all 0, dequantizing exactly).
@@ -43,17 +43,20 @@ def quantize_per_channel(weight: torch.Tensor, scales: torch.Tensor, fmt: IntFor
 
 def int_codes(weight: torch.Tensor, scale: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
     """int8 codes [out, in] = clamp(round(W / scale)) for a float32 `weight` and a dequantization `scale`
-    per tensor (0-dim), per channel [out] or per group of inputs [out, in/group]. Row chunks keep the
-    float32 temporaries small (quant/chunks.py)."""
+    per tensor (0-dim), per channel [out] or per group of inputs [out, in/group]. Row chunks on every
+    core keep the float32 temporaries small (quant/chunks.py)."""
     out_dim, in_dim = weight.shape
     s = scale.float().expand(out_dim) if scale.dim() == 0 else scale.float()
     s = s.reshape(out_dim, -1)
-    codes = torch.empty(weight.shape, dtype=torch.int8)
-    buffer = torch.empty(0)  # one chunk's float32 quotients, reused: no fresh memory to fault in per chunk
-    for rows in row_slices(out_dim, in_dim):
-        chunk = weight[rows].reshape(-1, s.shape[1], in_dim // s.shape[1])
-        q = torch.div(chunk, s[rows, :, None], out=buffer.resize_(chunk.shape))
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+
+    def chunk(rows: slice) -> None:
+        part = weight[rows].reshape(-1, s.shape[1], in_dim // s.shape[1])
+        # one chunk's float32 quotients in this thread's reused buffer: no fresh memory to fault in per chunk
+        q = torch.div(part, s[rows, :, None], out=scratch("int_codes", part.shape, torch.float32, weight.device))
         codes[rows].copy_(q.round_().clamp_(fmt.qmin, fmt.qmax).reshape(-1, in_dim))  # copy_ casts, as .to does
+
+    map_row_chunks(chunk, out_dim, in_dim, weight.device)
     return codes
 
 
