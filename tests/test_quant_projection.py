@@ -79,6 +79,26 @@ def test_fp8_is_the_same_in_both_layouts_and_fused_scales_share_the_group_amax()
     assert float(q.weight_scale) == pytest.approx(qkv_amax / 448, rel=1e-7)
 
 
+@pytest.mark.parametrize("algo", ["fp8", "nvfp4", "w8a16", "w8a8_sq_per_channel", "w4a16_awq"])
+def test_fp8_and_nvfp4_take_the_model_dtype_weight_with_the_same_bytes(algo):
+    """Unsmoothed FP8 and NVFP4 are given the mapped model-dtype weight (no float32 copy of it): codes and
+    scales equal those of the float32 copy; every other family keeps the float32 copy it smooths or rounds."""
+    weights, stats = _weights(), _stats(_weights())
+    for name, form in (("trtllm", TRTLLM), ("hf-modelopt", FORMS["hf-modelopt"])):
+        quantizer, scaling, from_float = _quantize(algo, form, UP_PROJ, weights, stats)
+        takes = quantizer.takes_model_dtype(scaling)
+        assert takes == (algo in ("fp8", "nvfp4")), name
+        if takes:
+            half = weights[UP_PROJ].to(F16)
+            before = half.clone()
+            from_half = quantizer.quantize(half, scaling)
+            assert torch.equal(half, before), name  # not written to: it may be a read-only map of the source
+            for field in ("codes", "weight_scale", "weight_scale_2", "input_scale"):
+                a, b = getattr(from_float, field), getattr(from_half, field)
+                assert (a is None and b is None) or torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                  b.reshape(-1).view(torch.uint8)), (name, field)
+
+
 def test_awq_prequant_is_the_same_in_both_layouts():
     weights = _weights()
     stats = _stats(weights)

@@ -164,7 +164,9 @@ class LayerExport:
         if not self.quantizes(projection):
             out["weight"] = self.weight(projection).to(self.dtype)
         else:
-            q = self.quantizer.quantize(self.weight(projection), self.group(_group(projection)))
+            group = self.group(_group(projection))
+            read = self.model_weight if self.quantizer.takes_model_dtype(group) else self.weight
+            q = self.quantizer.quantize(read(projection), group)
             bits = self.s.algorithm.weight_bits
             for suffix, field, transform in self.rows:
                 value = getattr(q, field)

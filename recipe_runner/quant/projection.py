@@ -176,8 +176,16 @@ class ProjectionQuantizer:
 
     # ---- one projection --------------------------------------------------------------------------
 
+    def takes_model_dtype(self, group: GroupScaling) -> bool:
+        """Whether `quantize` may be given the weight in the model dtype, read-only (mapped from the source):
+        FP8 and NVFP4 cast each row chunk to float32 themselves (in cache, on every core), so with nothing
+        to smooth in place a float32 copy of the whole weight would be written and read for nothing. The
+        bytes are the same: float32 holds every model-dtype value exactly."""
+        return self.algorithm.family in (FP8, NVFP4) and group.smoothing is None
+
     def quantize(self, weight: torch.Tensor, group: GroupScaling) -> QuantizedProjection:
-        """`weight`: float32 [out, in] holding model-dtype values; smoothed in place."""
+        """`weight`: float32 [out, in] holding model-dtype values, smoothed in place; or, where
+        `takes_model_dtype(group)`, the model-dtype weight itself (not written to)."""
         family = self.algorithm.family
         if group.smoothing is not None:
             group.smoothing.weight.columns(weight)

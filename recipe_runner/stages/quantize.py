@@ -178,7 +178,8 @@ class LayerJob:
         return self.quantizer.scale_group(self.stats, self.index, projections, self.model_weight, read_norm)
 
     def quantize(self, projection: str, scaling: GroupScaling) -> QuantizedProjection:
-        return self.quantizer.quantize(self.weight(projection), scaling)
+        read = self.model_weight if self.quantizer.takes_model_dtype(scaling) else self.weight
+        return self.quantizer.quantize(read(projection), scaling)
 
     def y_amax(self, projection: str) -> float:
         assert self.stats is not None
