@@ -30,7 +30,7 @@ from recipe_runner.hfexport.targets import HF_COMPRESSED_TENSORS, HF_MODELOPT
 from recipe_runner.models.llama import LLAMA
 from recipe_runner.quant import nvfp4
 from recipe_runner.quant.algorithms import KV_CACHES
-from recipe_runner.quant.chunks import map_row_chunks, row_slices
+from recipe_runner.quant.chunks import cast_rows, map_row_chunks, row_slices
 from recipe_runner.quant.fp8 import fp8_scale
 from recipe_runner.quant.packing import pack_int32, pack_int4_rows
 from recipe_runner.quant.projection import FOLD, NO_SCALING, Form, GroupScaling, ProjectionQuantizer, Spec
@@ -112,19 +112,10 @@ class LayerExport:
                                                                               projection)
 
     def weight(self, projection: str, cast: bool = True) -> torch.Tensor:
-        """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is
-        false; read in row chunks (on every core, quant/chunks.py), so only the float32 result is as big
-        as the weight."""
-        name = LLAMA.hf_layer_tensor(self.index, projection + ".weight")
-        rows, cols = self.reader.shape(name)
-        w = torch.empty((rows, cols), dtype=torch.float32 if cast else self.dtype)
-
-        def rows_of(chunk: slice) -> None:  # cast straight from the mapped source, no copy in between
-            w[chunk] = self.reader.rows(name, chunk.start, chunk.stop).to(self.dtype)
-
-        map_row_chunks(rows_of, rows, cols)
-        self.reader.release()
-        return w
+        """The source weight rounded to the model dtype, as a fresh float32 tensor unless `cast` is false
+        (quant/chunks.py cast_rows: row chunks on every core, only the result as big as the weight)."""
+        return cast_rows(self.reader, LLAMA.hf_layer_tensor(self.index, projection + ".weight"), self.dtype,
+                         torch.float32 if cast else self.dtype)
 
     def model_weight(self, projection: str) -> torch.Tensor:
         """The source weight in the model dtype, read-only: mapped (no copy) when stored in that dtype; for
@@ -162,7 +153,7 @@ class LayerExport:
     def _compute(self, projection: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if not self.quantizes(projection):
-            out["weight"] = self.weight(projection).to(self.dtype)
+            out["weight"] = self.weight(projection, cast=False)
         else:
             group = self.group(_group(projection))
             read = self.model_weight if self.quantizer.takes_model_dtype(group) else self.weight

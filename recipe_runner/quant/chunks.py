@@ -24,9 +24,12 @@ import math
 import os
 import threading
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from recipe_runner.hf.reader import SourceCheckpoint
 
 CHUNK_ELEMENTS = 1 << 24
 CODE_ELEMENTS = 1 << 20
@@ -79,6 +82,24 @@ def map_row_chunks(fn: Callable[[slice], None], rows: int, cols: int, device: to
     finally:
         _leave()
     _raise_first(futures)
+
+
+def cast_rows(reader: SourceCheckpoint, name: str, dtype: torch.dtype,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Source matrix `name` rounded to `dtype` (the model dtype), stored as `out_dtype`: cast row chunk by
+    row chunk on every core straight from the source, mapped once (no copy of the whole tensor in
+    between); a .bin source, which cannot be mapped, is read chunk by chunk."""
+    rows, cols = reader.shape(name)
+    out = torch.empty((rows, cols), dtype=out_dtype)
+    mapped = reader.map_rows(name, 0, rows)
+
+    def cast(chunk: slice) -> None:
+        part = mapped[chunk] if mapped is not None else reader.read(name, 0, chunk.start, chunk.stop)
+        out[chunk] = part.to(dtype)
+
+    map_row_chunks(cast, rows, cols)
+    reader.release()
+    return out
 
 
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

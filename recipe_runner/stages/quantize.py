@@ -39,7 +39,7 @@ from recipe_runner.hf.reader import SourceCheckpoint
 from recipe_runner.models import layout_for
 from recipe_runner.models.layout import Linear, ModelLayout
 from recipe_runner.quant import kv, smoothquant as sq
-from recipe_runner.quant.chunks import map_row_chunks, row_slices
+from recipe_runner.quant.chunks import cast_rows, row_slices
 from recipe_runner.quant.algorithms import AWQ, FP8, KV_CACHES, NONE, SMOOTHQUANT, WEIGHT_ONLY
 from recipe_runner.quant.packing import pack_int4_rows
 from recipe_runner.quant.projection import (FLOAT, PREQUANT, Form, GroupScaling, ProjectionQuantizer,
@@ -113,19 +113,9 @@ class LayerJob:
         return layout_for(self.cfg)
 
     def weight(self, projection: str) -> torch.Tensor:
-        """The projection's weight as the checkpoint stores it (model dtype), in float32: cast row chunk by
-        row chunk (on every core, quant/chunks.py) straight from the mapped source into the one float32
-        tensor (no whole-weight copy)."""
-        name = self.layout.hf_layer_tensor(self.index, projection + ".weight")
-        rows, cols = self.reader.shape(name)
-        w = torch.empty((rows, cols), dtype=torch.float32)
-
-        def cast(chunk: slice) -> None:
-            w[chunk] = self.reader.rows(name, chunk.start, chunk.stop).to(self.dtype)
-
-        map_row_chunks(cast, rows, cols)
-        self.reader.release()
-        return w
+        """The projection's weight as the checkpoint stores it (model dtype), in float32 (quant/chunks.py
+        cast_rows: row chunks on every core, no whole-weight copy)."""
+        return cast_rows(self.reader, self.layout.hf_layer_tensor(self.index, projection + ".weight"), self.dtype)
 
     def model_weight(self, projection: str) -> torch.Tensor:
         """The projection's weight in the model dtype, read-only: mapped from the source when it is stored in
