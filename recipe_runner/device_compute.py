@@ -77,6 +77,12 @@ def move(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def reads_ahead(devices: Sequence[torch.device], asked: bool | None) -> bool:
+    """Whether to read the next layer ahead (ReadAhead): as `asked`, else on CUDA only (there the disk and
+    the device work at once; on CPU the reads and the forward would share the same cores)."""
+    return is_cuda(devices) if asked is None else asked
+
+
 class ReadAhead(Generic[T]):
     """Items 0..count-1 of `load` (a decoder layer's tensors, read from disk), each taken once in order.
     Enabled, `take(i)` starts loading item i+1 in one background thread ("read-ahead") before it returns

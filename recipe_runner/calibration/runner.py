@@ -33,7 +33,8 @@ from typing import Callable, Sequence
 import torch
 
 from recipe_runner.calibration.alpha_select import advance_candidates, candidate_streams, select
-from recipe_runner.calibration.layers import assemble_layer, decoder_classes, embed, hf_config, layer_forward, layer_tensors
+from recipe_runner.calibration.layers import (assemble_layer, decoder_classes, embed, hf_config, layer_forward,
+                                              layer_tensors)
 from recipe_runner.calibration.stats import (
     AWQ_SEARCH_TOKENS,
     AwqResult,
@@ -42,7 +43,7 @@ from recipe_runner.calibration.stats import (
     LayerCollector,
     LayerFold,
 )
-from recipe_runner.device_compute import ReadAhead, default_device, deterministic, host, is_cuda
+from recipe_runner.device_compute import ReadAhead, default_device, deterministic, host, is_cuda, reads_ahead
 from recipe_runner.calibration.tokens import Batch
 from recipe_runner.hf.config import read_model_config
 from recipe_runner.hf.reader import SourceCheckpoint
@@ -166,9 +167,9 @@ def _calibrate(model_dir: Path, batches: list[Batch], options: RunnerOptions, lo
 
 def _layer_loader(model_dir: Path, config, layer_cls, layout, reader: SourceCheckpoint, options: RunnerOptions,
                   devices: list[torch.device]) -> ReadAhead[dict[str, torch.Tensor]]:
-    """Each decoder layer's source tensors, in order: read ahead in a thread with its own reader (on CUDA
-    by default: there the disk and the device work at once; on CPU both would share the same cores)."""
-    ahead = is_cuda(devices) if options.read_ahead is None else options.read_ahead
+    """Each decoder layer's source tensors, in order: read ahead in a thread with its own reader where
+    device_compute.reads_ahead says so."""
+    ahead = reads_ahead(devices, options.read_ahead)
     source = SourceCheckpoint(model_dir) if ahead else reader
 
     def load(index: int) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from recipe_runner.device_compute import ReadAhead, default_device, deterministic, move
+from recipe_runner.device_compute import ReadAhead, default_device, deterministic, move, reads_ahead
 from recipe_runner.reference.layerwise import LayerwiseModel, stepped
 from recipe_runner.verify.metrics import round_figure
 
@@ -101,13 +101,13 @@ def run_lockstep(source: LayerwiseModel, checkpoint: LayerwiseModel, sequences: 
     float32 whatever the device. With `read_ahead` (default: on CUDA) both models' next layer is loaded
     in a background thread while this one runs (device_compute.ReadAhead; the same tensors either way)."""
     device = device or torch.device("cpu")
-    ahead = device.type == "cuda" if read_ahead is None else read_ahead
     errors = []
 
     def load(index: int) -> tuple[Any, Any]:
         return source.load_layer(index), checkpoint.load_layer(index)
 
-    with torch.no_grad(), deterministic([device]), ReadAhead(load, source.num_layers, ahead) as layers:
+    ahead = ReadAhead(load, source.num_layers, reads_ahead([device], read_ahead))
+    with torch.no_grad(), deterministic([device]), ahead as layers:
         h_src = [h.to(device) for h in source.embed(sequences)]
         h_ckpt = [h.to(device) for h in checkpoint.embed(sequences)]
         for index in range(source.num_layers):
