@@ -87,15 +87,13 @@ def map_row_chunks(fn: Callable[[slice], None], rows: int, cols: int, device: to
 def cast_rows(reader: SourceCheckpoint, name: str, dtype: torch.dtype,
               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Source matrix `name` rounded to `dtype` (the model dtype), stored as `out_dtype`: cast row chunk by
-    row chunk on every core straight from the source, mapped once (no copy of the whole tensor in
-    between); a .bin source, which cannot be mapped, is read chunk by chunk."""
+    row chunk on every core straight from the source (each chunk mapped on its own and unmapped once cast:
+    a map of the whole tensor would count its pages in our peak RSS; no copy in between)."""
     rows, cols = reader.shape(name)
     out = torch.empty((rows, cols), dtype=out_dtype)
-    mapped = reader.map_rows(name, 0, rows)
 
     def cast(chunk: slice) -> None:
-        part = mapped[chunk] if mapped is not None else reader.read(name, 0, chunk.start, chunk.stop)
-        out[chunk] = part.to(dtype)
+        out[chunk] = reader.rows(name, chunk.start, chunk.stop).to(dtype)
 
     map_row_chunks(cast, rows, cols)
     reader.release()
